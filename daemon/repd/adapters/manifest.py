@@ -1,0 +1,396 @@
+"""The manifest: SQLite (WAL) record of files, chunks, vectors, generations and write intents.
+
+The manifest is the source of truth for what the store *should* hold. Every change to
+the store is bracketed by an intent row written before and removed after, in the order
+described in the design notes, so a crash at any instant can be finished or undone.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from repd.core.identity import StatSig
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS generations (
+    id INTEGER PRIMARY KEY,
+    model_name TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    dim INTEGER NOT NULL,
+    location TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('building', 'active', 'retired')),
+    created_at REAL NOT NULL,
+    activated_at REAL,
+    cursor TEXT
+);
+CREATE TABLE IF NOT EXISTS files (
+    id INTEGER PRIMARY KEY,
+    root TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    content_hash TEXT,
+    state TEXT NOT NULL CHECK (state IN ('indexed', 'skipped', 'failed', 'dirty')),
+    reason TEXT,
+    detail TEXT,
+    indexed_at_ns INTEGER NOT NULL,
+    UNIQUE (root, path)
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    gen_id INTEGER NOT NULL,
+    file_id INTEGER NOT NULL,
+    ordinal INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    point_id TEXT NOT NULL,
+    start_line INTEGER NOT NULL,
+    end_line INTEGER NOT NULL,
+    PRIMARY KEY (gen_id, file_id, ordinal)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_by_file ON chunks (file_id);
+CREATE TABLE IF NOT EXISTS vectors (
+    model_id TEXT NOT NULL,
+    hash TEXT NOT NULL,
+    vector BLOB NOT NULL,
+    PRIMARY KEY (model_id, hash)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS intents (
+    id INTEGER PRIMARY KEY,
+    gen_id INTEGER NOT NULL,
+    root TEXT NOT NULL,
+    path TEXT NOT NULL,
+    point_ids TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FileRow:
+    """One file as the manifest last recorded it."""
+
+    id: int
+    root: str
+    path: str
+    sig: StatSig
+    content_hash: str | None
+    state: str
+    reason: str | None
+    detail: str | None
+    indexed_at_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRow:
+    """One chunk of a file under one generation."""
+
+    ordinal: int
+    hash: str
+    point_id: str
+    start_line: int
+    end_line: int
+
+
+@dataclass(frozen=True, slots=True)
+class Generation:
+    """An index built with one model: (model identity, vector size, store location)."""
+
+    id: int
+    model_name: str
+    model_id: str
+    dim: int
+    location: str
+    state: str
+    created_at: float
+    cursor: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Intent:
+    """A store write in flight: the points of one file that may be half written."""
+
+    id: int
+    gen_id: int
+    root: str
+    path: str
+    point_ids: list[str]
+
+
+def _file_row(r: sqlite3.Row) -> FileRow:
+    return FileRow(r["id"], r["root"], r["path"],
+                   StatSig(r["size"], r["mtime_ns"], r["inode"], r["ctime_ns"]),
+                   r["content_hash"], r["state"], r["reason"], r["detail"], r["indexed_at_ns"])
+
+
+def _gen_row(r: sqlite3.Row) -> Generation:
+    return Generation(r["id"], r["model_name"], r["model_id"], r["dim"], r["location"],
+                      r["state"], r["created_at"], r["cursor"])
+
+
+class Manifest:
+    """Thread-safe wrapper over one SQLite connection (writes are serialised by a lock)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a committed manifest row must survive power loss, since it claims that
+        # the store already holds the file's points.
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=OFF")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        with self.transaction():
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    self._db.execute(stmt)
+            self._db.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One atomic write transaction (BEGIN IMMEDIATE ... COMMIT)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: Sequence[object] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- generations -------------------------------------------------------------------
+
+    def active_generation(self) -> Generation | None:
+        """The generation that answers queries, if any."""
+        rows = self._query("SELECT * FROM generations WHERE state='active' ORDER BY id DESC")
+        return _gen_row(rows[0]) if rows else None
+
+    def generations(self) -> list[Generation]:
+        """Every generation, oldest first."""
+        return [_gen_row(r) for r in self._query("SELECT * FROM generations ORDER BY id")]
+
+    def create_generation(self, model_name: str, model_id: str, dim: int, location: str,
+                          state: str) -> Generation:
+        """Record a new generation."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO generations (model_name, model_id, dim, location, state, created_at,"
+                " activated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (model_name, model_id, dim, location, state, time.time(),
+                 time.time() if state == "active" else None),
+            )
+            gen_id = int(cur.lastrowid or 0)
+        return next(g for g in self.generations() if g.id == gen_id)
+
+    # -- files ---------------------------------------------------------------------------
+
+    def file(self, root: str, path: str) -> FileRow | None:
+        """The file's row, if recorded."""
+        rows = self._query("SELECT * FROM files WHERE root=? AND path=?", (root, path))
+        return _file_row(rows[0]) if rows else None
+
+    def files_under(self, root: str, prefix: str = "") -> dict[str, FileRow]:
+        """Rows of a root (optionally below a folder), keyed by relative path."""
+        if prefix:
+            like = prefix.rstrip("/").replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            rows = self._query(
+                "SELECT * FROM files WHERE root=? AND (path=? OR path LIKE ? ESCAPE '\\')",
+                (root, prefix.rstrip("/"), like + "/%"),
+            )
+        else:
+            rows = self._query("SELECT * FROM files WHERE root=?", (root,))
+        return {r["path"]: _file_row(r) for r in rows}
+
+    def roots(self) -> list[str]:
+        """Every root that has rows."""
+        return [r[0] for r in self._query("SELECT DISTINCT root FROM files")]
+
+    def file_issues(self, state: str | None, limit: int, offset: int) -> tuple[list[FileRow], int]:
+        """Skipped and failed files with their reasons, newest first, and their total."""
+        states = ("skipped", "failed") if state is None else (state,)
+        marks = ",".join("?" * len(states))
+        rows = self._query(
+            f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY indexed_at_ns DESC, path "
+            "LIMIT ? OFFSET ?", (*states, limit, offset))
+        total = self._query(f"SELECT COUNT(*) FROM files WHERE state IN ({marks})", states)[0][0]
+        return [_file_row(r) for r in rows], int(total)
+
+    def counts_by_root(self) -> dict[str, dict[str, int]]:
+        """Per root: files by state."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self._query("SELECT root, state, COUNT(*) AS n FROM files GROUP BY root, state"):
+            out.setdefault(r["root"], {})[r["state"]] = int(r["n"])
+        return out
+
+    def chunk_counts_by_root(self, gen_id: int) -> dict[str, int]:
+        """Per root: chunks under a generation."""
+        rows = self._query(
+            "SELECT f.root AS root, COUNT(*) AS n FROM chunks c JOIN files f ON f.id=c.file_id "
+            "WHERE c.gen_id=? GROUP BY f.root", (gen_id,))
+        return {r["root"]: int(r["n"]) for r in rows}
+
+    @staticmethod
+    def upsert_file(db: sqlite3.Connection, root: str, path: str, sig: StatSig,
+                    content_hash: str | None, state: str, reason: str | None,
+                    detail: str | None, indexed_at_ns: int) -> int:
+        """Insert or update a file row inside a caller's transaction; returns its id."""
+        db.execute(
+            "INSERT INTO files (root, path, size, mtime_ns, inode, ctime_ns, content_hash, state,"
+            " reason, detail, indexed_at_ns) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+            " ON CONFLICT (root, path) DO UPDATE SET size=excluded.size,"
+            " mtime_ns=excluded.mtime_ns, inode=excluded.inode, ctime_ns=excluded.ctime_ns,"
+            " content_hash=excluded.content_hash, state=excluded.state, reason=excluded.reason,"
+            " detail=excluded.detail, indexed_at_ns=excluded.indexed_at_ns",
+            (root, path, sig.size, sig.mtime_ns, sig.inode, sig.ctime_ns, content_hash, state,
+             reason, detail, indexed_at_ns),
+        )
+        row = db.execute("SELECT id FROM files WHERE root=? AND path=?", (root, path)).fetchone()
+        return int(row[0])
+
+    def touch_files(self, rows: Iterable[tuple[int, StatSig, int]]) -> None:
+        """Record a new stat signature for files whose content proved unchanged."""
+        with self.transaction() as db:
+            db.executemany(
+                "UPDATE files SET size=?, mtime_ns=?, inode=?, ctime_ns=?, indexed_at_ns=?"
+                " WHERE id=?",
+                [(s.size, s.mtime_ns, s.inode, s.ctime_ns, at, fid) for fid, s, at in rows],
+            )
+
+    # -- chunks --------------------------------------------------------------------------
+
+    def chunks(self, gen_id: int, file_id: int) -> list[ChunkRow]:
+        """A file's chunks under a generation, by ordinal."""
+        rows = self._query(
+            "SELECT ordinal, hash, point_id, start_line, end_line FROM chunks"
+            " WHERE gen_id=? AND file_id=? ORDER BY ordinal", (gen_id, file_id))
+        return [ChunkRow(r[0], r[1], r[2], r[3], r[4]) for r in rows]
+
+    @staticmethod
+    def replace_chunks(db: sqlite3.Connection, gen_id: int, file_id: int,
+                       chunks: Sequence[ChunkRow]) -> None:
+        """Replace a file's chunk rows inside a caller's transaction."""
+        db.execute("DELETE FROM chunks WHERE gen_id=? AND file_id=?", (gen_id, file_id))
+        db.executemany(
+            "INSERT INTO chunks (gen_id, file_id, ordinal, hash, point_id, start_line, end_line)"
+            " VALUES (?,?,?,?,?,?,?)",
+            [(gen_id, file_id, c.ordinal, c.hash, c.point_id, c.start_line, c.end_line)
+             for c in chunks],
+        )
+
+    def point_ids(self, gen_id: int) -> set[str]:
+        """Every point id the manifest says the generation's store holds."""
+        return {r[0] for r in self._query("SELECT point_id FROM chunks WHERE gen_id=?", (gen_id,))}
+
+    def chunk_count(self, gen_id: int) -> int:
+        """Number of chunks (= points) of a generation."""
+        return int(self._query("SELECT COUNT(*) FROM chunks WHERE gen_id=?", (gen_id,))[0][0])
+
+    def files_with_points(self, gen_id: int, point_ids: Iterable[str]) -> set[int]:
+        """File ids owning any of the given point ids."""
+        ids = list(point_ids)
+        out: set[int] = set()
+        for i in range(0, len(ids), 500):
+            part = ids[i:i + 500]
+            marks = ",".join("?" * len(part))
+            out.update(r[0] for r in self._query(
+                f"SELECT DISTINCT file_id FROM chunks WHERE gen_id=? AND point_id IN ({marks})",
+                (gen_id, *part)))
+        return out
+
+    # -- vectors (a cache keyed by model identity and chunk text hash) --------------------
+
+    def vectors(self, model_id: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
+        """Known vectors for these chunk hashes under this model."""
+        wanted = list(dict.fromkeys(hashes))
+        out: dict[str, np.ndarray] = {}
+        for i in range(0, len(wanted), 500):
+            part = wanted[i:i + 500]
+            marks = ",".join("?" * len(part))
+            for r in self._query(
+                f"SELECT hash, vector FROM vectors WHERE model_id=? AND hash IN ({marks})",
+                (model_id, *part),
+            ):
+                out[r[0]] = np.frombuffer(r[1], dtype=np.float32)
+        return out
+
+    @staticmethod
+    def put_vectors(db: sqlite3.Connection, model_id: str,
+                    items: Iterable[tuple[str, np.ndarray]]) -> None:
+        """Store vectors inside a caller's transaction."""
+        db.executemany(
+            "INSERT OR IGNORE INTO vectors (model_id, hash, vector) VALUES (?,?,?)",
+            [(model_id, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in items],
+        )
+
+    def prune_vectors(self, model_id: str, keep_unreferenced: int) -> int:
+        """Drop cached vectors no chunk uses, beyond ``keep_unreferenced`` of them."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT hash FROM vectors WHERE model_id=? AND hash NOT IN"
+                " (SELECT hash FROM chunks)", (model_id,)).fetchall()
+            extra = [r[0] for r in rows[keep_unreferenced:]]
+            db.executemany("DELETE FROM vectors WHERE model_id=? AND hash=?",
+                           [(model_id, h) for h in extra])
+        return len(extra)
+
+    # -- intents -------------------------------------------------------------------------
+
+    @staticmethod
+    def add_intent(db: sqlite3.Connection, gen_id: int, root: str, path: str,
+                   point_ids: Iterable[str]) -> int:
+        """Record, inside a caller's transaction, which points a write may touch."""
+        cur = db.execute(
+            "INSERT INTO intents (gen_id, root, path, point_ids, created_at) VALUES (?,?,?,?,?)",
+            (gen_id, root, path, json.dumps(sorted(set(point_ids))), time.time()),
+        )
+        return int(cur.lastrowid or 0)
+
+    def intents(self) -> list[Intent]:
+        """Open intents (left by a crash)."""
+        return [Intent(r["id"], r["gen_id"], r["root"], r["path"], json.loads(r["point_ids"]))
+                for r in self._query("SELECT * FROM intents ORDER BY id")]
+
+    @staticmethod
+    def clear_intents(db: sqlite3.Connection, ids: Iterable[int]) -> None:
+        """Remove intents inside a caller's transaction."""
+        db.executemany("DELETE FROM intents WHERE id=?", [(i,) for i in ids])
+
+    @staticmethod
+    def delete_file(db: sqlite3.Connection, file_id: int) -> None:
+        """Remove a file and all its chunks, inside a caller's transaction."""
+        db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
+        db.execute("DELETE FROM files WHERE id=?", (file_id,))
+
+    @staticmethod
+    def mark_dirty(db: sqlite3.Connection, file_id: int) -> None:
+        """Forget a file's chunks and content so the next scan indexes it afresh."""
+        db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
+        db.execute("UPDATE files SET state='dirty', content_hash=NULL, size=-1 WHERE id=?",
+                   (file_id,))
