@@ -1,0 +1,203 @@
+"""Client of the daemon's local API, stdlib only: `repd query` must start in milliseconds.
+
+Nothing heavy is imported here (no pydantic, no httpx, no FastAPI): answers are plain dicts
+shaped like the models in ``repd.api.schema``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+API_PREFIX = "/v1"
+
+
+class ApiClientError(Exception):
+    """Base of everything this client raises."""
+
+
+class DaemonNotRunning(ApiClientError):  # noqa: N818 - a state, named as the CLI says it
+    """No daemon answers: the socket is missing, or nothing listens on it."""
+
+
+class DaemonUnresponsive(ApiClientError):  # noqa: N818 - a state, like DaemonNotRunning
+    """The daemon accepted the connection but did not answer within the timeout."""
+
+
+class ApiRequestError(ApiClientError):
+    """The daemon answered with a 4xx or 5xx; ``message`` is fit to show as is."""
+
+    def __init__(self, status: int, message: str, code: str = "") -> None:
+        super().__init__(f"{message} (HTTP {status})")
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTPConnection whose transport is a Unix stream socket."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        # The host only fills the Host header; the socket path decides where we connect.
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        """Open the Unix socket (instead of a TCP connection)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class ApiClient:
+    """Talks to a running daemon over its Unix socket, or over TCP with a bearer token.
+
+    ``ApiClient(path)`` for the socket; ``ApiClient(base_url="http://127.0.0.1:PORT",
+    token=...)`` for TCP. Each call opens its own connection, so one client may be shared
+    by threads.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        timeout: float = 5.0,
+        *,
+        base_url: str | None = None,
+        token: str | None = None,
+    ) -> None:
+        if (socket_path is None) == (base_url is None):
+            raise ValueError("give exactly one of socket_path and base_url")
+        self.timeout = timeout
+        self._token = token
+        self._socket_path = os.fspath(socket_path) if socket_path is not None else None
+        self._scheme = self._host = self._prefix = ""
+        self._port: int | None = None
+        if base_url is not None:
+            parts = urlsplit(base_url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"base_url must be http(s)://host[:port], not {base_url!r}")
+            self._scheme, self._host, self._port = parts.scheme, parts.hostname, parts.port
+            self._prefix = parts.path.rstrip("/")
+
+    @property
+    def target(self) -> str:
+        """Where this client connects, for messages."""
+        if self._socket_path is not None:
+            return self._socket_path
+        port = f":{self._port}" if self._port else ""
+        return f"{self._scheme}://{self._host}{port}{self._prefix}"
+
+    # -- the API
+
+    def status(self) -> dict[str, Any]:
+        """The daemon's status (``StatusResponse``)."""
+        return self._json("GET", f"{API_PREFIX}/status")
+
+    def query(
+        self, text: str, k: int = 10, path: str | None = None, root: str | None = None
+    ) -> dict[str, Any]:
+        """Semantic search (``QueryResponse``)."""
+        body: dict[str, Any] = {"text": text, "k": k}
+        if path is not None:
+            body["path"] = path
+        if root is not None:
+            body["root"] = root
+        return self._json("POST", f"{API_PREFIX}/query", body)
+
+    def files(self, state: str | None = None, limit: int = 100, offset: int = 0) -> dict[str, Any]:
+        """A page of skipped/failed files (``FilesResponse``)."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if state is not None:
+            params["state"] = state
+        return self._json("GET", f"{API_PREFIX}/files?{urlencode(params)}")
+
+    def reindex(self, path: str | None = None) -> dict[str, Any]:
+        """Re-read ``path`` or every root (``ActionResponse``)."""
+        return self._json("POST", f"{API_PREFIX}/reindex", {} if path is None else {"path": path})
+
+    def pause(self) -> dict[str, Any]:
+        """Pause indexing (``ActionResponse``)."""
+        return self._json("POST", f"{API_PREFIX}/pause")
+
+    def resume(self) -> dict[str, Any]:
+        """Resume indexing (``ActionResponse``)."""
+        return self._json("POST", f"{API_PREFIX}/resume")
+
+    def metrics(self) -> str:
+        """Prometheus text exposition."""
+        return self._request("GET", "/metrics").decode("utf-8", "replace")
+
+    # -- plumbing
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._socket_path is not None:
+            return UnixHTTPConnection(self._socket_path, self.timeout)
+        if self._scheme == "https":
+            return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout)
+        return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        raw = self._request(method, path, body)
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            raise ApiClientError(
+                f"the daemon at {self.target} sent a reply that is not JSON"
+            ) from None
+        if not isinstance(data, dict):
+            raise ApiClientError(f"the daemon at {self.target} sent an unexpected reply")
+        return data
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+        headers = {"Accept": "application/json"}
+        payload = None
+        if body is not None:
+            payload = json.dumps(body).encode("utf-8")
+            headers["Content-Type"] = "application/json"
+        if self._token is not None:
+            headers["Authorization"] = f"Bearer {self._token}"
+        conn = self._connection()
+        try:
+            conn.request(method, self._prefix + path, body=payload, headers=headers)
+            response = conn.getresponse()
+            data = response.read()
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise DaemonNotRunning(
+                f"repd daemon is not running (nothing at {self.target})"
+            ) from None
+        except TimeoutError:
+            raise DaemonUnresponsive(
+                f"the daemon at {self.target} did not answer within {self.timeout:g} s"
+            ) from None
+        except PermissionError:
+            raise ApiClientError(
+                f"permission denied on {self.target}: is it another user's?"
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise ApiClientError(
+                f"lost the connection to the daemon at {self.target}: {exc}"
+            ) from None
+        finally:
+            conn.close()
+        if response.status >= 400:
+            message, code = _error_of(data, response.status, response.reason)
+            raise ApiRequestError(response.status, message, code)
+        return data
+
+
+def _error_of(data: bytes, status: int, reason: str) -> tuple[str, str]:
+    try:
+        error = json.loads(data)["error"]
+        return str(error["message"]), str(error.get("code", ""))
+    except (ValueError, KeyError, TypeError):
+        text = data.decode("utf-8", "replace").strip()
+        return (text[:500] or reason or f"HTTP {status}"), ""
