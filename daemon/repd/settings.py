@@ -182,7 +182,7 @@ def _origin(loc: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> s
     dotted = ".".join(str(p) for p in loc if not isinstance(p, int))
     for label, flat in reversed(layers):
         if any(k == dotted or k.startswith(dotted + ".") for k in flat):
-            return label
+            return str(label)
     return "default"
 
 

@@ -388,6 +388,19 @@ class Manifest:
         db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
         db.execute("DELETE FROM files WHERE id=?", (file_id,))
 
+    def forget_hashes(self, root: str, prefix: str = "") -> int:
+        """Make the next scan re-read and re-chunk files (their points stay until then).
+
+        A size of -1 never matches a real stat and a null hash never matches a real
+        content hash, so neither shortcut skips the file; its chunk rows stay, so the
+        rewrite is an ordinal diff as usual and vectors come from the cache.
+        """
+        rows = self.files_under(root, prefix)
+        with self.transaction() as db:
+            db.executemany("UPDATE files SET content_hash=NULL, size=-1 WHERE id=?",
+                           [(r.id,) for r in rows.values()])
+        return len(rows)
+
     @staticmethod
     def mark_dirty(db: sqlite3.Connection, file_id: int) -> None:
         """Forget a file's chunks and content so the next scan indexes it afresh."""
