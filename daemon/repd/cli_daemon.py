@@ -1,0 +1,148 @@
+"""``repd`` subcommands that run the daemon or talk to it over the local API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_NO_DAEMON = 3
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from repd.api.client import ApiClient
+    from repd.cli import _load
+
+    loaded = _load(args)
+    return ApiClient(loaded.settings.api.socket)
+
+
+def _call(args: argparse.Namespace, fn: str, *a: Any) -> tuple[int, Any]:
+    from repd.api.client import ApiRequestError, DaemonNotRunning
+
+    try:
+        return 0, getattr(_client(args), fn)(*a)
+    except DaemonNotRunning as exc:
+        print(f"repd: no daemon answers ({exc}); start one with `repd run`", file=sys.stderr)
+        return EXIT_NO_DAEMON, None
+    except ApiRequestError as exc:
+        print(f"repd: {exc}", file=sys.stderr)
+        return 1, None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground (this is what systemd starts)."""
+    from repd.cli import _load, _overrides
+
+    loaded = _load(args)
+    from repd.app import Daemon
+
+    roots = [Path(os.path.abspath(p)) for p in args.paths] or None
+    return Daemon(loaded, args.config, _overrides(args), roots).run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the daemon's status."""
+    code, st = _call(args, "status")
+    if code:
+        return code
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    from repd.cli_status import render_status
+
+    print(render_status(st))
+    return 0
+
+
+def _action(name: str) -> Any:
+    def run(args: argparse.Namespace) -> int:
+        extra = [getattr(args, "path", None)] if name == "reindex" else []
+        if extra and extra[0] is not None:
+            extra = [os.path.abspath(extra[0])]
+        code, res = _call(args, name, *extra)
+        if code:
+            return code
+        print(res.get("message", "ok"))
+        return 0
+    return run
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check the machine: inotify limits, device, model, store, socket."""
+    from repd.cli import _load
+    from repd.doctor import run_checks
+
+    loaded = _load(args)
+    ok = True
+    for check in run_checks(loaded.settings, load_model=not args.quick):
+        mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}[check.level]
+        print(f"[{mark}] {check.name}: {check.message}")
+        ok = ok and check.level != "fail"
+    return 0 if ok else 1
+
+
+def cmd_service_install(args: argparse.Namespace) -> int:
+    """Install and enable the systemd user unit."""
+    from repd.adapters.systemd_unit import UnitInstallError, install_user_unit
+
+    try:
+        print(install_user_unit(dry_run=args.dry_run,
+                                sandbox=False if args.no_sandbox else None))
+    except UnitInstallError as exc:
+        print(f"repd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Open the terminal dashboard."""
+    from repd_tui.app import main as tui_main
+
+    argv = []
+    if args.config:
+        argv += ["--config", str(args.config)]
+    if args.socket:
+        argv += ["--socket", str(args.socket)]
+    return tui_main(argv)
+
+
+def add_daemon_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register the daemon-facing subcommands."""
+    dash = sub.add_parser("dashboard", parents=[common], help="the terminal dashboard")
+    dash.set_defaults(func=cmd_dashboard)
+
+    run = sub.add_parser("run", parents=[common],
+                         help="run the daemon in the foreground (for systemd)")
+    run.add_argument("paths", nargs="*", help="folders to watch (default: roots in the config)")
+    run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", parents=[common], help="the running daemon's status")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    for name, text in (("pause", "stop indexing (changes keep queueing)"),
+                       ("resume", "resume indexing")):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.set_defaults(func=_action(name))
+    ri = sub.add_parser("reindex", parents=[common],
+                        help="re-read a file or folder (or everything), even if unchanged")
+    ri.add_argument("path", nargs="?")
+    ri.set_defaults(func=_action("reindex"))
+
+    doc = sub.add_parser("doctor", parents=[common], help="check this machine's set-up")
+    doc.add_argument("--quick", action="store_true", help="do not load the model")
+    doc.set_defaults(func=cmd_doctor)
+
+    svc = sub.add_parser("service", help="systemd integration")
+    svc_sub = svc.add_subparsers(dest="service_command", metavar="ACTION")
+    inst = svc_sub.add_parser("install", parents=[common],
+                              help="install and enable the systemd user unit")
+    inst.add_argument("--dry-run", action="store_true", help="print what it would do")
+    inst.add_argument("--no-sandbox", action="store_true",
+                      help="leave out the mount-namespace hardening (for hosts without "
+                      "user namespaces)")
+    inst.set_defaults(func=cmd_service_install)

@@ -1,0 +1,137 @@
+"""``repd doctor``: checks a person can act on, one line each."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from repd.settings import Settings
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding: level is ok, warn or fail."""
+
+    name: str
+    level: str
+    message: str
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        return int(Path(path).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def count_dirs(root: Path, settings: Settings) -> int:
+    """Folders the watcher would watch under a root (ignored folders excluded)."""
+    from repd.core.ignore import IgnoreRules
+
+    rules = IgnoreRules(root, settings.include, settings.exclude, settings.watch.gitignore)
+    n = 0
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        n += 1
+        try:
+            with os.scandir(root / rel if rel else root) as it:
+                for de in it:
+                    if de.is_dir(follow_symlinks=False):
+                        sub = f"{rel}/{de.name}" if rel else de.name
+                        if not rules.is_ignored(sub, True):
+                            stack.append(sub)
+        except OSError:
+            continue
+    return n
+
+
+def check_inotify(settings: Settings) -> Check:
+    """Enough inotify watches for every folder under the roots?"""
+    limit = _read_int("/proc/sys/fs/inotify/max_user_watches")
+    if limit is None:
+        return Check("inotify", "warn", "no inotify on this system; roots will be polled")
+    if not settings.roots:
+        return Check("inotify", "ok", f"max_user_watches={limit} (no roots configured)")
+    need = sum(count_dirs(r, settings) for r in settings.roots if r.is_dir())
+    msg = f"{need} folders to watch, max_user_watches={limit}"
+    if need > limit:
+        return Check("inotify", "fail", msg + "; raise it: sudo sysctl "
+                     f"fs.inotify.max_user_watches={need * 2} (roots would fall back to polling)")
+    if need > limit * 0.5:
+        return Check("inotify", "warn", msg + "; other programs share this limit")
+    return Check("inotify", "ok", msg)
+
+
+def check_roots(settings: Settings) -> Check:
+    """Do the configured roots exist?"""
+    if not settings.roots:
+        return Check("roots", "warn", "no roots configured (pass folders to `repd run`)")
+    missing = [str(r) for r in settings.roots if not r.is_dir()]
+    if missing:
+        return Check("roots", "fail", "not folders: " + ", ".join(missing))
+    return Check("roots", "ok", ", ".join(str(r) for r in settings.roots))
+
+
+def check_device(settings: Settings) -> Check:
+    """Which device the model would run on."""
+    from repd.adapters.device import choose_device
+
+    try:
+        return Check("device", "ok", f"{settings.device} -> {choose_device(settings.device)}")
+    except Exception as exc:
+        return Check("device", "fail", str(exc))
+
+
+def check_model(settings: Settings) -> Check:
+    """Can the model be loaded, and how long does it take?"""
+    from repd.adapters.embedder import Embedder
+
+    t0 = time.perf_counter()
+    try:
+        emb = Embedder.load(settings.model, device=settings.device)
+    except Exception as exc:
+        return Check("model", "fail", f"{settings.model}: {exc}")
+    return Check("model", "ok", f"{settings.model}: dim {emb.dim}, max {emb.max_tokens} tokens, "
+                 f"loaded in {time.perf_counter() - t0:.1f}s on {emb.device}")
+
+
+def check_daemon_and_store(settings: Settings) -> list[Check]:
+    """Is a daemon answering? If not, can the store be opened?"""
+    from repd.api.client import ApiClient, DaemonNotRunning
+
+    sock = settings.api.socket
+    try:
+        st = ApiClient(sock, timeout=2.0).status()
+        mode = oct(sock.stat().st_mode & 0o777)
+        return [Check("socket", "ok", f"daemon answers on {sock} (mode {mode})"),
+                Check("store", "ok", f"{st['store']['points']} points, generation "
+                      f"{(st.get('generation') or {}).get('id')}")]
+    except DaemonNotRunning:
+        out = [Check("socket", "warn", f"no daemon answers on {sock}")]
+    from repd.engine import Engine
+
+    try:
+        eng = Engine(settings, writer=False)
+        try:
+            if eng.generation is None:
+                out.append(Check("store", "warn", "nothing indexed yet"))
+            else:
+                out.append(Check("store", "ok", f"{eng.store.count()} points in generation "
+                                 f"{eng.generation.id} ({eng.generation.model_name})"))
+        finally:
+            eng.close()
+    except Exception as exc:
+        out.append(Check("store", "fail", str(exc)))
+    return out
+
+
+def run_checks(settings: Settings, load_model: bool = True) -> list[Check]:
+    """Every check, in the order a person would fix things."""
+    checks = [check_roots(settings), check_inotify(settings), check_device(settings)]
+    if load_model:
+        checks.append(check_model(settings))
+    checks.extend(check_daemon_and_store(settings))
+    return checks
