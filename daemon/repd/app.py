@@ -46,8 +46,6 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_index_check = 0.0
-        self._store_info: dict[str, object] = {}
-        self._store_info_at = 0.0
         self.watcher: Watcher | None = None
 
     # -- start ---------------------------------------------------------------------------
@@ -150,12 +148,8 @@ class Daemon:
             self.store.maybe_build_index()
 
     def store_info(self) -> dict[str, object]:
-        """Store facts for status, refreshed at most once a second."""
-        now = time.monotonic()
-        if now - self._store_info_at > 1.0:
-            self._store_info = self.store.info()
-            self._store_info_at = now
-        return self._store_info
+        """Store facts for status (cheap; status itself is cached briefly)."""
+        return self.store.info()
 
     # -- reload --------------------------------------------------------------------------
 

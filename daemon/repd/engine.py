@@ -130,7 +130,7 @@ class Engine:
             key = self.settings.store.api_key
             client = QdrantClient(url=self.settings.store.url,
                                   api_key=key.get_secret_value() if key else None)
-            store = ServerStore(client, location, gen.dim)
+            store = ServerStore(client, location, gen.dim, owns_client=True)
             set_alias(client, self.settings.store.collection, location)
             return store
         except StoreError as exc:

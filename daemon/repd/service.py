@@ -118,7 +118,7 @@ class DaemonService:
                           embedded=total.chunks_embedded, reused=total.chunks_reused),
             store=StoreInfo(kind=d.settings.store.kind, points=_int(info.get("points")),
                             indexed_vectors=_int(info.get("indexed_vectors")),
-                            index_built=bool(info.get("index_built", False))),
+                            index_built=bool(info.get("hnsw_built", False))),
             uptime_s=time.monotonic() - d.started_at,
             last_scan_at=datetime.fromtimestamp(last_scan, UTC) if last_scan else None,
             last_error=d.worker.counters.last_error)
@@ -174,11 +174,13 @@ class DaemonService:
     def pause(self) -> ActionResponse:
         """Stop taking work off the queue; events keep being collected."""
         self.d.worker.paused.set()
+        self._cache = None
         return ActionResponse(ok=True, message="paused; changes keep queueing")
 
     def resume(self) -> ActionResponse:
         """Take work off the queue again."""
         self.d.worker.paused.clear()
+        self._cache = None
         return ActionResponse(ok=True, message="resumed")
 
     def metrics(self) -> str:

@@ -14,9 +14,10 @@ from repd.adapters.store import StoreError
 from repd.core.types import Hit, PointRecord
 
 #: Unindexed points (the shard's appendable segment) at which ``maybe_build_index``
-#: seals them into an HNSW segment. Below it a query scans them brute force, which
-#: is cheap (about 2 ms for 8k points of 384 floats here); above it every build is
-#: bounded by about this many points, so is the GIL pause it causes (see bench/).
+#: seals them into an HNSW segment. Below it a query scans them brute force, which is
+#: cheap (under 1 ms for 8k points of 384 floats on 2 cores); each build covers about
+#: this many points, which bounds the GIL pause it causes: 2-3 s on an idle 2-core
+#: machine, up to 11 s on a saturated one (bench/store_edge_bench.py).
 DEFAULT_INDEX_THRESHOLD = 8192
 #: Points per ``iter_ids`` page.
 DEFAULT_PAGE_SIZE = 1024
@@ -284,9 +285,15 @@ class EdgeStore:
         """Seal the unindexed points into an HNSW segment once they reach the threshold.
 
         Blocks every Python thread (Edge holds the GIL) for about the time needed to
-        build HNSW over ``index_threshold`` points; call it right after a write batch
-        so the unindexed part never grows far past the threshold (a shard that did
-        grow far past it gets one long build). Returns True if the optimizer ran.
+        build HNSW over ``index_threshold`` points; call it right after each write
+        batch so the unindexed part never grows far past the threshold: a shard that
+        did (say, written by a process that never called this) gets one long build
+        over all of it (50k points: about 100 s on a busy 2-core machine).
+
+        The same ``optimize()`` call also runs whatever else the engine has due, each
+        job bounded by ``max_segment_points``: vacuuming a segment with over 20 % of
+        its points deleted, merging small segments. Does nothing, in microseconds,
+        when nothing is due. Returns True if the optimizer changed anything.
         """
         shard = self._open_shard()
         try:

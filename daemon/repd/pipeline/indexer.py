@@ -101,6 +101,8 @@ class Indexer:
         self.planner = Planner(max_file_bytes, self._tokenizer)
         self.stage = "idle"  # what the engine is doing right now, for status
         self.group_chunks = GROUP_CHUNKS
+        # One-shot runs build HNSW as they go; the daemon does it when idle instead.
+        self.build_index_inline = True
         self.group_files = GROUP_FILES
         self._lock = threading.Lock()  # one group is written at a time
 
@@ -361,12 +363,14 @@ class Indexer:
         crashpoint("intent")
         if points:
             self.store.upsert(points)
-            self.store.flush()
         crashpoint("upsert")
         if stale:
             self.store.delete(stale)
-            self.store.flush()
         crashpoint("delete")
+        if points or stale:
+            # One flush for the group: the intents cover upserts and deletes alike, and
+            # nothing is marked done before this returns.
+            self.store.flush()
         stats.points_written += len(points)
         stats.points_deleted += len(stale)
 
@@ -400,5 +404,10 @@ class Indexer:
                 [(s.size, s.mtime_ns, s.inode, s.ctime_ns, at, fid) for fid, s, at in touched])
             Manifest.clear_intents(db, intent_ids)
         crashpoint("commit")
+        if points and self.build_index_inline:
+            # Each build covers at most the store's threshold of new points, so the pause
+            # (Edge holds the GIL while it builds HNSW) stays bounded.
+            self.stage = "indexing"
+            self.store.maybe_build_index()
         self.stage = "idle"
         return stats

@@ -71,6 +71,7 @@ class IndexWorker:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         indexer.group_chunks = DAEMON_GROUP_CHUNKS
+        indexer.build_index_inline = False
 
     def start(self) -> None:
         """Start the loop on its own thread."""
