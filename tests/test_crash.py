@@ -99,24 +99,44 @@ def test_kill_first_run_then_recover_reuses_vectors(tmp_path: Path) -> None:
     assert_same_index(store_of(home), fresh(root, tmp_path))
 
 
+def _committed_files(home: Path) -> int:
+    import sqlite3
+
+    db = home / "data" / "repd" / "manifest.sqlite"
+    if not db.exists():
+        return 0
+    with sqlite3.connect(str(db)) as con:
+        return int(con.execute("SELECT COUNT(*) FROM files").fetchone()[0])
+
+
 def test_kill_at_random_moments(tmp_path: Path) -> None:
     root = tmp_path / "root"
-    make_corpus(root, 700, seed=4)  # more than one write group
+    make_corpus(root, 1400, seed=4)  # three write groups of 512 files
     home = tmp_path / "home"
     env = cli_env(home)
     rng = random.Random(5)
-    kills = 0
-    for attempt in range(6):
-        if attempt == 3:
+    partial_kills = 0
+    for attempt in range(10):
+        if attempt == 4:
             mutate(root, seed=6)
+        before = _committed_files(home)
         proc = subprocess.Popen([sys.executable, "-m", "repd.cli", "index", str(root)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(rng.uniform(2.0, 9.0))
-        if proc.poll() is None:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # time the kill from the end of the model load
+            if "model_loaded" in line:
+                break
+        time.sleep(rng.uniform(0.5, 14.0))
+        finished = proc.poll() is not None
+        if not finished:
             proc.send_signal(signal.SIGKILL)
-            kills += 1
         proc.wait()
-    assert kills >= 3, "the run finished too fast to be interrupted; grow the corpus"
+        after = _committed_files(home)
+        if not finished and after != before:
+            partial_kills += 1  # killed after some groups were committed, before the end
+        if finished and partial_kills >= 3:
+            break
+    assert partial_kills >= 2, "no kill landed between write groups; grow the corpus"
     run_cli(["index", str(root)], env)
     assert_same_index(store_of(home), fresh(root, tmp_path))
     shutil.rmtree(home)

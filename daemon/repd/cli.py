@@ -127,7 +127,9 @@ def _query_daemon(settings: Any, text: str, args: argparse.Namespace) -> dict[st
         return None
     try:
         client = ApiClient(settings.api.socket)
-        res: dict[str, Any] = client.query(text, k=args.k, path=args.path, root=args.root)
+        root = os.path.abspath(args.root) if args.root else None
+        res: dict[str, Any] = client.query(text, k=args.k, path=args.path, root=root,
+                                           files=args.files)
         return res
     except DaemonNotRunning:
         return None

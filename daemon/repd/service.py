@@ -133,7 +133,7 @@ class DaemonService:
             if Path(root) not in self.d.roots:
                 raise ApiError(404, f"{req.root} is not an indexed root", "unknown_root")
         hits, took = search(self.d.store, self.d.engine.embed_query, req.text, req.k,
-                            req.path, root)
+                            req.path, root, per_file=req.files)
         self.queries += 1
         self.query_seconds += took / 1000
         return QueryResponse(

@@ -11,6 +11,7 @@ import re
 import stat
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import ClassVar
 
 from repd.core.types import Document, SkipFile
 
@@ -51,7 +52,7 @@ _CONTROL = set(range(0, 32)) - {9, 10, 12, 13, 27}
 def read_file(path: Path, max_bytes: int) -> bytes:
     """The raw bytes of a regular file, or SkipFile saying why not."""
     try:
-        st = os.stat(path)
+        st = path.stat()
     except FileNotFoundError:
         raise SkipFile("vanished", "the file disappeared before it could be read") from None
     except OSError as exc:
@@ -90,7 +91,7 @@ def _oserror(exc: OSError) -> str:
 def extract_bytes(data: bytes, filename: str) -> Document:
     """Decode and extract the text of one file, choosing the kind by its name."""
     name = filename.rsplit("/", 1)[-1]
-    ext = os.path.splitext(name)[1].lower()
+    ext = Path(name).suffix.lower()
     if ext in _BINARY_EXT:
         raise SkipFile("binary", f"{ext} files hold no text")
     if ext == ".pdf":
@@ -147,10 +148,12 @@ def _norm(text: str) -> str:
 
 
 class _Visible(HTMLParser):
-    _HIDDEN = {"script", "style", "head", "noscript", "template", "svg", "iframe"}
-    _BLOCK = {"p", "div", "section", "article", "br", "li", "ul", "ol", "h1", "h2", "h3",
-              "h4", "h5", "h6", "tr", "table", "pre", "blockquote", "header", "footer",
-              "main", "nav", "aside", "dd", "dt", "figure", "figcaption", "hr"}
+    _HIDDEN: ClassVar[set[str]] = {"script", "style", "head", "noscript", "template", "svg",
+                                   "iframe"}
+    _BLOCK: ClassVar[set[str]] = {
+        "p", "div", "section", "article", "br", "li", "ul", "ol", "h1", "h2", "h3", "h4", "h5",
+        "h6", "tr", "table", "pre", "blockquote", "header", "footer", "main", "nav", "aside",
+        "dd", "dt", "figure", "figcaption", "hr"}
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)

@@ -103,10 +103,13 @@ class ApiClient:
         return self._json("GET", f"{API_PREFIX}/status")
 
     def query(
-        self, text: str, k: int = 10, path: str | None = None, root: str | None = None
+        self, text: str, k: int = 10, path: str | None = None, root: str | None = None,
+        files: bool = False,
     ) -> dict[str, Any]:
-        """Semantic search (``QueryResponse``)."""
+        """Semantic search (``QueryResponse``); ``files``: one hit per file."""
         body: dict[str, Any] = {"text": text, "k": k}
+        if files:
+            body["files"] = True
         if path is not None:
             body["path"] = path
         if root is not None:

@@ -168,6 +168,8 @@ class QueryRequest(_Request):
         pattern=NO_NUL_PATTERN,
         description="only files under this root (absolute path)",
     )
+    files: bool = Field(
+        default=False, description="one hit per file: the best chunk of each of the top k files")
 
 
 class QueryHit(_Response):

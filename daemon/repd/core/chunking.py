@@ -14,7 +14,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from repd.core.packing import Range, cdc_ranges, fewest, merge_small
+from repd.core.packing import MIN_FILL, Range, cdc_ranges, fewest, merge_small
 from repd.core.structure import (
     Section,
     Span,
@@ -33,8 +33,9 @@ _CRUMB_SEP = "\n\n"
 _NEWLINE = re.compile(r"\n")
 _PROSE_LEVELS = ("lines", "sentences", "words", "chars")
 _CODE_LEVELS = ("code", "lines", "words", "chars")
-# Levels at which a block only a little over the budget is cut finer still, so that it
-# can be halved into two chunks near its middle (see ``packing.two_way``).
+# A block at most _TIGHT times the budget is cut into the fewest chunks that fit rather
+# than by hash; to make a cut near the middle possible, it is first split down to
+# structural parts (code groups, lines, sentences) of at most a quarter of the budget.
 _TIGHT = 2
 _STRUCTURAL = frozenset({"code", "lines", "sentences"})
 
@@ -66,7 +67,7 @@ def chunk_document(doc: Document, count_tokens: CountTokens, max_tokens: int) ->
     crumbs = _fit_crumbs([s.crumb for s in sections], count_tokens, max_tokens)
     budgets = [max_tokens - tokens for _, tokens in crumbs]
     levels = _CODE_LEVELS if doc.kind == "code" else _PROSE_LEVELS
-    pieces = _initial_pieces(text, sections, count_tokens)
+    pieces = _initial_pieces(text, sections, count_tokens, budgets)
     pieces = _split_oversized(text, pieces, budgets, levels, doc.language, count_tokens)
     groups = [
         (si, group)
@@ -127,13 +128,28 @@ def _fit_crumbs(
 
 
 def _initial_pieces(
-    text: str, sections: list[Section], count_tokens: CountTokens
+    text: str, sections: list[Section], count_tokens: CountTokens, budgets: list[int]
 ) -> list[list[_Piece]]:
+    """One piece per block, with blocks under ``MIN_FILL`` of the budget (a title, an
+    "Example:" line, an import) glued to the block after them, which they introduce."""
     counts = iter(count_tokens([text[a:b] for s in sections for a, b in s.blocks]))
-    return [
-        [_Piece(a, b, next(counts), 0, k, -1) for k, (a, b) in enumerate(s.blocks)]
-        for s in sections
-    ]
+    out: list[list[_Piece]] = []
+    for si, section in enumerate(sections):
+        small = budgets[si] * MIN_FILL
+        glued: list[list[int]] = []  # [start, end, tokens]
+        glue = alone = False  # a block's own size decides, so gluing stays local
+        for a, b in section.blocks:
+            n = next(counts)
+            if glue:
+                glued[-1][1:] = [b, glued[-1][2] + n]
+            else:
+                glued.append([a, b, n])
+            glue, alone = n < small, not glue
+        if glue and alone and len(glued) > 1:  # a small last block joins the one before
+            last = glued.pop()
+            glued[-1][1:] = [last[1], glued[-1][2] + last[2]]
+        out.append([_Piece(a, b, n, 0, k, -1) for k, (a, b, n) in enumerate(glued)])
+    return out
 
 
 def _split_once(
@@ -257,9 +273,10 @@ def _enforce_cap(
     With a WordPiece tokenizer a chunk's count is the sum of its pieces' and nothing
     changes; tokenizers that merge across whitespace may need the halving.
     """
-    known = [len(g) == 1 and not crumbs[si] and _chunk_text(text, g, "") == text[
-        g[0].start : g[0].end
-    ] for si, g in groups]
+    known = [
+        len(g) == 1 and not crumbs[si] and _chunk_text(text, g, "") == text[g[0].start : g[0].end]
+        for si, g in groups
+    ]
     while not all(known):
         todo = [i for i, k in enumerate(known) if not k]
         counts = count_tokens([_chunk_text(text, groups[i][1], crumbs[groups[i][0]]) for i in todo])

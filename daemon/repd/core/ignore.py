@@ -29,43 +29,182 @@ RULE_FILES = frozenset({".gitignore", ".repdignore", "pyvenv.cfg", "CACHEDIR.TAG
 
 # --- hard rules ---------------------------------------------------------------------
 VCS_DIRS = frozenset({".git", ".hg", ".svn", ".jj", ".bzr", "_darcs"})
-SECRET_DIRS = frozenset({".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker",
-                         ".password-store"})
-SECRET_NAMES = frozenset({".env", ".envrc", ".netrc", "_netrc", ".npmrc", ".pypirc", ".pgpass",
-                          ".git-credentials", ".htpasswd", ".boto", ".s3cfg", ".dockercfg",
-                          ".vault-token", ".histfile", ".lesshst"})
+SECRET_DIRS = frozenset({".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store"})
+SECRET_NAMES = frozenset(
+    {
+        ".env",
+        ".envrc",
+        ".netrc",
+        "_netrc",
+        ".npmrc",
+        ".pypirc",
+        ".pgpass",
+        ".git-credentials",
+        ".htpasswd",
+        ".boto",
+        ".s3cfg",
+        ".dockercfg",
+        ".vault-token",
+        ".histfile",
+        ".lesshst",
+    }
+)
 SECRET_PREFIXES = (".env.", "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519")
-SECRET_SUFFIXES = (".pem", ".key", ".p12", ".pfx", ".jks", ".keystore", ".kdbx", ".tfstate",
-                   ".tfstate.backup")
+SECRET_SUFFIXES = (
+    ".pem",
+    ".key",
+    ".p12",
+    ".pfx",
+    ".jks",
+    ".keystore",
+    ".kdbx",
+    ".tfstate",
+    ".tfstate.backup",
+)
 SECRET_JSON_PREFIXES = ("credentials", "client_secret", "service-account")
 
 # --- soft defaults ------------------------------------------------------------------
 # Deliberately absent: "out", "bin", "lib", "vendor", "env", "target" and "tmp" are also
 # ordinary folder names in notes and documents. Rust's target/ and most caches carry a
 # CACHEDIR.TAG and virtualenvs a pyvenv.cfg, which catch them whatever their name.
-SOFT_DIRS = frozenset({
-    "node_modules", "bower_components", "jspm_packages", ".pnpm-store", ".yarn",
-    ".venv", "venv", ".virtualenv", ".direnv", ".conda", "site-packages", "__pypackages__",
-    "__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".cache", ".tox", ".nox",
-    ".hypothesis", ".ipynb_checkpoints", ".eggs", ".pytype", ".pyre", ".dmypy",
-    ".gradle", ".parcel-cache", ".turbo", ".sass-cache", ".terraform", ".serverless",
-    "build", "dist", "_build", ".next", ".nuxt", ".svelte-kit", ".angular", ".docusaurus",
-    ".idea", ".vs", ".Trash", ".Trash-1000", "$RECYCLE.BIN", "lost+found",
-})
+SOFT_DIRS = frozenset(
+    {
+        "node_modules",
+        "bower_components",
+        "jspm_packages",
+        ".pnpm-store",
+        ".yarn",
+        ".venv",
+        "venv",
+        ".virtualenv",
+        ".direnv",
+        ".conda",
+        "site-packages",
+        "__pypackages__",
+        "__pycache__",
+        ".mypy_cache",
+        ".pytest_cache",
+        ".ruff_cache",
+        ".cache",
+        ".tox",
+        ".nox",
+        ".hypothesis",
+        ".ipynb_checkpoints",
+        ".eggs",
+        ".pytype",
+        ".pyre",
+        ".dmypy",
+        ".gradle",
+        ".parcel-cache",
+        ".turbo",
+        ".sass-cache",
+        ".terraform",
+        ".serverless",
+        "build",
+        "dist",
+        "_build",
+        ".next",
+        ".nuxt",
+        ".svelte-kit",
+        ".angular",
+        ".docusaurus",
+        ".idea",
+        ".vs",
+        ".Trash",
+        ".Trash-1000",
+        "$RECYCLE.BIN",
+        "lost+found",
+    }
+)
 SOFT_DIR_SUFFIXES = (".egg-info",)
 DIR_MARKERS = ("pyvenv.cfg", "CACHEDIR.TAG")
 JUNK_NAMES = frozenset({"4913", ".DS_Store", "Thumbs.db", "desktop.ini", ".directory"})
-TEMP_SUFFIXES = ("~", ".swp", ".swo", ".swx", ".tmp", ".temp", ".crdownload", ".part",
-                 ".partial", ".bak", ".kate-swp", "___jb_tmp___", "___jb_old___")
+TEMP_SUFFIXES = (
+    "~",
+    ".swp",
+    ".swo",
+    ".swx",
+    ".tmp",
+    ".temp",
+    ".crdownload",
+    ".part",
+    ".partial",
+    ".bak",
+    ".kate-swp",
+    "___jb_tmp___",
+    "___jb_old___",
+)
 TEMP_PREFIXES = (".#", ".~lock.", "~$", ".goutputstream-", ".nfs")
-BINARY_EXTENSIONS = frozenset({
-    "pyc", "pyo", "o", "a", "so", "dylib", "dll", "exe", "class", "jar", "war", "whl", "egg",
-    "zip", "tar", "gz", "tgz", "bz2", "xz", "zst", "7z", "rar", "iso", "dmg", "img",
-    "png", "jpg", "jpeg", "gif", "bmp", "ico", "webp", "tif", "tiff", "psd", "heic",
-    "mp3", "mp4", "m4a", "mov", "avi", "mkv", "webm", "wav", "flac", "ogg",
-    "ttf", "otf", "woff", "woff2", "eot", "sqlite", "sqlite3", "db", "db-wal", "db-shm",
-    "parquet", "npy", "npz", "pt", "pth", "ckpt", "safetensors", "onnx", "h5", "pkl",
-})
+BINARY_EXTENSIONS = frozenset(
+    {
+        "pyc",
+        "pyo",
+        "o",
+        "a",
+        "so",
+        "dylib",
+        "dll",
+        "exe",
+        "class",
+        "jar",
+        "war",
+        "whl",
+        "egg",
+        "zip",
+        "tar",
+        "gz",
+        "tgz",
+        "bz2",
+        "xz",
+        "zst",
+        "7z",
+        "rar",
+        "iso",
+        "dmg",
+        "img",
+        "png",
+        "jpg",
+        "jpeg",
+        "gif",
+        "bmp",
+        "ico",
+        "webp",
+        "tif",
+        "tiff",
+        "psd",
+        "heic",
+        "mp3",
+        "mp4",
+        "m4a",
+        "mov",
+        "avi",
+        "mkv",
+        "webm",
+        "wav",
+        "flac",
+        "ogg",
+        "ttf",
+        "otf",
+        "woff",
+        "woff2",
+        "eot",
+        "sqlite",
+        "sqlite3",
+        "db",
+        "db-wal",
+        "db-shm",
+        "parquet",
+        "npy",
+        "npz",
+        "pt",
+        "pth",
+        "ckpt",
+        "safetensors",
+        "onnx",
+        "h5",
+        "pkl",
+    }
+)
 
 _MAX_CACHED_DIRS = 200_000
 
@@ -95,7 +234,7 @@ def _soft_file(name: str, lower: str) -> bool:
     if name[0] == "." and (name[-4:-1] == ".sw" or ".tmp" in name):  # vim .x.swn, .x.tmp123
         return True
     dot = lower.rfind(".")
-    return dot > 0 and lower[dot + 1:] in BINARY_EXTENSIONS
+    return dot > 0 and lower[dot + 1 :] in BINARY_EXTENSIONS
 
 
 class IgnoreRules:
@@ -108,9 +247,15 @@ class IgnoreRules:
     None means the XDG data and cache folders.
     """
 
-    def __init__(self, root: Path, include: Sequence[str] = (), exclude: Sequence[str] = (),
-                 use_gitignore: bool = True, *,
-                 private_dirs: Iterable[Path] | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        include: Sequence[str] = (),
+        exclude: Sequence[str] = (),
+        use_gitignore: bool = True,
+        *,
+        private_dirs: Iterable[Path] | None = None,
+    ) -> None:
         # abspath, not resolve(): paths must look like the ones watchdog reports.
         self.root = Path(os.path.abspath(root))
         self.use_gitignore = use_gitignore
@@ -164,7 +309,8 @@ class IgnoreRules:
         with self._lock:
             parent, _, name = rel.rpartition("/")
             result = (bool(parent) and self._dir_ignored(parent)) or self._own(
-                rel, parent, name, is_dir=True)
+                rel, parent, name, is_dir=True
+            )
             if len(self._dirs) >= _MAX_CACHED_DIRS:
                 self._dirs.clear()
             self._dirs[rel] = result

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from repd.core.types import Document
 
@@ -268,9 +269,14 @@ def code_block_starts(
             continue
         prev = lines[i - 1]
         prev_ind = len(prev) - len(prev.lstrip())
-        if not prev.strip() or (prev_ind == indent and _CLOSER.match(prev)) or ((_DEF.match(line) or _ATTACH.match(line)) and not (
-            prev_ind == indent and _ATTACH.match(prev)
-        )):
+        if (
+            not prev.strip()
+            or (prev_ind == indent and _CLOSER.match(prev))
+            or (
+                (_DEF.match(line) or _ATTACH.match(line))
+                and not (prev_ind == indent and _ATTACH.match(prev))
+            )
+        ):
             starts.append(i)
     return starts
 
@@ -282,13 +288,11 @@ def code_sections(text: str, language: str | None) -> list[Section]:
     first = next((i for i, line in enumerate(lines) if line.strip()), None)
     if first is None:
         return [Section("")]
-    in_string = (
-        _python_string_lines(lines) if language == "python" else [False] * len(lines)
-    )
+    in_string = _python_string_lines(lines) if language == "python" else [False] * len(lines)
     starts = code_block_starts(lines, first, len(lines) - 1, 0, in_string)
     bounds = [*starts, len(lines)]
     section = Section("")
-    for a, b in zip(bounds, bounds[1:], strict=False):
+    for a, b in pairwise(bounds):
         span = _span_of_lines(text, offs, a, b - 1)
         if span:
             section.blocks.append(span)
@@ -302,13 +306,11 @@ def split_code_block(text: str, span: Span, language: str | None) -> list[Span]:
     body = [len(ln) - len(ln.lstrip()) for ln in lines[1:] if ln.strip()]
     if not body:
         return [span]
-    in_string = (
-        _python_string_lines(lines) if language == "python" else [False] * len(lines)
-    )
+    in_string = _python_string_lines(lines) if language == "python" else [False] * len(lines)
     starts = code_block_starts(lines, 0, len(lines) - 1, min(body), in_string)
     offs = _line_offsets(lines)
     out: list[Span] = []
-    for a, b in zip(starts, [*starts[1:], len(lines)], strict=False):
+    for a, b in pairwise([*starts, len(lines)]):
         piece = _span_of_lines(text[start : span[1]], offs, a, b - 1)
         if piece:
             out.append((max(span[0], start + piece[0]), start + piece[1]))

@@ -1,0 +1,133 @@
+"""Daemon benchmark, measured as a user sees it, through the real API of a real daemon:
+
+* save-to-searchable: 50 single-file edits on an idle daemon, from the write to the new
+  text showing up in a query (p50, p95);
+* query latency on the SciFact corpus: the API call, and the whole `repd query` command;
+* storm: 5,000 changed files: time to converge and peak RSS;
+* idle: CPU use of the idle daemon watching ~10,000 files.
+
+    python bench/bench_daemon.py [--docs N] [--out bench/out-daemon]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tests.daemon_harness import DaemonProc, wait_for  # noqa: E402
+
+from bench.bench_engine import load_corpus, write_corpus  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--docs", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=HERE / "out-daemon")
+    args = ap.parse_args()
+    out: Path = args.out
+    shutil.rmtree(out, ignore_errors=True)
+    root = out / "root"
+    write_corpus(load_corpus(args.docs), root / "scifact")
+    d = DaemonProc(out / "home", [root])
+    t0 = time.monotonic()
+    d.start(wait_idle=True, timeout=3600)
+    initial_s = time.monotonic() - t0
+    rows: list[tuple[str, str]] = [("initial index (daemon start to idle)", f"{initial_s:.1f} s")]
+    try:
+        # save-to-searchable
+        lat = []
+        edits = root / "edits"
+        edits.mkdir()
+        time.sleep(2)
+        for i in range(50):
+            marker = f"zebracorn{i}quill"
+            path = edits / f"note{i % 5}.md"
+            t = time.monotonic()
+            path.write_text(f"# Edit {i}\n\nThe {marker} observation number {i} about tides.\n")
+            wait_for(lambda m=marker: any(m in h["snippet"] for h in d.client.query(
+                f"{m} observation about tides", k=3)["hits"]), 30, f"edit {i}", every=0.01)
+            lat.append(time.monotonic() - t)
+            time.sleep(0.3)
+        rows += [("save-to-searchable p50", f"{pct(lat, 0.5) * 1000:.0f} ms"),
+                 ("save-to-searchable p95", f"{pct(lat, 0.95) * 1000:.0f} ms (target <= 1000)")]
+        # query latency
+        queries = [json.loads(x)["text"] for x in
+                   (HERE.parent.parent / "shared/data/scifact/queries.jsonl").open()][:200]
+        api = []
+        for q in queries:
+            t = time.perf_counter()
+            d.client.query(q, k=10)
+            api.append(time.perf_counter() - t)
+        cmd = []
+        for q in queries[:20]:
+            t = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "repd.cli", "query", q], env=d.env,
+                           capture_output=True, check=True)
+            cmd.append(time.perf_counter() - t)
+        api_ms = f"{pct(api, 0.5) * 1000:.1f} / {pct(api, 0.95) * 1000:.1f} ms"
+        rows += [("query via API p50 / p95", f"{api_ms} (target p50 <= 30)"),
+                 ("`repd query` whole command p50 / max",
+                  f"{pct(cmd, 0.5) * 1000:.0f} / {max(cmd) * 1000:.0f} ms (target <= 500)")]
+        # storm
+        storm = root / "storm"
+        storm.mkdir()
+        base_rss, _ = d.rss_kb()
+        t = time.monotonic()
+        for i in range(5000):
+            sub = storm / f"pkg{i % 50}"
+            sub.mkdir(exist_ok=True)
+            (sub / f"mod{i}.py").write_text(f'def f{i}():\n    """Storm file {i}."""\n'
+                                            f"    return {i}\n")
+        files_before = d.status()["totals"]["files"]
+        peak_depth = 0
+
+        def converged() -> bool:
+            nonlocal peak_depth
+            st = d.status()
+            peak_depth = max(peak_depth, st["queue"]["pending"])
+            return st["state"] == "idle" and st["totals"]["files"] >= files_before + 4990 \
+                and not st["queue"]["pending"]
+        wait_for(converged, 3600, "storm", every=0.5)
+        storm_s = time.monotonic() - t
+        rss, peak = d.rss_kb()
+        rows += [("storm: 5,000 new files converged", f"{storm_s:.1f} s"),
+                 ("storm: RSS before / peak / after",
+                  f"{base_rss // 1024} / {peak // 1024} / {rss // 1024} MiB"),
+                 ("storm: peak pending paths", str(peak_depth))]
+        # idle
+        nfiles = d.status()["totals"]["files"]
+        time.sleep(5)
+        c0, w0 = cpu_seconds(d.pid), time.monotonic()
+        time.sleep(30)
+        c1, w1 = cpu_seconds(d.pid), time.monotonic()
+        rows.append((f"idle CPU watching {nfiles} files",
+                     f"{100 * (c1 - c0) / (w1 - w0):.2f} % of one core over 30 s"))
+    finally:
+        d.stop()
+    width = max(len(r[0]) for r in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
