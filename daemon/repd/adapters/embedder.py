@@ -21,10 +21,10 @@ __all__ = ["BUNDLED_MODEL", "DEFAULT_TOKEN_BUDGET", "Backend", "Embedder", "Embe
 
 log = get_logger("embedder")
 
-# Padded tokens per forward pass. On the CPU throughput is flat from about 4k to 16k
-# (bench/embedder_bench.py); on a GPU larger batches help, and OOM halving makes a
-# too-large budget safe, so the configured value (settings.batch_tokens) usually wins.
-DEFAULT_TOKEN_BUDGET = 8192
+# Padded tokens per forward pass. On the 2-core CPU, 8k and 16k measured the same within
+# noise (both 1.03-1.11x plain encode, bench/embedder_bench.py); GPUs gain from larger
+# batches, and OOM halving makes a too-large budget safe. Same as settings.batch_tokens.
+DEFAULT_TOKEN_BUDGET = 16384
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = frozenset({BUNDLED_MODEL, "all-MiniLM-L6-v2"})
 # Inputs up to this many padded tokens (a search query) run on one CPU thread: splitting
