@@ -81,7 +81,8 @@ class Engine:
             if gen is not None and gen.model_id != self._embedder.model_id:
                 raise EngineError(
                     f"the model at {self.model_name} is not the one the index was built with "
-                    f"(weights changed: {gen.model_id[:16]} -> {self._embedder.model_id[:16]})")
+                    f"(weights changed: {gen.model_id.rpartition('@')[2]} -> "
+                    f"{self._embedder.model_id.rpartition('@')[2]})")
         return self._embedder
 
     def check_model_setting(self) -> None:

@@ -48,6 +48,7 @@ class _Piece:
     level: int  # index of the next split level to try
     block: int  # which block of its section it came from
     rank: int  # how coarse the gap before it is: -1 block edge, else its split level
+    exact: bool = True  # False when tokens is a sum over glued blocks, not a count
 
 
 def chunk_document(doc: Document, count_tokens: CountTokens, max_tokens: int) -> list[Chunk]:
@@ -136,20 +137,26 @@ def _initial_pieces(
     out: list[list[_Piece]] = []
     for si, section in enumerate(sections):
         small = budgets[si] * MIN_FILL
-        glued: list[list[int]] = []  # [start, end, tokens]
+        glued: list[_Piece] = []
         glue = alone = False  # a block's own size decides, so gluing stays local
         for a, b in section.blocks:
             n = next(counts)
             if glue:
-                glued[-1][1:] = [b, glued[-1][2] + n]
+                glued[-1] = _join(glued[-1], b, n)
             else:
-                glued.append([a, b, n])
+                glued.append(_Piece(a, b, n, 0, len(glued), -1))
             glue, alone = n < small, not glue
         if glue and alone and len(glued) > 1:  # a small last block joins the one before
             last = glued.pop()
-            glued[-1][1:] = [last[1], glued[-1][2] + last[2]]
-        out.append([_Piece(a, b, n, 0, k, -1) for k, (a, b, n) in enumerate(glued)])
+            glued[-1] = _join(glued[-1], last.end, last.tokens)
+        out.append(glued)
     return out
+
+
+def _join(piece: _Piece, end: int, tokens: int) -> _Piece:
+    """Extend a piece over the next block; its count becomes an estimate (the gap between
+    blocks may hold text no block has, such as a thematic break)."""
+    return _Piece(piece.start, end, piece.tokens + tokens, 0, piece.block, -1, exact=False)
 
 
 def _split_once(
@@ -274,7 +281,10 @@ def _enforce_cap(
     changes; tokenizers that merge across whitespace may need the halving.
     """
     known = [
-        len(g) == 1 and not crumbs[si] and _chunk_text(text, g, "") == text[g[0].start : g[0].end]
+        len(g) == 1
+        and g[0].exact
+        and not crumbs[si]
+        and _chunk_text(text, g, "") == text[g[0].start : g[0].end]
         for si, g in groups
     ]
     while not all(known):

@@ -302,7 +302,8 @@ def code_sections(text: str, language: str | None) -> list[Section]:
 def split_code_block(text: str, span: Span, language: str | None) -> list[Span]:
     """Split a code block at the statement groups of its body's outermost indentation."""
     start = text.rfind("\n", 0, span[0]) + 1
-    lines = text[start : span[1]].split("\n")
+    source = text[start : span[1]]
+    lines = source.split("\n")
     body = [len(ln) - len(ln.lstrip()) for ln in lines[1:] if ln.strip()]
     if not body:
         return [span]
@@ -311,7 +312,7 @@ def split_code_block(text: str, span: Span, language: str | None) -> list[Span]:
     offs = _line_offsets(lines)
     out: list[Span] = []
     for a, b in pairwise([*starts, len(lines)]):
-        piece = _span_of_lines(text[start : span[1]], offs, a, b - 1)
+        piece = _span_of_lines(source, offs, a, b - 1)
         if piece:
             out.append((max(span[0], start + piece[0]), start + piece[1]))
     return out
@@ -319,7 +320,9 @@ def split_code_block(text: str, span: Span, language: str | None) -> list[Span]:
 
 # --- finer splits for blocks over the token budget --------------------------------
 
-_SENTENCE_END = re.compile(r"[.!?…。！？]+[\"'”’)\]]*\s+")
+# Western sentences end in punctuation and a space; CJK ones in full-width punctuation.
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*\s+|[。！？]+[」』）]*\s*")
+_LINE_END = re.compile(r"\n")
 _WORD = re.compile(r"\S+")
 
 
@@ -335,7 +338,7 @@ def _split_by(pattern: re.Pattern[str], text: str, span: Span) -> list[Span]:
 
 def split_lines(text: str, span: Span) -> list[Span]:
     """Each non-blank line of the span."""
-    return _split_by(re.compile(r"\n"), text, span)
+    return _split_by(_LINE_END, text, span)
 
 
 def split_sentences(text: str, span: Span) -> list[Span]:
