@@ -143,6 +143,7 @@ class Daemon:
         if now - self._last_index_check < INDEX_CHECK_EVERY_S:
             return
         self._last_index_check = now
+        self.indexer.prune_vector_cache()
         # Building HNSW may hold the GIL for a while: tell the watchdog it is expected.
         with self.gate.grace(600):
             self.store.maybe_build_index()

@@ -81,6 +81,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             stats = indexer.reconcile(root, engine.rules(root), progress=progress.update)
             progress.finish()
             total.add(stats)
+        indexer.prune_vector_cache()
         embedder = engine._embedder
         device = embedder.device if embedder is not None else None
     finally:

@@ -40,6 +40,10 @@ log = get_logger("indexer")
 # memory stays bounded and progress is committed often.
 GROUP_CHUNKS = 2048
 GROUP_FILES = 512
+# Vectors of chunk texts no file holds any more are kept up to this many, so undoing an
+# edit or restoring a deleted file costs no embedding; past that, the surplus is dropped
+# (in no particular order: SQLite keeps no last-use time for them).
+VECTOR_CACHE_SPARE = 50_000
 
 
 class EmbedderLike(Protocol):
@@ -256,6 +260,10 @@ class Indexer:
         self._run_paths(root, todo, known, stats, None, should_stop)
         stats.seconds = time.perf_counter() - t0
         return stats
+
+    def prune_vector_cache(self, keep_unreferenced: int = VECTOR_CACHE_SPARE) -> int:
+        """Bound the cache of vectors no chunk uses any more (kept for undo and moves)."""
+        return self.manifest.prune_vectors(self.generation.model_id, keep_unreferenced)
 
     def drop_root(self, root: Path) -> RunStats:
         """Remove every file of a root from the index (the root left the config)."""
