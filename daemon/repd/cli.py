@@ -277,6 +277,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("repd: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # `repd status | head`: the reader left; point stdout at /dev/null so the
+        # interpreter's final flush does not complain either.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
