@@ -42,12 +42,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=None)
     ap.add_argument("--out", type=Path, default=HERE / "out-daemon")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an out folder of bench_engine.py: start on its SciFact index "
+                    "(corpus/ and home/) instead of indexing the corpus again")
     args = ap.parse_args()
-    out: Path = args.out
-    shutil.rmtree(out, ignore_errors=True)
-    root = out / "root"
-    write_corpus(load_corpus(args.docs), root / "scifact")
-    d = DaemonProc(out / "home", [root])
+    if args.reuse:
+        reuse = args.reuse.resolve()
+        root, home = reuse / "corpus", reuse / "home"
+        for extra in ("edits", "storm"):
+            shutil.rmtree(root / extra, ignore_errors=True)
+    else:
+        out = args.out.resolve()
+        shutil.rmtree(out, ignore_errors=True)
+        root, home = out / "root", out / "home"
+        write_corpus(load_corpus(args.docs), root / "scifact")
+    d = DaemonProc(home, [root])
     t0 = time.monotonic()
     d.start(wait_idle=True, timeout=3600)
     initial_s = time.monotonic() - t0

@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
-    out: Path = args.out
+    out: Path = args.out.resolve()  # the XDG variables must be absolute
     shutil.rmtree(out, ignore_errors=True)
     docs = load_corpus(args.docs)
     write_corpus(docs, out / "corpus")
