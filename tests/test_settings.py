@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from repd.settings import ConfigError, effective_items, load_settings
+from repd.errors import ConfigError
+from repd.settings import effective_items, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -109,3 +110,49 @@ def test_cli_config_show_names_sources(tmp_path: Path) -> None:
     assert f"# config file: {cfg}" in out
     assert any(ln.startswith("model ") and f"# file {cfg}" in ln for ln in out.splitlines())
     assert any(ln.startswith("device ") and "# command line" in ln for ln in out.splitlines())
+
+
+QUICK_CASES = [
+    # (config file text or None, environment, --socket flag, quick resolver must answer)
+    (None, {}, None, True),
+    ('[api]\nsocket = "/srv/a.sock"\n', {}, None, True),
+    ('model = "x"\n[api]\ntcp_port = 9000\n', {}, None, True),
+    ('[api]\nsocket = "/srv/a.sock"\n', {"REPD_API__SOCKET": "/env/b.sock"}, None, True),
+    ('[api]\nsocket = "/srv/a.sock"\n', {"repd_api__socket": "/env/lower.sock"}, None, True),
+    ('[api]\nsocket = "/srv/a.sock"\n', {"REPD_API__SOCKET": "/env/b.sock"}, "/flag.sock", True),
+    (None, {"REPD_API": '{"socket": "/json/c.sock"}'}, None, False),
+    ("this is = = not toml", {}, None, False),
+    ('[api]\nsocket = 5\n', {}, None, False),
+    ('api = "flat"\n', {}, None, False),
+]
+
+
+@pytest.mark.parametrize(("text", "env", "flag", "answers"), QUICK_CASES)
+def test_quick_socket_agrees_with_full_loader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    text: str | None, env: dict[str, str], flag: str | None, answers: bool,
+) -> None:
+    """`repd query`/`status` find the daemon without pydantic; never a different socket."""
+    from repd.paths import quick_api_socket
+
+    cfg = tmp_path / "cfg" / "repd" / "config.toml"
+    if text is not None:
+        cfg.parent.mkdir(parents=True)
+        cfg.write_text(text)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    quick = quick_api_socket(None, flag)
+    assert (quick is not None) == answers
+    if quick is None:
+        return
+    overrides = {"api": {"socket": flag}} if flag else {}
+    assert quick == load_settings(None, overrides).settings.api.socket
+
+
+def test_quick_socket_defers_on_missing_explicit_config(tmp_path: Path) -> None:
+    from repd.paths import quick_api_socket
+
+    # The full loader owns the "config file not found" error for an explicit --config.
+    assert quick_api_socket(tmp_path / "missing.toml", None) is None
+    with pytest.raises(ConfigError):
+        load_settings(tmp_path / "missing.toml")

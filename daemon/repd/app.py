@@ -13,12 +13,13 @@ from repd.adapters.sdnotify import Notifier, WatchdogGate
 from repd.adapters.store import Store
 from repd.api.server import ApiServer
 from repd.engine import Engine
+from repd.errors import ConfigError
 from repd.log import get_logger
 from repd.pipeline.changes import ChangeQueue
 from repd.pipeline.watcher import Watcher
 from repd.pipeline.worker import IndexWorker
 from repd.service import DaemonService
-from repd.settings import ConfigError, LoadedSettings, Settings, load_settings
+from repd.settings import LoadedSettings, Settings, load_settings
 
 log = get_logger("daemon")
 

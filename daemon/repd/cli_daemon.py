@@ -14,10 +14,9 @@ EXIT_NO_DAEMON = 3
 
 def _client(args: argparse.Namespace) -> Any:
     from repd.api.client import ApiClient
-    from repd.cli import _load
+    from repd.cli import api_socket
 
-    loaded = _load(args)
-    return ApiClient(loaded.settings.api.socket)
+    return ApiClient(api_socket(args))
 
 
 def _call(args: argparse.Namespace, fn: str, *a: Any) -> tuple[int, Any]:

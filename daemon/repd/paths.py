@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 
 
@@ -40,3 +41,50 @@ def runtime_dir() -> Path:
 def default_config_file() -> Path:
     """The config file read when neither ``--config`` nor ``REPD_CONFIG`` names one."""
     return config_dir() / "config.toml"
+
+
+def resolve_config_file(explicit: Path | None) -> Path:
+    """``--config`` wins, then ``REPD_CONFIG``, then the XDG default."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get("REPD_CONFIG")
+    return Path(env) if env else default_config_file()
+
+
+def default_socket() -> Path:
+    """The API socket when nothing names one: ``$XDG_RUNTIME_DIR/repd/repd.sock``."""
+    return runtime_dir() / "repd.sock"
+
+
+def quick_api_socket(config: Path | None, socket_arg: str | None) -> Path | None:
+    """The API socket as ``load_settings`` resolves it, without importing pydantic.
+
+    Talking to a running daemon should cost a Python start-up and one request, not the
+    ~0.3 s that validating the whole settings tree takes. This reads only what names the
+    socket (flag, ``REPD_API__SOCKET``, the config file's ``[api] socket``) and returns
+    None whenever the answer needs the full loader (JSON in ``REPD_API``, a config file
+    that cannot be read or parsed, a value of the wrong type), so errors are still
+    reported by the one place that knows how.
+    """
+    if socket_arg:
+        return Path(socket_arg)
+    env = {k.upper(): v for k, v in os.environ.items() if k.upper().startswith("REPD_API")}
+    if "REPD_API" in env:
+        return None
+    if "REPD_API__SOCKET" in env:
+        return Path(env["REPD_API__SOCKET"]) if env["REPD_API__SOCKET"] else None
+    path = resolve_config_file(config)
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        return None if config is not None or "REPD_CONFIG" in os.environ else default_socket()
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    api = data.get("api", {})
+    if not isinstance(api, dict):
+        return None
+    value = api.get("socket")
+    if value is None:
+        return default_socket()
+    return Path(value) if isinstance(value, str) and value else None

@@ -16,16 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource
 
 from repd import paths
+from repd.errors import ConfigError
+from repd.paths import resolve_config_file
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-class ConfigError(Exception):
-    """Bad configuration; ``problems`` holds one human-readable line per problem."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems))
-        self.problems = problems
 
 
 class _Section(BaseModel):
@@ -46,7 +40,7 @@ class StoreSettings(_Section):
 class ApiSettings(_Section):
     """The local API the CLI and the dashboard talk to."""
 
-    socket: Path = Field(default_factory=lambda: paths.runtime_dir() / "repd.sock")
+    socket: Path = Field(default_factory=paths.default_socket)
     tcp_port: int | None = Field(default=None, ge=1, le=65535,
                                  description="also listen on 127.0.0.1:PORT (needs token)")
     token: SecretStr | None = Field(default=None, description="bearer token for TCP")
@@ -121,14 +115,6 @@ class LoadedSettings:
     config_file: Path
     config_file_exists: bool
     sources: dict[str, str] = field(default_factory=dict)
-
-
-def resolve_config_file(explicit: Path | None) -> Path:
-    """``--config`` wins, then ``REPD_CONFIG``, then the XDG default."""
-    if explicit is not None:
-        return explicit
-    env = os.environ.get("REPD_CONFIG")
-    return Path(env) if env else paths.default_config_file()
 
 
 def _read_toml(path: Path, explicit: bool) -> dict[str, Any]:

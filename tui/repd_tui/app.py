@@ -619,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from repd.api.client import ApiClient
-    from repd.settings import ConfigError, load_settings
+    from repd.errors import ConfigError
+    from repd.settings import load_settings
 
     overrides = {"api": {"socket": str(args.socket)}} if args.socket else {}
     try:
