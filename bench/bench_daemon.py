@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from tests.daemon_harness import DaemonProc, wait_for  # noqa: E402
 
-from bench.bench_engine import load_corpus, write_corpus  # noqa: E402
+from bench.bench_engine import DATA, load_corpus, write_corpus  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -115,7 +115,7 @@ def main() -> None:
                  ("save-to-searchable p95", f"{pct(lat, 0.95) * 1000:.0f} ms (target <= 1000)")]
         # query latency
         queries = [json.loads(x)["text"] for x in
-                   (HERE.parent.parent / "shared/data/scifact/queries.jsonl").open()][:200]
+                   (DATA / "queries.jsonl").open()][:200]
         wait_quiet(d.pid, min_s=65)
         api, server = [], []
         for q in queries:
