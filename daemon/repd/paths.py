@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
+
+from repd.errors import ConfigError
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -51,6 +54,26 @@ def resolve_config_file(explicit: Path | None) -> Path:
     return Path(env) if env else default_config_file()
 
 
+def read_config_file(explicit: Path | None) -> tuple[Path, dict[str, Any]]:
+    """The config file to read (see ``resolve_config_file``) and its TOML contents.
+
+    A missing file is empty settings unless a person named it (``--config`` or
+    ``REPD_CONFIG``); that, unreadable files and invalid TOML raise ConfigError.
+    """
+    path = resolve_config_file(explicit)
+    try:
+        with path.open("rb") as fh:
+            return path, tomllib.load(fh)
+    except FileNotFoundError:
+        if explicit is not None or "REPD_CONFIG" in os.environ:
+            raise ConfigError([f"{path}: config file not found"]) from None
+        return path, {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
+
+
 def default_socket() -> Path:
     """The API socket when nothing names one: ``$XDG_RUNTIME_DIR/repd/repd.sock``."""
     return runtime_dir() / "repd.sock"
@@ -73,13 +96,9 @@ def quick_api_socket(config: Path | None, socket_arg: str | None) -> Path | None
         return None
     if "REPD_API__SOCKET" in env:
         return Path(env["REPD_API__SOCKET"]) if env["REPD_API__SOCKET"] else None
-    path = resolve_config_file(config)
     try:
-        with path.open("rb") as fh:
-            data = tomllib.load(fh)
-    except FileNotFoundError:
-        return None if config is not None or "REPD_CONFIG" in os.environ else default_socket()
-    except (OSError, tomllib.TOMLDecodeError):
+        _, data = read_config_file(config)
+    except ConfigError:
         return None
     api = data.get("api", {})
     if not isinstance(api, dict):

@@ -6,7 +6,6 @@ Loaded once by the command that runs, then passed down; nothing else reads confi
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSetti
 
 from repd import paths
 from repd.errors import ConfigError
-from repd.paths import resolve_config_file
+from repd.paths import read_config_file
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -117,20 +116,6 @@ class LoadedSettings:
     sources: dict[str, str] = field(default_factory=dict)
 
 
-def _read_toml(path: Path, explicit: bool) -> dict[str, Any]:
-    try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError([f"{path}: config file not found"]) from None
-        return {}
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read config file: {exc.strerror}"]) from None
-
-
 def _env_values() -> dict[str, Any]:
     source = EnvSettingsSource(
         Settings, env_prefix="REPD_", env_nested_delimiter="__", case_sensitive=False
@@ -176,9 +161,7 @@ def load_settings(
     config: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> LoadedSettings:
     """Read file, environment and overrides; raise ConfigError listing every problem."""
-    path = resolve_config_file(config)
-    explicit = config is not None or "REPD_CONFIG" in os.environ
-    file_data = _read_toml(path, explicit)
+    path, file_data = read_config_file(config)
     env_data = _env_values()
     cli_data = dict(overrides or {})
     layers = [
