@@ -3,6 +3,8 @@
 * save-to-searchable: 50 single-file edits on an idle daemon, from the write to the new
   text showing up in a query (p50, p95);
 * query latency on the SciFact corpus: the API call, and the whole `repd query` command;
+* status and query latency through the socket while the daemon indexes at full speed,
+  against the same calls on the idle daemon in the same run;
 * storm: 5,000 changed files: time to converge and peak RSS;
 * idle: CPU use of the idle daemon watching ~10,000 files.
 
@@ -65,6 +67,51 @@ def plain_query_encode_ms(queries: list[str]) -> list[float]:
         out.append(time.perf_counter() - t)
     del model
     return out
+
+
+def api_latency(d: DaemonProc, queries: list[str], seconds: float) -> tuple[list[float], ...]:
+    """(status latencies, query latencies) in seconds, alternating calls for ``seconds``."""
+    status, query = [], []
+    t_end = time.monotonic() + seconds
+    i = 0
+    while time.monotonic() < t_end:
+        t = time.perf_counter()
+        d.client.status()
+        status.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        d.client.query(queries[i % len(queries)], k=10)
+        query.append(time.perf_counter() - t)
+        i += 1
+    return status, query
+
+
+def latency_under_load(d: DaemonProc, root: Path, queries: list[str],
+                       nonce: str) -> list[tuple[str, str]]:
+    """Status and query p50/p99 while 1,500 new files are indexed, against idle."""
+    idle_status, idle_query = api_latency(d, queries, 15)
+    load = root / "load"
+    load.mkdir()
+    for i in range(1500):
+        (load / f"doc{i}.md").write_text(
+            f"# Load {i} {nonce}\n\n" + " ".join(queries[i % len(queries)].split() * 6))
+    wait_for(lambda: d.status()["state"] in ("indexing", "scanning"), 60, "indexing to start")
+    busy_status, busy_query = [], []
+    while True:
+        st, qu = api_latency(d, queries, 2)
+        busy_status += st
+        busy_query += qu
+        s = d.status()
+        if s["state"] == "idle" and not s["queue"]["pending"] and not s["queue"]["scans"]:
+            break
+
+    def fmt(values: list[float]) -> str:
+        return f"{pct(values, 0.5) * 1000:.1f} / {pct(values, 0.99) * 1000:.1f} ms"
+
+    return [("status p50 / p99, idle", fmt(idle_status)),
+            ("status p50 / p99, while indexing 1,500 files",
+             f"{fmt(busy_status)} ({len(busy_status)} calls)"),
+            ("query p50 / p99, idle", fmt(idle_query)),
+            ("query p50 / p99, while indexing", fmt(busy_query))]
 
 
 def main() -> None:
@@ -135,6 +182,8 @@ def main() -> None:
                   f"{pct(api, 0.5) / pct(base, 0.5):.2f})"),
                  ("`repd query` whole command p50 / max",
                   f"{pct(cmd, 0.5) * 1000:.0f} / {max(cmd) * 1000:.0f} ms (target <= 500)")]
+        rows += latency_under_load(d, root, queries, nonce)
+        wait_quiet(d.pid)
         # storm: 5,000 new files (a branch switch), then every one rewritten (a formatter)
         storm = root / "storm"
         storm.mkdir()

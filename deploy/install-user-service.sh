@@ -14,6 +14,8 @@ readonly SANDBOX_END='# <<< sandbox'
 readonly SANDBOX_NOTE='# Commented out by the installer: no usable user namespaces here, or --no-sandbox.'
 # The mount-namespace lines of the sandbox block, test-run before installing.
 readonly PROBE_PROPS=(ProtectSystem=strict ProtectHome=read-only PrivateTmp=yes
+    PrivateMounts=yes PrivateUsers=yes PrivateNetwork=yes ProtectHostname=yes
+    ProtectProc=invisible ProcSubset=pid
     ProtectKernelTunables=yes ProtectKernelModules=yes ProtectKernelLogs=yes
     ProtectControlGroups=yes)
 

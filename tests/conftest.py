@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,3 +19,13 @@ def embedder() -> Any:
     from repd.adapters.embedder import Embedder
 
     return Embedder.load("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _remove_deep_trees(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Remove a ``deep_tree`` test's folders itself: pytest's own clean-up of old temp
+    folders recurses (shutil.rmtree) and dies with RecursionError on a 1,200-deep tree."""
+    yield
+    if request.node.get_closest_marker("deep_tree") and "tmp_path" in request.fixturenames:
+        tmp = request.getfixturevalue("tmp_path")
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)

@@ -55,7 +55,8 @@ def test_bad_files_are_recorded_and_good_ones_indexed(tmp_path: Path) -> None:
     assert reasons["huge.txt"] == "too_large" and reasons["blob.dat"] == "binary"
     assert "image.png" not in reasons
     assert all(it["detail"] for it in listing["items"])
-    assert ".env" not in reasons and "id_rsa" not in reasons  # secrets are never read
+    # Secrets are never read: skipped by name, listed with reason "secret".
+    assert reasons[".env"] == "secret" and reasons["id_rsa"] == "secret"
     text = run_cli(["files"], env).stdout
     assert "huge.txt" in text and "too_large" in text
     hits = json.loads(run_cli(["query", "glaciers grinding rock", "-k", "3", "--json"],
@@ -166,5 +167,5 @@ def test_ignore_rules_used_by_scan(tmp_path: Path) -> None:
     (root / "node_modules" / "x").mkdir(parents=True)
     rules = IgnoreRules(root)
     assert rules.is_ignored("node_modules", True)
-    assert rules.is_ignored(".env", False)
+    assert rules.is_ignored(".ssh", True)
     assert not rules.is_ignored("notes.md", False)

@@ -14,6 +14,7 @@ import pytest
 
 from repd.adapters.extract import extract_bytes, html_to_text, read_file
 from repd.core.types import Document, SkipFile
+from repd.errors import TransientError
 
 PROSE = "Glaciers carve valleys as they move, grinding rock beneath tons of ice."
 
@@ -148,11 +149,28 @@ def test_other_os_errors_are_unreadable_with_their_cause(
     path.write_text(PROSE)
 
     def broken(*args: Any, **kwargs: Any) -> int:
-        raise OSError(errno.EIO, "Input/output error")
+        raise OSError(errno.ENXIO, "No such device or address")
 
     monkeypatch.setattr(os, "open", broken)
     skip = skip_reason(read_file, path, 1000)
-    assert skip.reason == "unreadable" and "Input/output error" in skip.detail
+    assert skip.reason == "unreadable" and "No such device" in skip.detail
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_transient_os_errors_are_not_recorded_against_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # Out of descriptors or an I/O hiccup says nothing about the file: it must be
+    # retried later, never recorded as unreadable (which dropped its points).
+    path = tmp_path / "flaky.txt"
+    path.write_text(PROSE)
+
+    def broken(*args: Any, **kwargs: Any) -> int:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "open", broken)
+    with pytest.raises(TransientError, match=r"flaky\.txt"):
+        read_file(path, 1000)
 
 
 @pytest.mark.parametrize("name", ["with spaces.md", "new\nline.md", "ñandú ü 日本.md"])

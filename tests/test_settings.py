@@ -116,7 +116,7 @@ QUICK_CASES = [
     # (config file text or None, environment, --socket flag, quick resolver must answer)
     (None, {}, None, True),
     ('[api]\nsocket = "/srv/a.sock"\n', {}, None, True),
-    ('model = "x"\n[api]\ntcp_port = 9000\n', {}, None, True),
+    ('model = "x"\n[api]\ntcp_port = 9000\ntoken = "t0ken"\n', {}, None, True),
     ('[api]\nsocket = "/srv/a.sock"\n', {"REPD_API__SOCKET": "/env/b.sock"}, None, True),
     ('[api]\nsocket = "/srv/a.sock"\n', {"repd_api__socket": "/env/lower.sock"}, None, True),
     ('[api]\nsocket = "/srv/a.sock"\n', {"REPD_API__SOCKET": "/env/b.sock"}, "/flag.sock", True),

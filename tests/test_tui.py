@@ -37,6 +37,7 @@ class FakeClient:
         self.up = up
         self.paused = False
         self.refuse_actions = False
+        self.problem: str | None = None  # set: the daemon reports itself degraded
         self.calls: list[tuple[str, Any]] = []
         self.status_calls = 0
         self._lock = threading.Lock()
@@ -52,7 +53,7 @@ class FakeClient:
         data = {
             "version": "0.1.0",
             "api_version": 1,
-            "state": "paused" if self.paused else "indexing",
+            "state": "degraded" if self.problem else "paused" if self.paused else "indexing",
             "paused": self.paused,
             "model": {
                 "name": "sentence-transformers/all-MiniLM-L6-v2",
@@ -98,6 +99,7 @@ class FakeClient:
             "uptime_s": 3725.0,
             "last_scan_at": "2024-05-01T10:00:00Z",
             "last_error": None,
+            "problem": self.problem,
         }
         return StatusResponse.model_validate(data).model_dump(mode="json")
 
@@ -424,5 +426,24 @@ def test_screenshot_contains_the_key_labels(tmp_path: Path) -> None:
             "Files",
         ):
             assert label in svg, label
+
+    run(body)
+
+
+def test_a_degraded_daemon_is_shown_in_red_until_it_recovers() -> None:
+    fake = FakeClient()
+    fake.problem = "indexing is failing (OSError: [Errno 28] No space left on device); retrying"
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SIZE) as pilot:
+            banner = app.query_one("#banner", Static)
+            await until(pilot, lambda: banner.has_class("-visible"), "the red banner")
+            assert str(banner.content) == f"degraded: {fake.problem}"
+            status = app.query_one("#status", KeyValueGrid)
+            assert status.value("state") == "degraded"
+            fake.problem = None
+            await until(pilot, lambda: not banner.has_class("-visible"), "the banner to go")
+            assert status.value("state") == "indexing"
 
     run(body)

@@ -1,9 +1,19 @@
-"""Composition root of ``repd run``: builds the parts, starts them in order, tells systemd
-READY only when they are all up, and stops them in reverse on SIGTERM."""
+"""Composition root of ``repd run``: builds the parts, starts them in order, supervises them,
+tells systemd READY only when they are all up, and stops them in reverse on SIGTERM.
+
+Start order: the API first (so ``repd status`` answers ``starting`` while the model
+loads, and ``disk_full`` while there is no room to open the store), then the store and
+the model, recovery of interrupted writes, the watcher, the start-up scans, the worker.
+The main thread then supervises: it restarts a dead thread (the worker, the watcher,
+the API), applies SIGHUP reloads, and runs the periodic safety-net rescan.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,12 +22,14 @@ from typing import Any
 from repd.adapters.sdnotify import Notifier, WatchdogGate
 from repd.adapters.store import Store
 from repd.api.server import ApiServer
+from repd.core.secrets import SecretPolicy
 from repd.engine import Engine
 from repd.errors import ConfigError
-from repd.log import get_logger
+from repd.log import configure_logging, get_logger
 from repd.pipeline.changes import ChangeQueue
+from repd.pipeline.supervisor import Supervisor
 from repd.pipeline.watcher import Watcher
-from repd.pipeline.worker import IndexWorker
+from repd.pipeline.worker import IndexWorker, disk_full_message
 from repd.service import DaemonService
 from repd.settings import LoadedSettings, Settings, load_settings
 
@@ -26,6 +38,13 @@ log = get_logger("daemon")
 STOP_TIMEOUT_S = 15.0  # + watcher 5 s + API 5 s stays within TimeoutStopSec=30
 STATUS_EVERY_S = 5.0
 INDEX_CHECK_EVERY_S = 60.0
+# Chunks per embedding call in the daemon: about a second or two of CPU work, so a stop
+# request or a watchdog beat never waits long behind the model.
+DAEMON_EMBED_SLICE = 128
+
+# Settings a reload applies at once; every other changed key logs "needs restart".
+_LIVE_KEYS = ("roots", "include", "exclude", "max_file_bytes", "max_chunks_per_file",
+              "batch_tokens", "disk_reserve_mb", "watch", "log_level", "allow_secrets")
 
 
 class Daemon:
@@ -41,13 +60,21 @@ class Daemon:
         self.roots: list[Path] = list(roots or self.settings.roots)
         self.notifier = Notifier()
         self.gate = WatchdogGate(self.notifier, self.notifier.watchdog_interval())
+        self.supervisor = Supervisor(on_dead=lambda name, why: self.gate.fail(name))
         self.stopping = False
         self.ready = False
+        #: What start-up is doing, for status while not ready.
+        self.phase = "starting"
         self.started_at = time.monotonic()
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_index_check = 0.0
         self.watcher: Watcher | None = None
+        self.worker: IndexWorker | None = None
+        self.engine: Engine | None = None
+        self.api: ApiServer | None = None
+        self.queue = ChangeQueue.from_settings(self.settings.watch)
+        self.service = DaemonService(self)
 
     # -- start ---------------------------------------------------------------------------
 
@@ -60,40 +87,120 @@ class Daemon:
         for root in self.roots:
             if not root.is_dir():
                 raise ConfigError([f"roots: {root}: not a folder"])
-        self.notifier.status("loading model and index")
-        # The first load of a large model can outlast TimeoutStartSec; ask for more time.
-        self.notifier.extend_timeout(300 * 1_000_000)
-        self.engine = Engine(self.settings, writer=True)
-        self.indexer = self.engine.indexer()
-        self.engine.embedder()  # READY means the model is loaded, not merely configured
-        self.store: Store = self.engine.store
-        recovered = self.indexer.recover()
-        if recovered:
-            log.warning("recovered_after_crash", files=recovered)
-        w = self.settings.watch
-        self.queue = ChangeQueue(debounce_ms=w.debounce_ms, settle_ms=w.settle_ms,
-                                 max_pending=w.max_pending)
-        self.worker = IndexWorker(self.indexer, self.queue, self.engine.rules,
-                                  beat=lambda: self.gate.beat("indexer"),
-                                  on_idle=self._on_idle)
-        # Watch first, then scan: a change made during the scan is caught by one or the
-        # other, never by neither.
-        self.watcher = Watcher(self.roots, {r: self.engine.rules(r) for r in self.roots},
-                               self.queue, w)
-        self.watcher.start()
-        for root in self.roots:
-            self.queue.put_scan(root, "")
-        self.service = DaemonService(self)
+        threading.excepthook = self.supervisor.excepthook
         self.api = ApiServer(self.service, self.settings.api)
         self.api.start()
         self.api.wait_ready(10)
+        self.supervisor.add("api", self._api_alive, self._restart_api, ("repd-api",))
+        self._wait_for_disk_space()
+        if self._stop.is_set():
+            return
+        self.phase = "loading model and index"
+        self.notifier.status(self.phase)
+        # The first load of a large model can outlast TimeoutStartSec; ask for more time.
+        self.notifier.extend_timeout(300 * 1_000_000)
+        self.engine = Engine(self.settings, writer=True)
+        # Tell processes that find the data folder held where to ask (removed on close).
+        self.engine.announce(self.settings.api.socket)
+        indexer = self.engine.indexer()
+        self.engine.embedder()  # READY means the model is loaded, not merely configured
+        indexer.embed_slice = DAEMON_EMBED_SLICE
+        indexer.allow_roots(self.roots)  # with follow_symlinks, links may lead into these
+        indexer.max_chunks_per_file = self.settings.max_chunks_per_file
+        self.store: Store = self.engine.store
+        self.phase = "recovering interrupted writes"
+        recovered = indexer.recover()
+        if recovered:
+            log.warning("recovered_after_crash", files=recovered)
+        self.worker = IndexWorker(indexer, self.queue, self.engine.rules,
+                                  beat=lambda: self.gate.beat("indexer"),
+                                  on_idle=self._on_idle, data_dir=self.settings.store.path,
+                                  reserve_bytes=self.settings.disk_reserve_mb * 2**20)
+        # Watch first, then scan: a change made during the scan is caught by one or the
+        # other, never by neither.
+        self._start_watcher()
+        for root in self.roots:
+            self.queue.put_scan(root, "")
         self.gate.register("indexer")
         self.worker.start()
+        self.supervisor.add("indexer", self.worker.alive, self._restart_worker,
+                            ("repd-indexer",))
+        self.supervisor.add("watcher", self._watcher_alive, self._restart_watcher,
+                            ("repd-watch", "Thread-"))
         self.gate.start()
         self.ready = True
+        self.phase = "ready"
         self.notifier.ready(self._status_line())
         log.info("ready", roots=[str(r) for r in self.roots], socket=str(self.settings.api.socket),
-                 model=self.indexer.generation.model_name, device=self.engine._embedder.device)
+                 model=indexer.generation.model_name,
+                 device=getattr(self.engine.loaded_embedder, "device", None))
+
+    def _wait_for_disk_space(self) -> None:
+        # Opening Qdrant Edge with no room kills the process with SIGBUS (its files are
+        # memory-mapped): wait here, answering status, until space is back.
+        reserve = self.settings.disk_reserve_mb * 2**20
+        data_dir = self.settings.store.path
+        warned = False
+        while not self._stop.is_set():
+            try:
+                data_dir.mkdir(parents=True, exist_ok=True)
+                free = shutil.disk_usage(data_dir).free
+            except OSError:
+                return  # the engine reports an unusable data folder with its own message
+            if free >= reserve:
+                if warned:
+                    log.info("disk_space_back", free_bytes=free)
+                return
+            if self._reload.is_set():  # lowering disk_reserve_mb takes effect at once
+                self._reload.clear()
+                self.reload()
+                reserve = self.settings.disk_reserve_mb * 2**20
+                continue
+            self.phase = disk_full_message(data_dir, free, reserve)
+            if not warned:
+                log.error("disk_full", data_dir=str(data_dir), free_bytes=free,
+                          reserve_bytes=reserve)
+                self.notifier.status(self.phase)
+                warned = True
+            self._stop.wait(2.0)
+
+    # -- supervised parts ----------------------------------------------------------------
+
+    def _start_watcher(self) -> None:
+        assert self.engine is not None
+        self.watcher = Watcher(self.roots, {r: self.engine.rules(r) for r in self.roots},
+                               self.queue, self.settings.watch)
+        self.watcher.start()
+
+    def _watcher_alive(self) -> bool:
+        watcher = self.watcher
+        if watcher is None:
+            return True
+        health = getattr(watcher, "threads_alive", None)
+        return bool(health()) if callable(health) else True
+
+    def _restart_watcher(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop(5.0)
+        self._start_watcher()
+        for root in self.roots:  # events may have been lost while it was down
+            self.queue.put_scan(root, "")
+
+    def _restart_worker(self) -> None:
+        assert self.worker is not None
+        for root in self.roots:  # the crashed unit's work is found again by a scan
+            self.queue.put_scan(root, "")
+        self.worker.start()
+
+    def _api_alive(self) -> bool:
+        return self.api is None or self.api.alive()
+
+    def _restart_api(self) -> None:
+        if self.api is not None:
+            self.api.stop(2.0)
+        self.api = ApiServer(self.service, self.settings.api)
+        self.api.start()
+        self.api.wait_ready(10)
 
     # -- loop ----------------------------------------------------------------------------
 
@@ -110,6 +217,7 @@ class Daemon:
         next_status = 0.0
         next_rescan = time.monotonic() + (self.settings.watch.rescan_interval_s or 1e18)
         while not self._stop.wait(0.5):
+            self.supervisor.check()
             if self._reload.is_set():
                 self._reload.clear()
                 self.reload()
@@ -117,46 +225,42 @@ class Daemon:
             if now >= next_status:
                 self.notifier.status(self._status_line())
                 next_status = now + STATUS_EVERY_S
-            if self.settings.watch.rescan_interval_s and now >= next_rescan:
+            interval = self.settings.watch.rescan_interval_s
+            if interval and now >= next_rescan:
                 # Safety net: events can be lost (NFS, container mounts, overflows).
-                status = self.watcher.status() if self.watcher else {}
                 for root in self.roots:
-                    if (self.watcher is not None and root.is_dir()
-                            and status.get(root, "").startswith("error")):
-                        self.watcher.add_root(root, self.engine.rules(root))  # re-arm
                     self.queue.put_scan(root, "")
-                next_rescan = now + self.settings.watch.rescan_interval_s
+                next_rescan = now + interval
         self._shutdown()
         return 0
 
     def _status_line(self) -> str:
-        depth = self.queue.depth() if hasattr(self, "queue") else {}
+        if not self.ready or self.worker is None:
+            return self.phase
+        snap = self.worker.snapshot
+        if snap.problem:
+            return snap.problem
+        depth = self.queue.depth()
         pending = depth.get("paths", 0) + depth.get("scans", 0)
-        total = self.worker.counters.total if hasattr(self, "worker") else None
-        if pending or (hasattr(self, "worker") and self.worker.busy):
-            files_s = self.worker.counters.rates()[0]
-            return f"indexing: {pending} queued, {files_s:.1f} files/s"
-        indexed = total.indexed if total else 0
-        return f"idle: watching {len(self.roots)} root(s), {indexed} files indexed this run"
+        if pending or snap.busy:
+            return f"indexing: {pending} queued, {snap.rates[0]:.1f} files/s"
+        return (f"idle: watching {len(self.roots)} root(s), "
+                f"{snap.totals.indexed} files indexed this run")
 
     def _on_idle(self) -> None:
         now = time.monotonic()
-        if now - self._last_index_check < INDEX_CHECK_EVERY_S:
+        if now - self._last_index_check < INDEX_CHECK_EVERY_S or self.worker is None:
             return
         self._last_index_check = now
-        self.indexer.prune_vector_cache()
+        self.worker.indexer.prune_vector_cache()
         # Building HNSW may hold the GIL for a while: tell the watchdog it is expected.
         with self.gate.grace(600):
             self.store.maybe_build_index()
 
-    def store_info(self) -> dict[str, object]:
-        """Store facts for status (cheap; status itself is cached briefly)."""
-        return self.store.info()
-
     # -- reload --------------------------------------------------------------------------
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config; add and drop roots without a restart."""
+        """SIGHUP: re-read the config and apply every key that can change live."""
         self.notifier.reloading()
         try:
             loaded = load_settings(self._config, self._overrides)
@@ -164,23 +268,71 @@ class Daemon:
             log.error("reload_failed", error=str(exc))
             self.notifier.ready(self._status_line())
             return
-        new_roots = list(self._cli_roots or loaded.settings.roots)
-        added = [r for r in new_roots if r not in self.roots and r.is_dir()]
-        removed = [r for r in self.roots if r not in new_roots]
-        assert self.watcher is not None
-        for root in removed:
-            self.watcher.remove_root(root)
-            self.roots.remove(root)
-            self.worker.drop_root(root)
-        for root in added:
-            self.roots.append(root)
-            self.watcher.add_root(root, self.engine.rules(root))
-            self.queue.put_scan(root, "")
-        for key in ("model", "device", "store", "api"):
-            if getattr(loaded.settings, key) != getattr(self.settings, key):
+        old, new = self.settings, loaded.settings
+        changed = [k for k in type(new).model_fields if getattr(new, k) != getattr(old, k)]
+        for key in changed:
+            if key not in _LIVE_KEYS:
                 log.warning("reload_needs_restart", setting=key)
-        log.info("reloaded", added=[str(r) for r in added], removed=[str(r) for r in removed])
+        live = {k: getattr(new, k) for k in _LIVE_KEYS}
+        merged = old.model_copy(update=live)
+        self.settings = merged
+        self.loaded = loaded
+        if new.log_level != old.log_level:
+            configure_logging(old.log_format, new.log_level)
+        if self.ready and self.worker is not None:
+            self.worker.submit("apply_settings", lambda: self._apply_settings(old, merged))
+        log.info("reloaded", changed=changed)
         self.notifier.ready(self._status_line())
+
+    def _apply_settings(self, old: Settings, new: Settings) -> None:
+        """Runs on the worker thread, between two units of work."""
+        assert self.engine is not None and self.worker is not None
+        worker, indexer = self.worker, self.worker.indexer
+        indexer.planner.max_file_bytes = new.max_file_bytes
+        indexer.max_chunks_per_file = new.max_chunks_per_file
+        indexer.planner.secrets = SecretPolicy(tuple(new.allow_secrets))
+        worker.reserve_bytes = new.disk_reserve_mb * 2**20
+        embedder = self.engine.loaded_embedder
+        if embedder is not None and new.batch_tokens != old.batch_tokens:
+            embedder.set_token_budget(new.batch_tokens)
+        self.queue.retune(new.watch)
+        new_roots = list(self._cli_roots or new.roots)
+        removed = [r for r in self.roots if r not in new_roots]
+        added = [r for r in new_roots if r not in self.roots and r.is_dir()]
+        rules_changed = (new.include != old.include or new.exclude != old.exclude
+                         or new.watch.gitignore != old.watch.gitignore
+                         or new.watch.follow_symlinks != old.watch.follow_symlinks)
+        self.engine.update_settings(new)
+        indexer.follow_symlinks = new.watch.follow_symlinks
+        rewatch = (new.watch.force_polling != old.watch.force_polling
+                   or new.watch.follow_symlinks != old.watch.follow_symlinks)
+        for root in removed:
+            self.roots.remove(root)
+            if self.watcher is not None:
+                self.watcher.remove_root(root)
+            indexer.drop_root(root)
+        self.roots.extend(added)
+        indexer.allow_roots(self.roots)
+        if rewatch:
+            self._restart_watcher()
+        elif self.watcher is not None:
+            for root in self.roots:  # new rules for every root; added roots get watched
+                self.watcher.add_root(root, self.engine.rules(root))
+        # A scan applies new rules: files newly excluded are dropped from the index, newly
+        # included ones are indexed, new size limits are applied.
+        for root in (self.roots if rules_changed or rewatch else added):
+            self.queue.put_scan(root, "")
+        # Files skipped under a limit or a rule that changed are looked at again.
+        reasons = [r for r, changed in (
+            ("too_large", new.max_file_bytes != old.max_file_bytes),
+            ("too_many_chunks", new.max_chunks_per_file != old.max_chunks_per_file),
+            ("secret", new.allow_secrets != old.allow_secrets)) if changed]
+        if reasons:
+            for root in self.roots:
+                self.engine.manifest.forget_skipped(str(root), reasons)
+                self.queue.put_scan(root, "")
+        log.info("settings_applied", added=[str(r) for r in added],
+                 removed=[str(r) for r in removed], rules_changed=rules_changed)
 
     # -- stop ----------------------------------------------------------------------------
 
@@ -194,15 +346,20 @@ class Daemon:
         log.info("stopping")
         if self.watcher is not None:
             self.watcher.stop(5.0)
-        if hasattr(self, "queue"):
-            self.queue.close()
-        if hasattr(self, "worker") and not self.worker.stop(STOP_TIMEOUT_S):
-            # The current write group is bracketed by intents: even an abrupt exit now
-            # is recovered exactly on the next start.
-            log.warning("worker_did_not_stop_in_time")
+        self.queue.close()
+        abandoned = self.worker is not None and not self.worker.stop(STOP_TIMEOUT_S)
         self.gate.stop()
-        if hasattr(self, "api"):
+        if self.api is not None:
             self.api.stop(5.0)
-        if hasattr(self, "engine"):
+        if abandoned:
+            # The worker is inside a call that cannot be interrupted (the model, an index
+            # build). Exiting without closing the store is safe (the write in flight is
+            # bracketed by intents, recovered at the next start); letting the interpreter
+            # tear down under a running native thread is not (SIGABRT, a core dump).
+            log.warning("worker_did_not_stop_in_time; exiting without closing the store")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        if self.engine is not None:
             self.engine.close()
         log.info("stopped")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from repd import __version__
+from repd.textsafe import printable
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -75,12 +76,10 @@ def cmd_index(args: argparse.Namespace) -> int:
         if recovered:
             print(f"repd: finished {recovered} interrupted write(s) from an earlier run",
                   file=sys.stderr)
+        indexer.allow_roots(roots)
         progress = Progress(enabled=sys.stderr.isatty() and not args.json)
         for root in roots:
-            progress.start(str(root))
-            stats = indexer.reconcile(root, engine.rules(root), progress=progress.update)
-            progress.finish()
-            total.add(stats)
+            total.add(_index_root(engine, indexer, root, progress))
         indexer.prune_vector_cache()
         embedder = engine._embedder
         device = embedder.device if embedder is not None else None
@@ -93,10 +92,42 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+INDEX_RETRIES = 4
+
+
+def _index_root(engine: Any, indexer: Any, root: Path, progress: Any) -> Any:
+    """Reconcile one root, retrying with backoff on transient failures (no descriptors,
+    a full disk, an I/O hiccup): each try resumes where the last committed group ended."""
+    import time
+
+    from repd.errors import TransientError, is_transient
+
+    for attempt in range(INDEX_RETRIES):
+        progress.start(str(root))
+        try:
+            stats = indexer.reconcile(root, engine.rules(root), progress=progress.update)
+        except Exception as exc:
+            progress.finish()
+            if not is_transient(exc):
+                raise
+            if attempt == INDEX_RETRIES - 1:
+                raise TransientError(f"{root}: gave up after {INDEX_RETRIES} tries: "
+                                     f"{type(exc).__name__}: {exc}") from None
+            delay = 2.0 ** attempt
+            print(f"repd: {type(exc).__name__}: {exc}; retrying in {delay:.0f} s",
+                  file=sys.stderr)
+            indexer.recover()
+            time.sleep(delay)
+            continue
+        progress.finish()
+        return stats
+    raise AssertionError("unreachable")
+
+
 # -- query -------------------------------------------------------------------------------
 
 def cmd_query(args: argparse.Namespace) -> int:
-    """Search the index; through the daemon when one runs, else by opening the store."""
+    """Search the index: through the daemon when one runs, else by opening the store."""
     text = " ".join(args.text).strip()
     if not text:
         print("repd: query text is empty", file=sys.stderr)
@@ -104,9 +135,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not 1 <= args.k <= 100:
         print("repd: -k must be between 1 and 100", file=sys.stderr)
         return 2
-    result = None if args.local else _query_daemon(text, args)
+    result = None if args.local else _query_daemon(text, args, api_socket(args))
     if result is None:
-        result = _query_local(_load(args).settings, text, args)
+        result = _query_without_api(_load(args).settings, text, args)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
@@ -116,7 +147,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         return 0
     for h in hits:
         where = f"{_display_path(h['root'], h['path'])}:{h['start_line']}"
-        print(f"{h['rank']:>3}  {h['score']:.3f}  {where}  {h['snippet']}")
+        # Names and text are anyone's data: no raw control characters to the terminal.
+        print(f"{h['rank']:>3}  {h['score']:.3f}  {printable(where)}  {printable(h['snippet'])}")
     return 0
 
 
@@ -128,13 +160,16 @@ def api_socket(args: argparse.Namespace) -> Path:
     return sock if sock is not None else Path(_load(args).settings.api.socket)
 
 
-def _query_daemon(text: str, args: argparse.Namespace) -> dict[str, Any] | None:
-    # A running daemon has the model loaded: the query costs one request. This path
-    # imports neither pydantic nor structlog, so the whole command stays near 0.1 s.
+def _query_daemon(text: str, args: argparse.Namespace, socket: Path) -> dict[str, Any] | None:
+    """Ask the daemon on ``socket``; None when nothing listens there (other errors raise).
+
+    A running daemon has the model loaded: the query costs one request. This path
+    imports neither pydantic nor structlog, so the whole command stays near 0.1 s.
+    """
     from repd.api.client import ApiClient, DaemonNotRunning
 
     try:
-        client = ApiClient(api_socket(args))
+        client = ApiClient(socket, timeout=args.timeout)
         root = os.path.abspath(args.root) if args.root else None
         res: dict[str, Any] = client.query(text, k=args.k, path=args.path, root=root,
                                            files=args.files)
@@ -143,16 +178,57 @@ def _query_daemon(text: str, args: argparse.Namespace) -> dict[str, Any] | None:
         return None
 
 
+def _query_without_api(settings: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    """No daemon on the socket we know: open the index here, unless a writer holds it.
+
+    The data folder is the authority on who writes the index: a daemon whose socket is
+    elsewhere (``--socket`` or ``XDG_RUNTIME_DIR`` differ in this shell) recorded it
+    there, and is asked instead; the store itself is never opened twice.
+    """
+    from repd.adapters.datalock import IndexBusy
+    from repd.errors import DaemonUnavailable, TransientError
+
+    try:
+        return _query_local(settings, text, args)
+    except IndexBusy as busy:
+        if args.local or not busy.by_daemon:
+            raise
+        if busy.daemon is not None:
+            result = _query_daemon(text, args, Path(busy.daemon.socket))
+            if result is not None:
+                return result
+            raise DaemonUnavailable(
+                f"the index in {busy.data_dir} belongs to {busy.holder.daemon_name()}, "
+                f"but nothing answers on the socket it recorded ({busy.daemon.socket})"
+            ) from None
+        raise TransientError(
+            f"the index in {busy.data_dir} belongs to {busy.holder.daemon_name()}, "
+            "which is still starting (its API is not up yet); query again in a moment"
+        ) from None
+
+
 def _query_local(settings: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    from repd.adapters.store import StoreError
     from repd.engine import Engine
+    from repd.errors import EngineError
     from repd.pipeline.search import search
 
     engine = Engine(settings, writer=False)
     try:
+        if engine.generation is None:
+            raise EngineError("nothing is indexed yet: run `repd index PATH` first")
+        # Before the model loads (seconds): a busy index is reported at once.
+        engine.check_no_writer()
+        # Embed first, then open the store: the store (and its lock, which a starting
+        # daemon waits for) is held only for the search itself.
+        vector = engine.embed_query(text)
         root = str(Path(os.path.abspath(args.root))) if args.root else None
-        hits, took = search(engine.store, engine.embed_query, text, args.k, args.path, root,
-                            per_file=args.files)
-        gen = engine.generation.id if engine.generation else None
+        try:
+            hits, took = search(engine.store, lambda _text: vector, text, args.k, args.path,
+                                root, per_file=args.files)
+        except StoreError as exc:
+            raise EngineError(str(exc)) from None
+        gen = engine.generation.id
     finally:
         engine.close()
     return {"hits": [h.as_dict() for h in hits], "took_ms": round(took, 2), "generation": gen}
@@ -162,14 +238,21 @@ def _query_local(settings: Any, text: str, args: argparse.Namespace) -> dict[str
 
 def cmd_files(args: argparse.Namespace) -> int:
     """List skipped and failed files with their reasons (read from the manifest)."""
-    from repd.adapters.manifest import Manifest
+    from repd.adapters.manifest import Manifest, ManifestDamaged, ManifestError
+    from repd.errors import EngineError
 
     loaded = _load(args)
     path = loaded.settings.store.path / "manifest.sqlite"
     if not path.exists():
         print("repd: nothing is indexed yet", file=sys.stderr)
         return 1
-    manifest = Manifest(path)
+    try:
+        # Read-only: SQLite lets this run beside a writing daemon, and it creates nothing.
+        manifest = Manifest.open_readonly(path)
+    except ManifestDamaged as exc:
+        raise EngineError(f"{exc}; the next `repd index` or `repd run` rebuilds it") from None
+    except ManifestError as exc:
+        raise EngineError(str(exc)) from None
     try:
         rows, total = manifest.file_issues(args.state, args.limit, 0)
     finally:
@@ -182,7 +265,8 @@ def cmd_files(args: argparse.Namespace) -> int:
         return 0
     for it in items:
         where = _display_path(it["root"], it["path"])
-        print(f"{it['state']:<8} {it['reason'] or '':<13} {where!r}  {it['detail'] or ''}")
+        print(f"{it['state']:<8} {it['reason'] or '':<13} {where!r}  "  # repr: escaped
+              f"{printable(it['detail'] or '')}")
     print(f"{total} file(s)" + (f", first {len(items)} shown" if total > len(items) else ""))
     return 0
 
@@ -239,7 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one hit per file: the best chunk of each of the top files")
     q.add_argument("--json", action="store_true", help="print results as JSON")
     q.add_argument("--local", action="store_true",
-                   help="open the index directly even if a daemon runs")
+                   help="do not ask a daemon: load the model and open the index in this "
+                   "process (refused while a daemon or `repd index` is writing the index, "
+                   "which cannot be opened twice)")
+    q.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the daemon's answer (default 30)")
     q.set_defaults(func=cmd_query)
 
     fl = sub.add_parser("files", parents=[common], help="skipped and failed files, with reasons")
@@ -258,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     from repd.cli_daemon import add_daemon_commands
 
     add_daemon_commands(sub, common)
+    from repd.cli_eval import add_eval_command
+
+    add_eval_command(sub, common)
     return p
 
 
@@ -269,17 +360,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    from repd.errors import ConfigError, EngineError
+    from repd.errors import ConfigError, RepdError
 
     try:
         return func(args)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"repd: config error: {problem}", file=sys.stderr)
-        return 2
-    except EngineError as exc:
-        print(f"repd: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
+    except RepdError as exc:
+        # Every problem a person can act on: one line, its exit code, no traceback.
+        from repd.api.client import DaemonNotRunning
+
+        hint = "; start one with `repd run`" if isinstance(exc, DaemonNotRunning) else ""
+        print(f"repd: {_one_line(exc)}{hint}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("repd: interrupted", file=sys.stderr)
         return 130
@@ -289,6 +384,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
 
 
 if __name__ == "__main__":

@@ -9,27 +9,23 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_NO_DAEMON = 3
+from repd.errors import EXIT_DEGRADED, EXIT_NO_DAEMON
+
+#: Seconds ``repd status`` and the actions wait for the daemon's answer.
+DEFAULT_TIMEOUT_S = 10.0
 
 
 def _client(args: argparse.Namespace) -> Any:
     from repd.api.client import ApiClient
     from repd.cli import api_socket
 
-    return ApiClient(api_socket(args))
+    return ApiClient(api_socket(args), timeout=getattr(args, "timeout", DEFAULT_TIMEOUT_S))
 
 
-def _call(args: argparse.Namespace, fn: str, *a: Any) -> tuple[int, Any]:
-    from repd.api.client import ApiRequestError, DaemonNotRunning
-
-    try:
-        return 0, getattr(_client(args), fn)(*a)
-    except DaemonNotRunning as exc:
-        print(f"repd: no daemon answers ({exc}); start one with `repd run`", file=sys.stderr)
-        return EXIT_NO_DAEMON, None
-    except ApiRequestError as exc:
-        print(f"repd: {exc}", file=sys.stderr)
-        return 1, None
+def _call(args: argparse.Namespace, fn: str, *a: Any) -> Any:
+    # The client's errors are RepdErrors (no daemon: 3, no answer in time: 75, a refused
+    # request: 2 or 1); `repd.cli.main` prints them as one line with that exit code.
+    return getattr(_client(args), fn)(*a)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -44,17 +40,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Show the daemon's status."""
-    code, st = _call(args, "status")
-    if code:
-        return code
+    """Show the daemon's status; exits 3 when none answers and 4 when it is degraded."""
+    from repd.api.client import DaemonNotRunning
+
+    try:
+        st = _call(args, "status")
+    except DaemonNotRunning as exc:
+        if not args.json:
+            raise
+        # Scripts and monitors read one shape whatever happens.
+        print(json.dumps({"state": "down", "error": str(exc)}, indent=2))
+        return EXIT_NO_DAEMON
     if args.json:
         print(json.dumps(st, indent=2))
-        return 0
-    from repd.cli_status import render_status
+    else:
+        from repd.cli_status import render_status
 
-    print(render_status(st))
-    return 0
+        print(render_status(st))
+    # Both say the index is not keeping up and will not by itself until someone acts.
+    return EXIT_DEGRADED if st.get("state") in ("degraded", "disk_full") else 0
 
 
 def _action(name: str) -> Any:
@@ -62,9 +66,7 @@ def _action(name: str) -> Any:
         extra = [getattr(args, "path", None)] if name == "reindex" else []
         if extra and extra[0] is not None:
             extra = [os.path.abspath(extra[0])]
-        code, res = _call(args, name, *extra)
-        if code:
-            return code
+        res = _call(args, name, *extra)
         print(res.get("message", "ok"))
         return 0
     return run
@@ -119,15 +121,20 @@ def add_daemon_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     run.add_argument("paths", nargs="*", help="folders to watch (default: roots in the config)")
     run.set_defaults(func=cmd_run)
 
-    st = sub.add_parser("status", parents=[common], help="the running daemon's status")
+    timeout = argparse.ArgumentParser(add_help=False)
+    timeout.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                         help=f"seconds to wait for the daemon's answer (default "
+                         f"{DEFAULT_TIMEOUT_S:g})")
+    st = sub.add_parser("status", parents=[common, timeout], help="the running daemon's status "
+                        "(exit 3: no daemon answers, 4: it is degraded)")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
 
     for name, text in (("pause", "stop indexing (changes keep queueing)"),
                        ("resume", "resume indexing")):
-        p = sub.add_parser(name, parents=[common], help=text)
+        p = sub.add_parser(name, parents=[common, timeout], help=text)
         p.set_defaults(func=_action(name))
-    ri = sub.add_parser("reindex", parents=[common],
+    ri = sub.add_parser("reindex", parents=[common, timeout],
                         help="re-read a file or folder (or everything), even if unchanged")
     ri.add_argument("path", nargs="?")
     ri.set_defaults(func=_action("reindex"))

@@ -20,8 +20,8 @@ class Progress:
         self._label = label
         self._t0 = time.perf_counter()
 
-    def update(self, done: int, total: int, stats: Any) -> None:
-        """Redraw the line."""
+    def update(self, done: float, total: int, stats: Any) -> None:
+        """Redraw the line; ``done`` may be fractional while a long group embeds."""
         if not self.enabled or total == 0:
             return
         width = 24
@@ -31,7 +31,7 @@ class Progress:
         eta = (total - done) / rate if rate > 0 else 0.0
         bar = "#" * filled + "." * (width - filled)
         sys.stderr.write(
-            f"\r[{bar}] {done}/{total} files  {stats.chunks_embedded} embedded  "
+            f"\r[{bar}] {int(done)}/{total} files  {stats.chunks_embedded} embedded  "
             f"{stats.chunks_reused} reused  {rate:.1f} files/s  eta {eta:.0f}s ")
         sys.stderr.flush()
 

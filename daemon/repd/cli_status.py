@@ -4,19 +4,27 @@ from __future__ import annotations
 
 from typing import Any
 
+from repd.textsafe import printable
+
 
 def _num(n: float) -> str:
     return f"{n:,.0f}" if n >= 100 else f"{n:.1f}" if isinstance(n, float) else str(n)
 
 
 def render_status(st: dict[str, Any]) -> str:
-    """The ``repd status`` text."""
+    """The ``repd status`` text (control characters in names and messages made visible)."""
+    return "\n".join(printable(line) for line in _lines(st))
+
+
+def _lines(st: dict[str, Any]) -> list[str]:
     m, q, t, r, s = st["model"], st["queue"], st["totals"], st["rates"], st["store"]
     gen = st.get("generation") or {}
     eta = st.get("eta_s")
     lines = [
-        f"repd {st['version']}  state: {st['state']}{'  (paused)' if st['paused'] else ''}"
+        f"repd {st['version']}  state: {st['state']}"
+        f"{'  (paused)' if st['paused'] and st['state'] != 'paused' else ''}"
         f"  up {st['uptime_s']:.0f}s",
+        *([f"PROBLEM    {st['problem']}"] if st.get("problem") else []),
         f"model      {m['name']}  dim {m.get('dim')}  on {m.get('device')}",
         f"generation {gen.get('id', '-')} ({gen.get('state', '-')}), {s['points']} points, "
         f"HNSW {'built' if s['index_built'] else 'not built (brute force)'}",
@@ -32,6 +40,10 @@ def render_status(st: dict[str, Any]) -> str:
     for root in st["roots"]:
         lines.append(f"{root['path']:<50} {root['watch']:<9} {root['files']:>7} "
                      f"{root['chunks']:>7} {root['skipped']:>5} {root['failed']:>5}")
+    broken = [c for c in st.get("components", []) if c["state"] != "ok" or c["restarts"]]
+    for c in broken:
+        lines.append(f"component  {c['name']}: {c['state']}, {c['restarts']} restart(s)"
+                     + (f", last error: {c['last_error']}" if c.get("last_error") else ""))
     if st.get("last_error"):
-        lines.append(f"\nlast error: {st['last_error']}")
-    return "\n".join(lines)
+        lines += ["", f"last error: {st['last_error']}"]
+    return lines

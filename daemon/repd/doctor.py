@@ -6,8 +6,12 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from repd.settings import Settings
+
+if TYPE_CHECKING:
+    from repd.adapters.datalock import IndexBusy
 
 
 @dataclass(frozen=True)
@@ -99,18 +103,29 @@ def check_model(settings: Settings) -> Check:
 
 
 def check_daemon_and_store(settings: Settings) -> list[Check]:
-    """Is a daemon answering? If not, can the store be opened?"""
-    from repd.api.client import ApiClient, DaemonNotRunning
+    """Is a daemon answering? If not, can the store be opened?
+
+    The store is opened only when no process writes it: a daemon or ``repd index``
+    holding the data folder is reported (and a daemon asked through the socket it
+    recorded there), never opened a second time, which would damage its shard.
+    """
+    from repd.adapters.datalock import IndexBusy, busy_by_writer
+    from repd.api.client import ApiClient, ApiClientError, DaemonNotRunning
 
     sock = settings.api.socket
     try:
-        st = ApiClient(sock, timeout=2.0).status()
+        st = ApiClient(sock, timeout=5.0).status()
         mode = oct(sock.stat().st_mode & 0o777)
         return [Check("socket", "ok", f"daemon answers on {sock} (mode {mode})"),
-                Check("store", "ok", f"{st['store']['points']} points, generation "
-                      f"{(st.get('generation') or {}).get('id')}")]
+                _store_from_status(st)]
     except DaemonNotRunning:
         out = [Check("socket", "warn", f"no daemon answers on {sock}")]
+    except ApiClientError as exc:
+        out = [Check("socket", "fail", str(exc))]
+    data_dir = settings.store.path
+    busy = busy_by_writer(data_dir) if data_dir.is_dir() else None
+    if busy is not None:
+        return out + _writer_checks(busy)
     from repd.engine import Engine
 
     try:
@@ -123,9 +138,54 @@ def check_daemon_and_store(settings: Settings) -> list[Check]:
                                  f"{eng.generation.id} ({eng.generation.model_name})"))
         finally:
             eng.close()
+    except IndexBusy as exc:  # a writer started since the probe above
+        out.extend(_writer_checks(exc))
     except Exception as exc:
-        out.append(Check("store", "fail", str(exc)))
+        out.append(Check("store", "fail", " ".join(str(exc).split())))
     return out
+
+
+def _store_from_status(st: dict[str, object]) -> Check:
+    store = st.get("store")
+    gen = st.get("generation")
+    points = store.get("points") if isinstance(store, dict) else None
+    gen_id = gen.get("id") if isinstance(gen, dict) else None
+    return Check("store", "ok", f"{points} points, generation {gen_id} (from the daemon)")
+
+
+def _writer_checks(busy: IndexBusy) -> list[Check]:
+    from repd.api.client import ApiClient, ApiClientError
+
+    holder = busy.holder.describe()
+    if busy.daemon is None:
+        return [Check("store", "warn", f"being written by {holder}; not opened (it cannot be "
+                      "opened twice)")]
+    try:
+        st = ApiClient(busy.daemon.socket, timeout=5.0).status()
+    except ApiClientError as exc:
+        return [Check("daemon", "fail", f"{holder} holds the index but does not answer on "
+                      f"the socket it recorded, {busy.daemon.socket}: {exc}")]
+    return [Check("daemon", "warn", f"{holder} answers on {busy.daemon.socket}, not on the "
+                  "socket this shell's settings name (another XDG_RUNTIME_DIR or --socket?)"),
+            _store_from_status(st)]
+
+
+def check_permissions(settings: Settings) -> Check:
+    """Is the data folder private? It holds the text of every indexed file."""
+    from repd.adapters.datalock import loose_entries
+
+    data_dir = settings.store.path
+    if not data_dir.exists():
+        return Check("permissions", "ok", f"{data_dir} does not exist yet (created 0700)")
+    loose = loose_entries(data_dir)
+    if not loose:
+        return Check("permissions", "ok", f"{data_dir} and everything in it: owner only")
+    first = loose[0]
+    mode = oct(first.lstat().st_mode & 0o777) if first.exists() else "?"
+    return Check("permissions", "warn",
+                 f"{len(loose)} entries in {data_dir} are open to group or others (e.g. "
+                 f"{first}, mode {mode}); run `chmod -R go-rwx {data_dir}` (repd run and "
+                 "repd index also tighten it when they start)")
 
 
 def run_checks(settings: Settings, load_model: bool = True) -> list[Check]:
@@ -134,4 +194,5 @@ def run_checks(settings: Settings, load_model: bool = True) -> list[Check]:
     if load_model:
         checks.append(check_model(settings))
     checks.extend(check_daemon_and_store(settings))
+    checks.append(check_permissions(settings))
     return checks

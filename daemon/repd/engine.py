@@ -6,57 +6,188 @@ daemon's composition root alike, so both see the index the same way.
 
 from __future__ import annotations
 
-import fcntl
 import os
+import shutil
+import time
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from repd import paths
-from repd.adapters.manifest import Generation, Manifest
+from repd.adapters.datalock import (
+    DataLock,
+    announce_daemon,
+    busy_by_writer,
+    enter_private_umask,
+    leave_private_umask,
+    retract_daemon,
+    tighten,
+)
+from repd.adapters.manifest import (
+    Generation,
+    Manifest,
+    ManifestDamaged,
+    ManifestError,
+    ManifestUnwritable,
+    move_aside,
+    recorded_generations,
+    salvage_generations,
+)
 from repd.adapters.store import Store, StoreError
 from repd.core.ignore import IgnoreRules
-from repd.errors import EngineError
+from repd.core.secrets import SecretPolicy
+from repd.errors import ConfigError, EngineError
 from repd.log import get_logger
 from repd.pipeline.indexer import Indexer
 from repd.settings import Settings
 
 log = get_logger("engine")
 
+MANIFEST = "manifest.sqlite"
+
 
 class Engine:
-    """The index as one process sees it: manifest, active generation, store, model."""
+    """The index as one process sees it: manifest, active generation, store, model.
+
+    A *writer* (``repd run``, ``repd index``) owns the data folder: it takes the
+    exclusive data-folder lock before anything else, makes the folder private, and opens
+    the manifest for writing, rebuilding it if it is damaged. A *reader* (``repd query``
+    without a daemon, ``repd doctor``) creates nothing: it opens an existing manifest
+    read-only and takes the shared lock only when it opens the store; if a writer holds
+    the folder it raises ``IndexBusy`` and never touches the store (see
+    ``repd.adapters.datalock`` for why Qdrant Edge needs this).
+    """
 
     def __init__(self, settings: Settings, *, writer: bool, embedder: Any = None) -> None:
         self.settings = settings
         self.data_dir = settings.store.path
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file: IO[str] | None = None
-        if writer:
-            self._take_writer_lock()
-        self.manifest = Manifest(self.data_dir / "manifest.sqlite")
-        self.generation: Generation | None = self.manifest.active_generation()
+        self.writer = writer
+        self._lock: DataLock | None = None
+        self._manifest: Manifest | None = None
         self._store: Store | None = None
+        self.generation: Generation | None = None
         # Tests (and the daemon on reload) may hand in an already loaded model.
         self._embedder: Any = embedder
         self._rules: dict[Path, IgnoreRules] = {}
-
-    def _take_writer_lock(self) -> None:
-        # Only one writer (a daemon or a `repd index`) may own the manifest at a time.
-        fh = (self.data_dir / "writer.lock").open("a+")
+        self._announced = False
+        # Everything this process creates from here on (manifest, shard files, locks) is
+        # private to its owner: the index holds the text of a person's files.
+        enter_private_umask()
+        self._private = True
         try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            owner = fh.read().strip() or "another process"
-            fh.close()
-            raise EngineError(
-                f"the index in {self.data_dir} is being written by {owner}; "
-                "stop it first, or use the running daemon (repd status)") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        self._lock_file = fh
+            if writer:
+                self._own_data_dir()
+                self._manifest = self._open_manifest_for_writing()
+            else:
+                self._manifest = self._open_manifest_for_reading()
+            self.generation = (self._manifest.active_generation()
+                               if self._manifest is not None else None)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def manifest(self) -> Manifest:
+        """The manifest (a reader on a data folder with no index has none)."""
+        if self._manifest is None:
+            raise EngineError("nothing is indexed yet: run `repd index PATH` first")
+        return self._manifest
+
+    # -- the data folder ----------------------------------------------------------------
+
+    def _own_data_dir(self) -> None:
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise _unwritable(self.data_dir, exc.strerror or str(exc)) from None
+        if not os.access(self.data_dir, os.W_OK | os.X_OK):
+            raise _unwritable(self.data_dir, "permission denied or read-only")
+        self._lock = DataLock.writer(self.data_dir)
+        changed = tighten(self.data_dir)
+        if changed:
+            log.warning("data_folder_tightened", folder=str(self.data_dir), entries=changed,
+                        message="removed group/other access from the data folder: the "
+                        "index holds the text of the indexed files")
+
+    def _open_manifest_for_writing(self) -> Manifest:
+        path = self.data_dir / MANIFEST
+        try:
+            manifest = Manifest(path)
+        except ManifestUnwritable as exc:
+            raise _unwritable(self.data_dir, str(exc)) from None
+        except ManifestError as exc:
+            return self._replace_damaged_manifest(path, str(exc))
+        problem = manifest.check()
+        if problem is None:
+            return manifest
+        manifest.close()
+        return self._replace_damaged_manifest(path, f"{path} is damaged ({problem})")
+
+    def _open_manifest_for_reading(self) -> Manifest | None:
+        path = self.data_dir / MANIFEST
+        if not path.exists():
+            return None  # nothing indexed: and a query must not create anything
+        try:
+            return Manifest.open_readonly(path)
+        except ManifestDamaged as exc:
+            raise EngineError(f"{exc}; the next `repd index` or `repd run` rebuilds it") from None
+        except ManifestError as exc:
+            raise EngineError(str(exc)) from None
+
+    def _replace_damaged_manifest(self, path: Path, problem: str) -> Manifest:
+        """Move a damaged manifest aside and rebuild it from the store, or start afresh."""
+        aside = move_aside(path)
+        log.warning("manifest_damaged", problem=problem, moved_to=str(aside))
+        manifest = Manifest(path)
+        gen = self._generation_to_rebuild(aside)
+        store: Store | None = None
+        if gen is not None:
+            try:
+                store = self._open_store(gen)
+            except EngineError as exc:
+                log.warning("manifest_rebuild_store_unusable", error=str(exc))
+        if gen is None or store is None:
+            self._set_shards_aside()
+            log.warning("manifest_rebuilt", source="scratch", moved_to=str(aside),
+                        message=f"the manifest was damaged and is rebuilt from scratch: "
+                        f"every file is indexed again (the damaged file is kept as {aside})")
+            return manifest
+        from repd.adapters.manifest_rebuild import rebuild_from_store
+
+        t0 = time.perf_counter()
+        try:
+            stats = rebuild_from_store(manifest, store, gen)
+        except (StoreError, ManifestError) as exc:
+            store.close()
+            raise EngineError(f"could not rebuild the damaged manifest from the index: {exc}; "
+                              f"move {self.data_dir} aside and index again") from None
+        self._store = store
+        log.warning("manifest_rebuilt", source="store", generation=gen.id, files=stats.files,
+                    chunks=stats.chunks, dropped_files=stats.dropped_files,
+                    seconds=round(time.perf_counter() - t0, 2), moved_to=str(aside),
+                    message=f"the manifest was damaged and is rebuilt from the index: "
+                    f"{stats.files} files, {stats.chunks} chunks; the next scan confirms them "
+                    f"without embedding (the damaged file is kept as {aside})")
+        return manifest
+
+    def _generation_to_rebuild(self, aside: Path) -> Generation | None:
+        # The damaged file may still yield its generations; else the records kept
+        # beside it. Only the active generation is rebuilt: a half-built one restarts.
+        for gens in (salvage_generations(aside), recorded_generations(self.data_dir)):
+            active = [g for g in gens if g.state == "active"]
+            if active:
+                return active[-1]
+        return None
+
+    def _set_shards_aside(self) -> None:
+        # Shards of an unknown model cannot be reused; keep them out of the way (a fresh
+        # generation would otherwise reopen gen-1 with whatever it holds).
+        shards = self.data_dir / "shards"
+        if self.settings.store.kind == "embedded" and shards.exists():
+            target = move_aside(shards, "unused")
+            log.warning("shards_set_aside", moved_to=str(target))
+        records = self.data_dir / "generations"
+        if records.exists():
+            shutil.rmtree(records, ignore_errors=True)
 
     # -- model ---------------------------------------------------------------------------
 
@@ -123,6 +254,10 @@ class Engine:
             if self.settings.store.kind == "embedded":
                 from repd.adapters.store_edge import EdgeStore
 
+                if self._lock is None:
+                    # A reader: never load a shard someone else may have open (Edge would
+                    # damage it before failing on its own lock). Raises IndexBusy.
+                    self._lock = DataLock.reader(self.data_dir)
                 return EdgeStore.open(self.data_dir / location, gen.dim)
             from qdrant_client import QdrantClient
 
@@ -141,9 +276,11 @@ class Engine:
         """An indexer writing into the active generation (created if needed)."""
         self.check_model_setting()
         gen = self.ensure_generation()
-        return Indexer(self.manifest, self.store, gen, self.embedder,
-                       self.settings.max_file_bytes,
-                       follow_symlinks=self.settings.watch.follow_symlinks)
+        indexer = Indexer(self.manifest, self.store, gen, self.embedder,
+                          self.settings.max_file_bytes,
+                          follow_symlinks=self.settings.watch.follow_symlinks)
+        indexer.planner.secrets = SecretPolicy(tuple(self.settings.allow_secrets))
+        return indexer
 
     def rules(self, root: Path) -> IgnoreRules:
         """Ignore rules of a root (cached: .gitignore files are read lazily)."""
@@ -167,12 +304,59 @@ class Engine:
         vec = self.embedder().embed([text])[0]
         return [float(x) for x in vec]
 
+    @property
+    def loaded_embedder(self) -> Any:
+        """The model if it is loaded, else None (never loads it)."""
+        return self._embedder
+
+    def update_settings(self, settings: Settings) -> None:
+        """Take reloaded settings; ignore rules are rebuilt from them on next use."""
+        self.settings = settings
+        self._rules.clear()
+
+    def announce(self, socket: Path | str) -> None:
+        """Record in the data folder that this daemon serves the index on ``socket``.
+
+        A process that finds the folder held (its settings name another socket) asks
+        the daemon there instead of opening the store. Removed again by ``close``.
+        """
+        if not self.writer:
+            raise EngineError("only the process writing the index can announce itself")
+        announce_daemon(self.data_dir, socket)
+        self._announced = True
+
+    def check_no_writer(self) -> None:
+        """Raise IndexBusy now if a writer holds the data folder (a reader's early check,
+        so that it need not load a model only to find the store unavailable)."""
+        # A Qdrant server serves any number of clients; an embedded shard only one process.
+        embedded = self.settings.store.kind == "embedded"
+        if not self.writer and self._manifest is not None and embedded:
+            busy = busy_by_writer(self.data_dir)
+            if busy is not None:
+                raise busy
+
     def close(self) -> None:
-        """Release the store, the manifest and the writer lock."""
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-        self.manifest.close()
-        if self._lock_file is not None:
-            self._lock_file.close()
-            self._lock_file = None
+        """Release the store, the manifest and the data-folder lock (idempotent)."""
+        try:
+            if self._store is not None:
+                store, self._store = self._store, None
+                store.close()
+        finally:
+            if self._manifest is not None:
+                self._manifest.close()
+                self._manifest = None
+            if self._announced:
+                self._announced = False
+                retract_daemon(self.data_dir)
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            if getattr(self, "_private", False):
+                self._private = False
+                leave_private_umask()
+
+
+def _unwritable(data_dir: Path, why: str) -> ConfigError:
+    return ConfigError([
+        f"store.path: the data folder {data_dir} cannot be written ({why}): make it "
+        f"writable (chmod u+rwx {data_dir}) or point store.path at a folder you own"])

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from repd import __version__
 from repd.api.backend import ApiError
 from repd.api.schema import (
     ActionResponse,
+    ComponentStatus,
     FileIssue,
     FilesResponse,
     GenerationInfo,
@@ -28,11 +30,14 @@ from repd.api.schema import (
     StoreInfo,
     Totals,
 )
+from repd.core.identity import stored_path
 from repd.metrics import render_metrics
+from repd.pipeline.scanner import contained, real_bases
 from repd.pipeline.search import search
 
 if TYPE_CHECKING:
     from repd.app import Daemon
+    from repd.pipeline.worker import WorkerSnapshot
 
 
 def _int(value: object) -> int:
@@ -40,7 +45,12 @@ def _int(value: object) -> int:
 
 
 class DaemonService:
-    """Implements the API's Backend over a running daemon's parts."""
+    """Implements the API's Backend over a running daemon's parts.
+
+    Status is built from what the parts publish (the worker's frozen snapshot, the
+    queue's depth, the watcher's modes, the supervisor's health): it never queries the
+    manifest and never waits for the worker, so it answers while the daemon is busy.
+    """
 
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
@@ -61,50 +71,66 @@ class DaemonService:
             self._cache = (now, resp)
             return resp
 
-    def _state(self) -> str:
-        d = self.d
+    @staticmethod
+    def _state(d: Daemon, snap: WorkerSnapshot | None, dead: bool, inflight: int) -> str:
         if d.stopping:
             return "stopping"
-        if not d.ready:
-            return "starting"
-        if d.worker.paused.is_set():
+        if not d.ready or snap is None:
+            return "disk_full" if d.phase.startswith("disk full") else "starting"
+        if dead or snap.problem_kind == "failing":
+            return "degraded"
+        if snap.problem_kind == "disk_full":
+            return "disk_full"
+        if d.worker is not None and d.worker.paused.is_set():  # a live Event: pause shows at once
             return "paused"
-        stage = d.indexer.stage
-        if stage == "scanning":
+        if snap.stage == "scanning":
             return "scanning"
-        if d.worker.busy or stage != "idle":
+        if snap.busy or inflight or snap.stage != "idle":
             return "indexing"
         return "idle"
 
     def _build_status(self) -> StatusResponse:
         d = self.d
-        gen = d.indexer.generation
-        emb = d.engine._embedder
-        by_root = d.engine.manifest.counts_by_root()
-        chunks_by_root = d.engine.manifest.chunk_counts_by_root(gen.id)
+        worker = d.worker
+        snap = worker.snapshot if worker is not None and d.ready else None
+        health = d.supervisor.health()
+        dead = [c for c in health if c.state == "dead"]
+        depth = d.queue.depth()
+        state = self._state(d, snap, bool(dead), depth.get("inflight", 0))
+        problem = snap.problem if snap is not None else (None if d.ready else d.phase)
+        if dead:
+            problem = "; ".join(f"{c.name} is dead ({c.last_error})" for c in dead) + (
+                f"; {problem}" if problem else "")
         watch = d.watcher.status() if d.watcher else {}
+        counts = snap.counts_by_root if snap else {}
+        chunk_counts = snap.chunks_by_root if snap else {}
         roots = []
         for root in d.roots:
-            counts = by_root.get(str(root), {})
+            c = counts.get(str(root), {})
             roots.append(RootStatus(
-                path=str(root), watch=watch.get(root, "error: not watched"),
-                files=counts.get("indexed", 0), chunks=chunks_by_root.get(str(root), 0),
-                skipped=counts.get("skipped", 0), failed=counts.get("failed", 0)))
-        depth = d.queue.depth()
-        stage = d.indexer.stage
-        files_s, chunks_s, embeds_s = d.worker.counters.rates()
+                path=str(root), watch=watch.get(root, "stopped" if not d.ready
+                                                 else "error: not watched"),
+                files=c.get("indexed", 0), chunks=chunk_counts.get(str(root), 0),
+                skipped=c.get("skipped", 0), failed=c.get("failed", 0)))
+        stage = snap.stage if snap else "idle"
+        files_s, chunks_s, embeds_s = snap.rates if snap else (0.0, 0.0, 0.0)
         pending = depth.get("paths", 0)
-        eta = pending / files_s if files_s > 0 and pending else (0.0 if not pending else None)
-        info = d.store_info()
-        total = d.worker.counters.total
-        last_scan = d.worker.counters.last_scan_at
+        eta: float | None = None
+        if state in ("indexing", "scanning") and pending:
+            eta = pending / files_s if files_s > 0 else None
+        info = snap.store if snap else {}
+        total = snap.totals if snap else None
+        last_scan = snap.last_scan_at if snap else None
+        gen = worker.indexer.generation if worker is not None else None
+        emb = d.engine.loaded_embedder if d.engine is not None else None
         return StatusResponse(
-            version=__version__, state=self._state(),  # type: ignore[arg-type]
-            paused=d.worker.paused.is_set(),
-            model=ModelInfo(name=gen.model_name, id=gen.model_id, dim=gen.dim,
+            version=__version__, state=state,  # type: ignore[arg-type]
+            paused=bool(worker is not None and worker.paused.is_set()),
+            model=ModelInfo(name=gen.model_name if gen else d.settings.model,
+                            id=gen.model_id if gen else None, dim=gen.dim if gen else None,
                             device=getattr(emb, "device", None)),
             generation=GenerationInfo(id=str(gen.id), state=gen.state,  # type: ignore[arg-type]
-                                      points=_int(info.get("points"))),
+                                      points=_int(info.get("points"))) if gen else None,
             queue=QueueInfo(pending=pending, scans=depth.get("scans", 0),
                             settling=depth.get("settling", 0),
                             planning=1 if stage == "planning" else 0,
@@ -115,24 +141,37 @@ class DaemonService:
             totals=Totals(files=sum(r.files for r in roots), chunks=sum(r.chunks for r in roots),
                           skipped=sum(r.skipped for r in roots),
                           failed=sum(r.failed for r in roots),
-                          embedded=total.chunks_embedded, reused=total.chunks_reused),
+                          embedded=total.chunks_embedded if total else 0,
+                          reused=total.chunks_reused if total else 0),
             store=StoreInfo(kind=d.settings.store.kind, points=_int(info.get("points")),
                             indexed_vectors=_int(info.get("indexed_vectors")),
                             index_built=bool(info.get("hnsw_built", False))),
             uptime_s=time.monotonic() - d.started_at,
             last_scan_at=datetime.fromtimestamp(last_scan, UTC) if last_scan else None,
-            last_error=d.worker.counters.last_error)
+            last_error=snap.last_error if snap else None,
+            problem=problem,
+            components=[ComponentStatus(name=c.name, state=c.state,  # type: ignore[arg-type]
+                                        restarts=c.restarts, last_error=c.last_error)
+                        for c in health])
+
+    def _ready(self) -> tuple[Any, Any]:
+        d = self.d
+        if not d.ready or d.worker is None or d.engine is None:
+            raise ApiError(503, f"the daemon is starting ({d.phase}); try again in a moment",
+                           "starting")
+        return d.worker, d.engine
 
     # -- query ---------------------------------------------------------------------------
 
     def query(self, req: QueryRequest) -> QueryResponse:
         """Search the active generation with the loaded model."""
+        worker, engine = self._ready()
         root = None
         if req.root is not None:
             root = os.path.abspath(req.root)
             if Path(root) not in self.d.roots:
                 raise ApiError(404, f"{req.root} is not an indexed root", "unknown_root")
-        hits, took = search(self.d.store, self.d.engine.embed_query, req.text, req.k,
+        hits, took = search(engine.store, engine.embed_query, req.text, req.k,
                             req.path, root, per_file=req.files)
         self.queries += 1
         self.query_seconds += took / 1000
@@ -140,49 +179,92 @@ class DaemonService:
             hits=[QueryHit(rank=h.rank, score=h.score, root=h.root, path=h.path,
                            start_line=max(1, h.start_line), end_line=max(1, h.end_line),
                            snippet=h.snippet) for h in hits],
-            took_ms=took, generation=str(self.d.indexer.generation.id))
+            took_ms=took, generation=str(worker.indexer.generation.id))
 
     # -- files, actions ------------------------------------------------------------------
 
     def files(self, state: IssueState | None, limit: int, offset: int) -> FilesResponse:
         """Skipped and failed files with their reasons."""
-        rows, total = self.d.engine.manifest.file_issues(state, limit, offset)
+        _, engine = self._ready()
+        rows, total = engine.manifest.file_issues(state, limit, offset)
         return FilesResponse(total=total, items=[FileIssue(
-            root=r.root, path=r.path, state=r.state,  # type: ignore[arg-type]
+            root=r.root, path=r.path, state=r.state,
             reason=r.reason or "unknown", detail=r.detail or "",
             at=datetime.fromtimestamp(r.indexed_at_ns / 1e9, UTC)) for r in rows])
 
     def reindex(self, path: str | None) -> ActionResponse:
         """Re-read a file, a folder, or everything, even if stat says unchanged."""
-        manifest = self.d.engine.manifest
+        worker, engine = self._ready()
+        manifest = engine.manifest
+        queue = self.d.queue
+
+        def forget_then(root: Path, stored: str, rel: str, as_file: bool) -> None:
+            # The worker owns every manifest write; the API only asks it to do this one.
+            def run() -> None:
+                manifest.forget_hashes(str(root), stored)
+                if as_file:
+                    queue.put_path(root, rel)
+                else:
+                    queue.put_scan(root, rel)
+            worker.submit("reindex", run)
+
         if path is None:
             for root in self.d.roots:
-                manifest.forget_hashes(str(root))
-                self.d.queue.put_scan(root, "")
+                forget_then(root, "", "", as_file=False)
             return ActionResponse(ok=True, message="every root queued for re-reading",
                                   queued=len(self.d.roots))
         target = Path(os.path.abspath(path))
-        for root in self.d.roots:
+        roots = list(self.d.roots)
+        follow = self.d.settings.watch.follow_symlinks
+        for root in roots:
             if target == root or root in target.parents:
                 rel = target.relative_to(root).as_posix() if target != root else ""
-                n = manifest.forget_hashes(str(root), rel)
-                self.d.queue.put_scan(root, rel)
+                # `repd reindex ROOT/link` with link -> /elsewhere indexed files outside
+                # every root: the folder part must really lie inside the root (or, when
+                # links are followed, inside a configured root).
+                if rel and not (contained(root, rel, follow, roots)
+                                and _resolves_within(target, real_bases(root, roots if follow
+                                                                        else ()))):
+                    raise ApiError(403, f"{path} leads outside the indexed roots",
+                                   "outside_roots")
+                n = len(manifest.files_under(str(root), stored_path(rel)))
+                # A file is re-read as a path: scanning it as a folder failed to list it and
+                # deleted it from the index ("cannot list folder: Not a directory").
+                forget_then(root, stored_path(rel), rel,
+                            as_file=bool(rel) and not _is_dir(target, follow))
                 return ActionResponse(ok=True, message=f"{target} queued for re-reading",
                                       queued=max(n, 1))
         raise ApiError(404, f"{path} is not inside any indexed root", "not_in_root")
 
     def pause(self) -> ActionResponse:
         """Stop taking work off the queue; events keep being collected."""
-        self.d.worker.paused.set()
+        worker, _ = self._ready()
+        worker.paused.set()
         self._cache = None
         return ActionResponse(ok=True, message="paused; changes keep queueing")
 
     def resume(self) -> ActionResponse:
         """Take work off the queue again."""
-        self.d.worker.paused.clear()
+        worker, _ = self._ready()
+        worker.paused.clear()
         self._cache = None
         return ActionResponse(ok=True, message="resumed")
 
     def metrics(self) -> str:
         """Prometheus text exposition."""
         return render_metrics(self.status(), self.queries, self.query_seconds)
+
+
+def _is_dir(path: Path, follow_symlinks: bool) -> bool:
+    """A folder to scan (a symlink to one only when links are followed)."""
+    try:
+        st = path.stat() if follow_symlinks else path.lstat()
+    except OSError:
+        return False  # gone or unreadable: the path is handled as a file (and deleted if gone)
+    return stat.S_ISDIR(st.st_mode)
+
+
+def _resolves_within(path: Path, bases: list[str]) -> bool:
+    """True when ``path``, every symlink resolved, is one of ``bases`` or lies below one."""
+    real = os.path.realpath(path)
+    return any(real == b or real.startswith(b.rstrip("/") + "/") for b in bases)

@@ -68,10 +68,19 @@ class Settings(BaseSettings):
     roots: list[Path] = Field(default_factory=list, description="folders to index")
     include: list[str] = Field(default_factory=list, description="globs; empty means all")
     exclude: list[str] = Field(default_factory=list, description="globs added to the defaults")
+    allow_secrets: list[str] = Field(
+        default_factory=list,
+        description="globs (relative to the root) of files indexed even though their name "
+                    "or content looks like a secret")
     model: str = Field(default=DEFAULT_MODEL, description="Hugging Face name or local path")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
     batch_tokens: int = Field(default=16384, ge=256, description="padded tokens per batch")
     max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_chunks_per_file: int = Field(
+        default=20_000, ge=1, description="files cut into more chunks are skipped")
+    disk_reserve_mb: int = Field(
+        default=256, ge=0,
+        description="free MiB kept in the data folder; below it writing pauses (disk_full)")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -91,6 +100,27 @@ class Settings(BaseSettings):
     @classmethod
     def _roots(cls, v: list[Path]) -> list[Path]:
         return [Path(os.path.abspath(p.expanduser())) for p in v]
+
+    # Cross-field rules live here, on the whole section as the full tree validates it
+    # (a section alone, as the API's tests build it, stays constructible): they fail at
+    # load time, before any model loads, so the daemon exits 2 (a config error systemd
+    # does not restart) instead of failing after a long start.
+    @field_validator("api")
+    @classmethod
+    def _tcp_needs_token(cls, v: ApiSettings) -> ApiSettings:
+        if v.tcp_port is not None and not (v.token and v.token.get_secret_value().strip()):
+            raise ValueError(f"tcp_port is set ({v.tcp_port}) but token is not: TCP is served "
+                             "only with a bearer token; set api.token (REPD_API__TOKEN) or "
+                             "unset api.tcp_port")
+        return v
+
+    @field_validator("store")
+    @classmethod
+    def _server_needs_url(cls, v: StoreSettings) -> StoreSettings:
+        if v.kind == "server" and not (v.url and v.url.strip()):
+            raise ValueError("kind is 'server' but url is not set: set store.url (e.g. "
+                             "http://localhost:6333) or use kind = 'embedded'")
+        return v
 
     @classmethod
     def settings_customise_sources(

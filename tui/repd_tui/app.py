@@ -15,6 +15,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.content import Content
 from textual.widgets import (
     DataTable,
     Footer,
@@ -28,6 +29,7 @@ from textual.widgets import (
 from textual.worker import Worker, WorkerState
 
 from repd.api.client import ApiClientError, DaemonNotRunning, DaemonUnresponsive
+from repd.textsafe import printable
 from repd_tui.widgets import (
     ConfirmScreen,
     KeyValueGrid,
@@ -140,8 +142,8 @@ def _call(fn: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | None, Exce
 
 def _error_text(error: BaseException) -> str:
     if isinstance(error, ApiClientError):
-        return str(error)
-    return f"{type(error).__name__}: {error}"
+        return printable(error)
+    return printable(f"{type(error).__name__}: {error}")
 
 
 class RepdApp(App[int]):
@@ -290,7 +292,10 @@ class RepdApp(App[int]):
         was_down = self.daemon_up is False
         self.daemon_up = True
         self.last_status = outcome.data
-        self._show_banner(None)
+        # A daemon that cannot make progress says so in red, in one line, on every tab.
+        problem = outcome.data.get("problem")
+        loud = outcome.data.get("state") in ("degraded", "disk_full")
+        self._show_banner(f"{outcome.data['state']}: {problem}" if loud and problem else None)
         if was_down:
             self.notify(f"daemon answers again on {self.client.target}", markup=False)
 
@@ -310,7 +315,7 @@ class RepdApp(App[int]):
 
     def _show_banner(self, text: str | None) -> None:
         banner = self.query_one("#banner", Static)
-        banner.update(text or "")
+        banner.update(printable(text) if text else "")
         banner.set_class(text is not None, "-visible")
         self.query_one("#tabs").set_class(text is not None, "-stale")
 
@@ -425,7 +430,7 @@ class RepdApp(App[int]):
                 cell(one_line(hit["snippet"], 60)),
                 key=key,
             )
-        results.border_subtitle = (
+        results.border_subtitle = Content(
             f"{len(hits)} hits for {outcome.text!r} in {outcome.data['took_ms']:.0f} ms"
         )
         if hits:
@@ -446,8 +451,10 @@ class RepdApp(App[int]):
             return
         full = str(Path(hit["root"]) / hit["path"])
         where = f"{full}:{hit['start_line']}-{hit['end_line']}"
-        self.query_one("#snippet-box").border_title = f"{where}  score {hit['score']:.3f}"
-        self.query_one("#snippet", Static).update(hit["snippet"])
+        # Content, not a str: a border title is read as markup, and a path may hold "[".
+        self.query_one("#snippet-box").border_title = Content(
+            printable(f"{where}  score {hit['score']:.3f}"))
+        self.query_one("#snippet", Static).update(printable(hit["snippet"]))
 
     # -- files view
 
@@ -563,7 +570,7 @@ class RepdApp(App[int]):
             assert outcome.error is not None
             self._notify_error(f"{outcome.action} failed", outcome.error)
             return
-        message = str(outcome.data.get("message") or f"{outcome.action}: done")
+        message = printable(outcome.data.get("message") or f"{outcome.action}: done")
         if not outcome.data.get("ok", True):
             self.notify(message, title=outcome.action, severity="warning", markup=False)
             return

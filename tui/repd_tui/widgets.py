@@ -13,6 +13,8 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, DataTable, Static
 
+from repd.textsafe import printable
+
 # -- formatting ----------------------------------------------------------------------------
 
 
@@ -82,6 +84,7 @@ class KeyValueGrid(Widget):
     def set(self, key: str, value: str, *, flag: str | None = None) -> None:
         """Show ``value`` for ``key``; ``flag`` names a CSS class (a colour), replacing the last."""
         cell = self.query_one(f"#{self._value_id(key)}", Static)
+        value = printable(value)  # paths and daemon messages: no raw control characters
         # Status arrives every second, mostly unchanged; an update would re-layout anyway.
         if cell.content != value:
             cell.update(value)
@@ -160,5 +163,6 @@ def sync_rows(table: DataTable[str | Text], rows: Mapping[str, Cells]) -> None:
 
 
 def cell(value: object, *, right: bool = False) -> Text:
-    """A table cell as literal text (DataTable would read a str as markup)."""
-    return Text(str(value), justify="right" if right else "left")
+    """A table cell as literal text (DataTable would read a str as markup), with control
+    characters made visible: paths and snippets are anyone's data."""
+    return Text(printable(value), justify="right" if right else "left")

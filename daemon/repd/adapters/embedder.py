@@ -158,6 +158,12 @@ class Embedder:
         """Padded tokens per batch now; lowered for good after an out-of-memory error."""
         return self._budget
 
+    def set_token_budget(self, budget: int) -> None:
+        """Change the padded tokens per batch (a config reload); OOM halving restarts from it."""
+        if budget < 1:
+            raise ValueError(f"token_budget must be >= 1, got {budget}")
+        self._budget = budget
+
     def count_tokens(self, texts: list[str]) -> list[int]:
         """Tokens per text with the model's own tokenizer, no special tokens, no truncation."""
         if not texts:

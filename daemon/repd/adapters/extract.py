@@ -7,10 +7,13 @@ import errno
 import io
 import os
 import stat
+from collections.abc import Sequence
 from html.parser import HTMLParser
 from pathlib import Path, PurePath
 
+from repd.core.secrets import SecretPolicy
 from repd.core.types import Document, SkipFile
+from repd.errors import TransientError, is_transient
 
 _SNIFF = 8192
 
@@ -77,32 +80,79 @@ _BOMS = (
 )  # fmt: skip
 
 
-def read_file(path: Path, max_bytes: int) -> bytes:
+def read_file(path: Path, max_bytes: int, *, expect: os.stat_result | None = None,
+              follow_symlinks: bool = True, within: Sequence[str] = ()) -> bytes:
     """Read a regular file's bytes, or raise SkipFile saying why it cannot be indexed.
 
     Never blocks on a FIFO or device: the type is checked with ``stat`` first and the
     file is opened non-blocking, then checked again on the open descriptor (the path
     may have been swapped in between).
+
+    The check and the use must be about the same file (issue: a file swapped for a
+    symlink between the scan and the read made repd index a file outside the roots):
+
+    * ``follow_symlinks=False`` opens with ``O_NOFOLLOW``: a last component that is (now)
+      a symlink is refused;
+    * ``expect``, the stat the caller checked, must name the opened file (same device
+      and inode), else SkipFile ``replaced`` (the caller checks again and retries);
+    * ``within``, resolved folders: the opened file must really lie below one of them
+      (checked on the descriptor through /proc, so a folder of the path swapped for a
+      symlink is caught too), else SkipFile ``outside_roots``.
+
+    Errors that say nothing about the file (EMFILE, ENOMEM, EIO...) raise TransientError:
+    they must not be recorded against it.
     """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
     try:
-        st = Path(path).stat()
+        st = Path(path).stat() if follow_symlinks else Path(path).lstat()
+        if not follow_symlinks and stat.S_ISLNK(st.st_mode):
+            raise SkipFile("replaced" if expect is not None else "symlink",
+                           "symlinks are not followed")
         _check_stat(st, max_bytes)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise SkipFile("vanished", _vanished_detail(path)) from None
     except OSError as exc:
-        raise _unreadable(exc) from None
+        if exc.errno == errno.ELOOP and not follow_symlinks:  # O_NOFOLLOW met a symlink
+            raise SkipFile("replaced" if expect is not None else "symlink",
+                           "symlinks are not followed") from None
+        raise _read_error(path, exc) from None
     try:
-        _check_stat(os.fstat(fd), max_bytes)
+        fst = os.fstat(fd)
+        if expect is not None and (fst.st_dev, fst.st_ino) != (expect.st_dev, expect.st_ino):
+            raise SkipFile("replaced", "the file was replaced while being read")
+        _check_stat(fst, max_bytes)
+        if within:
+            _check_within(fd, path, within)
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(max_bytes + 1)
     except OSError as exc:
-        raise _unreadable(exc) from None
+        raise _read_error(path, exc) from None
     finally:
         os.close(fd)
     if len(data) > max_bytes:
         raise SkipFile("too_large", f"grew past {max_bytes} bytes while being read")
     return data
+
+
+def _read_error(path: Path, exc: OSError) -> Exception:
+    if is_transient(exc):
+        return TransientError(f"cannot read {path}: {exc.strerror or exc}")
+    return _unreadable(exc)
+
+
+def _check_within(fd: int, path: Path, within: Sequence[str]) -> None:
+    """Refuse an open file that does not really lie below one of ``within``."""
+    try:
+        real = str(Path(f"/proc/self/fd/{fd}").readlink())
+    except OSError:  # no /proc: resolve the path instead (racy, but better than nothing)
+        real = os.path.realpath(path)
+    if real.endswith(" (deleted)") and not os.path.lexists(real):
+        raise SkipFile("vanished", "no such file")
+    if not any(real.startswith(base.rstrip("/") + "/") for base in within):
+        raise SkipFile("outside_roots", "the file lies outside the indexed roots")
 
 
 def _check_stat(st: os.stat_result, max_bytes: int) -> None:
@@ -335,3 +385,15 @@ def html_to_text(markup: str) -> str:
     parser.close()
     parser._end_paragraph()
     return "\n\n".join(parser.paragraphs)
+
+
+def refuse_secrets(policy: SecretPolicy, path: Path, relpath: str,
+                   data: bytes | None = None) -> None:
+    """Raise SkipFile ``secret`` when the file is a credential: by its name (``data`` None,
+    before anything is read) or by its bytes. The detail names the kind of secret only."""
+    if data is None:
+        verdict = policy.name_verdict(os.path.abspath(path), relpath)
+    else:
+        verdict = policy.content_verdict(relpath, data)
+    if verdict is not None:
+        raise SkipFile("secret", verdict)

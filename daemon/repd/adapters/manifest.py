@@ -7,20 +7,25 @@ described in the design notes, so a crash at any instant can be finished or undo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 
 from repd.core.identity import StatSig
 
 SCHEMA_VERSION = 1
+#: Next to the manifest: one small JSON file per generation (model identity, vector size,
+#: store location), so a damaged manifest can be rebuilt from the store it describes.
+GENERATIONS_DIR = "generations"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -140,21 +145,80 @@ def _gen_row(r: sqlite3.Row) -> Generation:
                       r["state"], r["created_at"], r["cursor"])
 
 
-class Manifest:
-    """Thread-safe wrapper over one SQLite connection (writes are serialised by a lock)."""
+class ManifestError(Exception):
+    """The manifest cannot be opened; the message is one line."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+
+class ManifestDamaged(ManifestError):  # noqa: N818 - a state of the file
+    """The file is not a SQLite database, or SQLite finds it malformed."""
+
+
+class ManifestUnwritable(ManifestError):  # noqa: N818 - a state of the file
+    """The manifest (or its folder) cannot be written: permissions, a read-only mount."""
+
+
+# SQLite's own words for a file that is not (or no longer) a sound database.
+_DAMAGE_WORDS = ("not a database", "malformed", "corrupt", "file is encrypted")
+_UNWRITABLE_WORDS = ("readonly", "read-only", "unable to open", "permission denied",
+                     "access permission")
+
+
+def _translate(path: Path, exc: sqlite3.Error) -> ManifestError | None:
+    text = str(exc).lower()
+    if any(w in text for w in _DAMAGE_WORDS):
+        return ManifestDamaged(f"{path} is damaged ({exc})")
+    if any(w in text for w in _UNWRITABLE_WORDS):
+        return ManifestUnwritable(f"{path} cannot be written ({exc})")
+    return None
+
+
+class Manifest:
+    """Thread-safe wrapper over one SQLite connection (writes are serialised by a lock).
+
+    ``Manifest(path)`` opens it for writing, creating it (and its schema) if absent;
+    :meth:`open_readonly` opens an existing one for reading and creates nothing. Both
+    raise :class:`ManifestDamaged` or :class:`ManifestUnwritable` instead of sqlite3's
+    errors where the file itself is the problem.
+    """
+
+    def __init__(self, path: Path, *, readonly: bool = False) -> None:
         self.path = path
+        self.readonly = readonly
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        try:
+            if readonly:
+                # mode=ro: never creates the file (a query on an empty data folder must
+                # leave it empty) and never writes; WAL readers still see committed rows.
+                uri = f"file:{quote(str(path))}?mode=ro"
+                self._db = sqlite3.connect(uri, uri=True, check_same_thread=False,
+                                           isolation_level=None)
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self._db = sqlite3.connect(str(path), check_same_thread=False,
+                                           isolation_level=None)
+        except sqlite3.Error as exc:
+            raise _translate(path, exc) or ManifestError(f"{path}: {exc}") from None
         self._db.row_factory = sqlite3.Row
+        try:
+            self._set_up()
+        except sqlite3.Error as exc:
+            self._db.close()
+            err = _translate(path, exc)
+            if err is None:
+                raise
+            raise err from None
+
+    def _set_up(self) -> None:
+        self._db.execute("PRAGMA busy_timeout=10000")
+        if self.readonly:
+            # Reading sqlite_master is the first thing that fails on a damaged file.
+            self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a committed manifest row must survive power loss, since it claims that
         # the store already holds the file's points.
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=OFF")
-        self._db.execute("PRAGMA busy_timeout=10000")
         with self.transaction():
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
@@ -163,6 +227,24 @@ class Manifest:
                 "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+
+    @classmethod
+    def open_readonly(cls, path: Path) -> Manifest:
+        """Open an existing manifest for reading only (raises ManifestError if absent)."""
+        return cls(path, readonly=True)
+
+    def check(self) -> str | None:
+        """SQLite's ``quick_check``: None when sound, else its first complaint.
+
+        O(size of the file), run once when a writer opens the manifest: a damaged page
+        found now is rebuilt at start-up instead of failing some write hours later.
+        """
+        try:
+            rows = self._query("PRAGMA quick_check(5)")
+        except sqlite3.DatabaseError as exc:
+            return str(exc)
+        first = str(rows[0][0]) if rows else "no answer"
+        return None if first == "ok" else "; ".join(str(r[0]) for r in rows)
 
     def close(self) -> None:
         """Close the connection."""
@@ -207,7 +289,34 @@ class Manifest:
                  time.time() if state == "active" else None),
             )
             gen_id = int(cur.lastrowid or 0)
-        return next(g for g in self.generations() if g.id == gen_id)
+        gen = next(g for g in self.generations() if g.id == gen_id)
+        self._record_generation(gen)
+        return gen
+
+    def restore_generation(self, gen: Generation) -> Generation:
+        """Insert a generation with its original id (rebuilding a manifest from its store)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO generations (id, model_name, model_id, dim, location, state,"
+                " created_at, activated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (gen.id, gen.model_name, gen.model_id, gen.dim, gen.location, gen.state,
+                 gen.created_at, time.time() if gen.state == "active" else None),
+            )
+        self._record_generation(gen)
+        return next(g for g in self.generations() if g.id == gen.id)
+
+    def _record_generation(self, gen: Generation) -> None:
+        # Best effort: the record only matters if the manifest is ever lost, and a
+        # generation without one is rebuilt from scratch instead of from its store.
+        folder = self.path.parent / GENERATIONS_DIR
+        tmp = folder / f".{gen.id}.json.tmp"
+        try:
+            folder.mkdir(exist_ok=True)
+            tmp.write_text(json.dumps(asdict(gen)), encoding="utf-8")
+            tmp.replace(folder / f"{gen.id}.json")
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
 
     # -- files ---------------------------------------------------------------------------
 
@@ -401,9 +510,71 @@ class Manifest:
                            [(r.id,) for r in rows.values()])
         return len(rows)
 
+    def forget_skipped(self, root: str, reasons: Sequence[str]) -> int:
+        """Make the next scan look again at files skipped for these reasons (a limit changed)."""
+        marks = ",".join("?" * len(reasons))
+        with self.transaction() as db:
+            cur = db.execute(
+                f"UPDATE files SET content_hash=NULL, size=-1 WHERE root=? AND state='skipped'"
+                f" AND reason IN ({marks})", (root, *reasons))
+            return int(cur.rowcount or 0)
+
     @staticmethod
     def mark_dirty(db: sqlite3.Connection, file_id: int) -> None:
         """Forget a file's chunks and content so the next scan indexes it afresh."""
         db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
         db.execute("UPDATE files SET state='dirty', content_hash=NULL, size=-1 WHERE id=?",
                    (file_id,))
+
+
+def recorded_generations(data_dir: Path) -> list[Generation]:
+    """The generation records kept next to a manifest (see ``GENERATIONS_DIR``), by id."""
+    out: list[Generation] = []
+    folder = data_dir / GENERATIONS_DIR
+    try:
+        names = sorted(folder.glob("*.json"))
+    except OSError:
+        return out
+    for f in names:
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+            out.append(Generation(int(data["id"]), str(data["model_name"]),
+                                  str(data["model_id"]), int(data["dim"]),
+                                  str(data["location"]), str(data["state"]),
+                                  float(data["created_at"]), data.get("cursor")))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return sorted(out, key=lambda g: g.id)
+
+
+def salvage_generations(path: Path) -> list[Generation]:
+    """Whatever generation rows a damaged manifest still yields (often none)."""
+    try:
+        m = Manifest.open_readonly(path)
+    except (ManifestError, sqlite3.Error):
+        return []
+    try:
+        return m.generations()
+    except sqlite3.Error:
+        return []
+    finally:
+        m.close()
+
+
+def move_aside(path: Path, tag: str = "damaged") -> Path:
+    """Rename ``path`` (and its -wal/-shm) to ``<name>.<tag>-<time>``; returns the new path.
+
+    Kept, not deleted: a person may want to look at it, and nothing is lost by keeping it.
+    """
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = path.with_name(f"{path.name}.{tag}-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{tag}-{stamp}-{n}")
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        if side.exists():
+            side.replace(target.with_name(target.name + suffix))
+    path.replace(target)
+    return target

@@ -205,6 +205,7 @@ class WatchdogGate:
         self._stalled: tuple[str, ...] = ()
         self._graces = 0
         self._warned_unknown: set[str] = set()
+        self._dead: set[str] = set()
 
     @property
     def interval(self) -> float | None:
@@ -241,6 +242,13 @@ class WatchdogGate:
             # late beat must not put the stage back under watch.
             _log.warning("watchdog beat from an unregistered stage ignored", stage=stage)
 
+    def fail(self, component: str) -> None:
+        """A component is dead and cannot be restarted: withhold every ping from now on,
+        so that systemd restarts the service after ``WatchdogSec``."""
+        with self._lock:
+            self._dead.add(component)
+        _log.error("watchdog withheld for good: component dead", component=component)
+
     def ages(self) -> dict[str, float]:
         """Seconds since each registered stage last beat."""
         now = self._clock()
@@ -257,6 +265,8 @@ class WatchdogGate:
     def tick(self) -> bool:
         """Ping systemd if every stage is fresh; return whether WATCHDOG=1 was sent."""
         if self._interval is None:
+            return False
+        if self._dead:
             return False
         if self._graces:
             # Withheld without a word: the raised timeout is the deadline for now.

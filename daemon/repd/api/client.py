@@ -1,7 +1,8 @@
 """Client of the daemon's local API, stdlib only: `repd query` must start in milliseconds.
 
 Nothing heavy is imported here (no pydantic, no httpx, no FastAPI): answers are plain dicts
-shaped like the models in ``repd.api.schema``.
+shaped like the models in ``repd.api.schema``. Its exceptions belong to repd's one error
+tree (``repd.errors``, itself stdlib-only), so the CLI maps each to its exit code.
 """
 
 from __future__ import annotations
@@ -13,29 +14,48 @@ import socket
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
+from repd.errors import (
+    EXIT_CONFIG,
+    EXIT_ERROR,
+    EXIT_TEMPFAIL,
+    DaemonUnavailable,
+    RepdError,
+    TransientError,
+)
+
 API_PREFIX = "/v1"
 
 
-class ApiClientError(Exception):
-    """Base of everything this client raises."""
+class ApiClientError(RepdError):
+    """Base of everything this client raises (exit code 1 unless a subclass says)."""
 
 
-class DaemonNotRunning(ApiClientError):  # noqa: N818 - a state, named as the CLI says it
-    """No daemon answers: the socket is missing, or nothing listens on it."""
+class DaemonNotRunning(ApiClientError, DaemonUnavailable):  # noqa: N818 - a state
+    """No daemon answers: the socket is missing, or nothing listens on it (exit 3)."""
 
 
-class DaemonUnresponsive(ApiClientError):  # noqa: N818 - a state, like DaemonNotRunning
-    """The daemon accepted the connection but did not answer within the timeout."""
+class DaemonUnresponsive(ApiClientError, TransientError):  # noqa: N818 - a state
+    """The daemon accepted the connection but did not answer within the timeout (exit 75)."""
 
 
 class ApiRequestError(ApiClientError):
-    """The daemon answered with a 4xx or 5xx; ``message`` is fit to show as is."""
+    """The daemon answered with a 4xx or 5xx; ``message`` is fit to show as is.
+
+    Exit code: 2 for a request the daemon refused as wrong (4xx: a bad argument, a
+    missing token), 75 when it is overloaded or not ready (429, 503), 1 otherwise.
+    """
 
     def __init__(self, status: int, message: str, code: str = "") -> None:
         super().__init__(f"{message} (HTTP {status})")
         self.status = status
         self.message = message
         self.code = code
+        if status in (429, 503):
+            self.exit_code = EXIT_TEMPFAIL
+        elif 400 <= status < 500:
+            self.exit_code = EXIT_CONFIG
+        else:
+            self.exit_code = EXIT_ERROR
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -175,7 +195,7 @@ class ApiClient:
             data = response.read()
         except (FileNotFoundError, ConnectionRefusedError):
             raise DaemonNotRunning(
-                f"repd daemon is not running (nothing at {self.target})"
+                f"no daemon answers on {self.target} (repd daemon is not running)"
             ) from None
         except TimeoutError:
             raise DaemonUnresponsive(

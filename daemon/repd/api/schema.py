@@ -10,7 +10,10 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 API_VERSION = 1
 """Bumped on any incompatible change; every path lives under ``/v{API_VERSION}/``."""
 
-DaemonState = Literal["starting", "scanning", "indexing", "idle", "paused", "stopping"]
+DaemonState = Literal["starting", "scanning", "indexing", "idle", "paused", "stopping",
+                      "degraded", "disk_full"]
+"""``degraded``: indexing cannot make progress or a component is dead (see ``problem``);
+``disk_full``: writing waits for free space. ``repd status`` exits 4 in both."""
 IssueState = Literal["skipped", "failed"]
 
 # A NUL byte can never be part of a path, and os functions raise ValueError on one; refusing it
@@ -119,6 +122,15 @@ class StoreInfo(_Response):
     index_built: bool = Field(description="false while queries are brute-force scans")
 
 
+class ComponentStatus(_Response):
+    """One supervised part of the daemon (indexer, watcher, api)."""
+
+    name: str
+    state: Literal["ok", "restarting", "dead"]
+    restarts: int = Field(ge=0, description="restarts since the daemon started")
+    last_error: str | None = Field(default=None, description="why it last stopped")
+
+
 class StatusResponse(_Response):
     """Everything ``repd status`` and the dashboard show."""
 
@@ -139,6 +151,11 @@ class StatusResponse(_Response):
     uptime_s: float = Field(ge=0)
     last_scan_at: datetime | None = Field(default=None, description="end of the last full scan")
     last_error: str | None = Field(default=None, description="the most recent pipeline error")
+    problem: str | None = Field(
+        default=None, description="one line when the index cannot make progress (degraded, "
+        "disk_full) or is not ready yet; null when all is well")
+    components: list[ComponentStatus] = Field(
+        default_factory=list, description="supervised parts and their health")
 
 
 # --- query --------------------------------------------------------------------------------

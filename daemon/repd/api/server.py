@@ -24,6 +24,13 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from repd.api.backend import ApiError, Backend
+from repd.api.guard import (
+    ConnectionGuard,
+    connection_cap,
+    guarded_protocol,
+    install_log_limits,
+    raise_nofile_limit,
+)
 from repd.api.schema import (
     API_VERSION,
     NO_NUL_PATTERN,
@@ -438,6 +445,7 @@ class ApiServer:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._tcp_address: tuple[str, int] | None = None
+        self._guard = ConnectionGuard(1)  # replaced in start(), sized by the fd limit
 
     @property
     def socket_path(self) -> Path:
@@ -465,6 +473,10 @@ class ApiServer:
                 "without a token; set api.token (REPD_API__TOKEN) or unset api.tcp_port"
             )
         limit = self._settings.max_request_bytes
+        # Before binding: the connection cap is sized from the descriptor limit.
+        raise_nofile_limit()
+        install_log_limits()
+        self._guard = ConnectionGuard(connection_cap())
         try:
             self._prepare_runtime_dir()
             self._acquire_lock()
@@ -481,13 +493,17 @@ class ApiServer:
         except BaseException:
             self._cleanup()
             raise
+        protocol = guarded_protocol(self._guard)  # one guard: descriptors are per process
         for _, app in self._listeners:
             config = uvicorn.Config(
                 app,
                 log_config=None,  # logging belongs to repd.log, not to uvicorn
                 access_log=False,
                 lifespan="off",
-                http="h11",
+                http=protocol,  # h11, with a request deadline and a connection cap
+                # asyncio accepts up to `backlog` sockets per wake-up before any protocol
+                # runs: kept near the cap so a burst cannot take every descriptor at once.
+                backlog=max(8, self._guard.cap),
                 loop="asyncio",
                 ws="none",
                 proxy_headers=False,
@@ -502,6 +518,10 @@ class ApiServer:
             socket=str(self._socket_path),
             tcp=f"127.0.0.1:{port}" if port is not None else None,
         )
+
+    def alive(self) -> bool:
+        """True while the serving thread runs (the supervisor restarts a dead one)."""
+        return self._thread is not None and self._thread.is_alive()
 
     def wait_ready(self, timeout: float = 10.0) -> None:
         """Block until every listener accepts requests; raise ApiStartError or TimeoutError."""
@@ -543,6 +563,9 @@ class ApiServer:
             log.error("api_server_crashed", error=repr(exc))
 
     async def _serve_all(self) -> None:
+        # accept() failing for want of descriptors is reported here every second: held to
+        # one log line per LOG_EVERY_S (it once wrote 22 MB in 10 s).
+        asyncio.get_running_loop().set_exception_handler(self._guard.on_loop_error)
         await asyncio.gather(
             *(
                 server.serve(sockets=[sock])

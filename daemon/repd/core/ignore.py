@@ -12,7 +12,10 @@ Precedence, highest first, for a path and each of its ancestor directories:
    directory. ``.git/info/exclude`` of the root counts as the root's lowest layer.
 5. ``include`` globs: when any are given, a *file* must match one (never a directory).
 
-As in git, nothing inside an ignored directory can be re-included.
+As in git, nothing inside an ignored directory can be re-included. A line of a rule file
+that cannot be compiled (``[z-a]``, a lone ``!``, a trailing backslash: git accepts such
+files) is skipped with a warning naming ``file:line``, as git does; the file's other lines
+still apply. Ancestors are walked iteratively, so a tree of any depth is fine.
 """
 
 from __future__ import annotations
@@ -24,44 +27,26 @@ from pathlib import Path
 
 from pathspec import GitIgnoreSpec
 
+from repd.core.secrets import SECRET_DIRS as _SECRET_DIRS
+from repd.errors import TransientError, is_transient
+from repd.log import get_logger
+
+log = get_logger("ignore")
+
 #: Files whose change alters the rules of their directory (the watcher invalidates on them).
 RULE_FILES = frozenset({".gitignore", ".repdignore", "pyvenv.cfg", "CACHEDIR.TAG"})
 
 # --- hard rules ---------------------------------------------------------------------
 VCS_DIRS = frozenset({".git", ".hg", ".svn", ".jj", ".bzr", "_darcs"})
-SECRET_DIRS = frozenset({".ssh", ".gnupg", ".aws", ".azure", ".kube", ".docker", ".password-store"})
-SECRET_NAMES = frozenset(
-    {
-        ".env",
-        ".envrc",
-        ".netrc",
-        "_netrc",
-        ".npmrc",
-        ".pypirc",
-        ".pgpass",
-        ".git-credentials",
-        ".htpasswd",
-        ".boto",
-        ".s3cfg",
-        ".dockercfg",
-        ".vault-token",
-        ".histfile",
-        ".lesshst",
-    }
-)
-SECRET_PREFIXES = (".env.", "id_rsa", "id_dsa", "id_ecdsa", "id_ed25519")
-SECRET_SUFFIXES = (
-    ".pem",
-    ".key",
-    ".p12",
-    ".pfx",
-    ".jks",
-    ".keystore",
-    ".kdbx",
-    ".tfstate",
-    ".tfstate.backup",
-)
-SECRET_JSON_PREFIXES = ("credentials", "client_secret", "service-account")
+# Secret folders are left out whole, never walked. Secret *files* are not ignored here:
+# the planner skips them by name (before reading them) or by content with reason
+# ``secret``, so ``repd files`` shows them and ``allow_secrets`` can bring one back.
+# repd.core.secrets holds every rule; the empty lists below keep this module's names.
+SECRET_DIRS = _SECRET_DIRS
+SECRET_NAMES: frozenset[str] = frozenset()
+SECRET_PREFIXES: tuple[str, ...] = ()
+SECRET_SUFFIXES: tuple[str, ...] = ()
+SECRET_JSON_PREFIXES: tuple[str, ...] = ()
 
 # --- soft defaults ------------------------------------------------------------------
 # Deliberately absent: "out", "bin", "lib", "vendor", "env", "target" and "tmp" are also
@@ -118,6 +103,34 @@ SOFT_DIRS = frozenset(
 )
 SOFT_DIR_SUFFIXES = (".egg-info",)
 DIR_MARKERS = ("pyvenv.cfg", "CACHEDIR.TAG")
+# Housekeeping files: rules for tools, not content a person searches for (a .gitignore came
+# back as a hit for "build output"). Soft: an ``exclude`` line such as ``!.gitattributes``
+# brings one back.
+HOUSEKEEPING_NAMES = frozenset(
+    {
+        *RULE_FILES,
+        ".gitattributes",
+        ".gitmodules",
+        ".gitkeep",
+        ".keep",
+        ".hgignore",
+        ".ignore",
+        ".rgignore",
+        ".fdignore",
+        ".dockerignore",
+        ".npmignore",
+        ".prettierignore",
+        ".eslintignore",
+        ".stylelintignore",
+        ".gcloudignore",
+        ".vercelignore",
+        ".slugignore",
+        ".cfignore",
+        ".helmignore",
+        ".bzrignore",
+        ".cvsignore",
+    }
+)
 JUNK_NAMES = frozenset({"4913", ".DS_Store", "Thumbs.db", "desktop.ini", ".directory"})
 TEMP_SUFFIXES = (
     "~",
@@ -229,6 +242,8 @@ def _hard(name: str, lower: str, is_dir: bool) -> bool:
 def _soft_file(name: str, lower: str) -> bool:
     if name in JUNK_NAMES or name.endswith(TEMP_SUFFIXES) or name.startswith(TEMP_PREFIXES):
         return True
+    if name in HOUSEKEEPING_NAMES:
+        return True
     if len(name) > 1 and name[0] == "#" and name[-1] == "#":  # emacs autosave
         return True
     if name[0] == "." and (name[-4:-1] == ".sw" or ".tmp" in name):  # vim .x.swn, .x.tmp123
@@ -307,14 +322,27 @@ class IgnoreRules:
         if cached is not None:
             return cached
         with self._lock:
-            parent, _, name = rel.rpartition("/")
-            result = (bool(parent) and self._dir_ignored(parent)) or self._own(
-                rel, parent, name, is_dir=True
-            )
-            if len(self._dirs) >= _MAX_CACHED_DIRS:
+            # Iterative, not recursive: a tree 1,000 folders deep must not hit Python's
+            # recursion limit. Climb to the nearest ancestor already decided, then decide
+            # the rest top-down (an ignored ancestor ignores everything below it).
+            todo: list[str] = []
+            cur = rel
+            verdict = False
+            while cur:
+                known = self._dirs.get(cur)
+                if known is not None:
+                    verdict = known
+                    break
+                todo.append(cur)
+                cur = cur.rpartition("/")[0]
+            if len(self._dirs) + len(todo) >= _MAX_CACHED_DIRS:
                 self._dirs.clear()
-            self._dirs[rel] = result
-            return result
+            for path in reversed(todo):
+                if not verdict:
+                    parent, _, name = path.rpartition("/")
+                    verdict = self._own(path, parent, name, is_dir=True)
+                self._dirs[path] = verdict
+            return verdict
 
     def _own(self, rel: str, parent: str, name: str, *, is_dir: bool) -> bool:
         """The path's own verdict, its ancestors aside."""
@@ -352,11 +380,24 @@ class IgnoreRules:
         if chain is not None:
             return chain
         with self._lock:
-            head = self._chain(dir_rel.rpartition("/")[0]) if dir_rel else ()
-            spec = self._spec(dir_rel)
-            chain = (*head, (len(dir_rel) + 1 if dir_rel else 0, spec)) if spec else head
-            self._chains[dir_rel] = chain
-            return chain
+            # Iterative for the same reason as _dir_ignored: climb to a cached ancestor
+            # (the root's chain at worst), then extend the chain folder by folder.
+            todo: list[str] = []
+            cur: str | None = dir_rel
+            head: tuple[tuple[int, GitIgnoreSpec], ...] = ()
+            while cur is not None:
+                known = self._chains.get(cur)
+                if known is not None:
+                    head = known
+                    break
+                todo.append(cur)
+                cur = cur.rpartition("/")[0] if cur else None
+            for path in reversed(todo):
+                spec = self._spec(path)
+                if spec is not None:
+                    head = (*head, (len(path) + 1 if path else 0, spec))
+                self._chains[path] = head
+            return head
 
     def _spec(self, dir_rel: str) -> GitIgnoreSpec | None:
         if dir_rel in self._specs:
@@ -367,10 +408,36 @@ class IgnoreRules:
             names.insert(0, ".git/info/exclude")
         lines: list[str] = []
         for name in names:
+            path = base / name
             try:
-                lines += (base / name).read_text(encoding="utf-8", errors="replace").splitlines()
-            except OSError:  # absent or unreadable: no rules from it
-                continue
-        spec = GitIgnoreSpec.from_lines(lines) if any(s.strip() for s in lines) else None
+                text = path.read_text(encoding="utf-8", errors="replace")
+            except OSError as exc:
+                if is_transient(exc):
+                    # Out of descriptors or an I/O error: reading on as if the file had
+                    # no rules would index what it ignores. Retry later instead.
+                    raise TransientError(f"cannot read {path}: {exc.strerror or exc}") from exc
+                continue  # absent or unreadable (EACCES): no rules from it, as git does
+            lines += _valid_lines(path, text.splitlines())
+        spec = GitIgnoreSpec.from_lines(lines) if lines else None
         self._specs[dir_rel] = spec
         return spec
+
+
+def _valid_lines(path: Path, lines: list[str]) -> list[str]:
+    """The lines of a rule file that compile; each bad one is logged as ``file:line``.
+
+    pathspec raises on a whole file for one bad pattern; git skips just that line. The
+    order of the kept lines is unchanged, so negation still works as written.
+    """
+    kept: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        try:
+            GitIgnoreSpec.from_lines([line])
+        except Exception as exc:  # pathspec raises its own errors and re.error alike
+            log.warning("invalid_ignore_line", file=f"{path}:{number}", line=line[:200],
+                        error=f"{type(exc).__name__}: {exc}")
+            continue
+        kept.append(line)
+    return kept

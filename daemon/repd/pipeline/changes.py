@@ -64,7 +64,11 @@ class _Entry:
 def _probe(path: Path) -> _Sample | Literal["gone", "now"]:
     try:
         st = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
+        # A dangling symlink is there (it is recorded as one), not gone: dropping it as
+        # "created then gone" left it unrecorded until the next full scan.
+        return _NOW if path.is_symlink() else _GONE
+    except NotADirectoryError:
         return _GONE
     except OSError:
         return _NOW
@@ -99,12 +103,24 @@ class ChangeQueue:
         self._closed = False
         self._waiters = 0
         self._wake_at = math.inf
+        # Handed out by get_ready and not yet acknowledged by task_done: counted under the
+        # same lock as the hand-out, so "queue empty" and "worker idle" are never both
+        # seen true while a change is between the two.
+        self._inflight = 0
         self.overflows = 0
 
     @classmethod
     def from_settings(cls, settings: WatchSettings) -> ChangeQueue:
         """A queue tuned by the ``[watch]`` settings."""
         return cls(settings.debounce_ms, settings.settle_ms, settings.max_pending)
+
+    def retune(self, settings: WatchSettings) -> None:
+        """Apply new ``[watch]`` timings and bound (a config reload); pending entries stay."""
+        with self._cond:
+            self.debounce = settings.debounce_ms / 1000
+            self.settle = settings.settle_ms / 1000
+            self.max_pending = max(1, settings.max_pending)
+            self._cond.notify_all()
 
     # --- producers ---------------------------------------------------------------------
     def put_path(self, root: Path, relpath: str, *, created: bool = False) -> None:
@@ -162,10 +178,16 @@ class ChangeQueue:
                 self._del_scan(key)
 
     def depth(self) -> dict[str, int]:
-        """Pending path entries (settling ones included), pending scans, and settling files."""
+        """Pending path entries (settling ones included), pending scans, settling files, and
+        changes handed out but not yet done (``inflight``)."""
         with self._cond:
             return {"paths": len(self._paths) + len(self._settling), "scans": len(self._scans),
-                    "settling": len(self._settling)}
+                    "settling": len(self._settling), "inflight": self._inflight}
+
+    def task_done(self, n: int) -> None:
+        """The consumer finished ``n`` changes it got from :meth:`get_ready`."""
+        with self._cond:
+            self._inflight = max(0, self._inflight - n)
 
     # --- consumer ----------------------------------------------------------------------
     def get_ready(self, max_items: int, timeout: float) -> list[Change]:
@@ -178,6 +200,7 @@ class ChangeQueue:
                     return []
                 now = self._clock()
                 out = self._ready_scans(now, max_items)
+                self._inflight += len(out)
                 due = self._due(now, max_items - len(out)) if len(out) < max_items else []
                 if not out and not due:
                     wait = min(deadline, self._next_due()) - now
@@ -195,7 +218,9 @@ class ChangeQueue:
             probed = [(key, entry, version, self._probe(key[0] / key[1]))
                       for key, entry, version in due]  # stat without holding the lock
             with self._cond:
+                before = len(out)
                 self._apply(probed, self._clock(), out, max_items)
+                self._inflight += len(out) - before
             if out:
                 return out
 

@@ -26,12 +26,13 @@ import numpy as np
 from repd.adapters.manifest import ChunkRow, FileRow, Generation, Manifest
 from repd.adapters.store import Store
 from repd.core.faults import crashpoint
-from repd.core.identity import StatSig, is_racy
+from repd.core.identity import StatSig, is_racy, stored_path
 from repd.core.ignore import IgnoreRules
 from repd.core.types import PointRecord
+from repd.errors import TransientError, is_transient
 from repd.log import get_logger
 from repd.pipeline.plan import ZERO_SIG, FilePlan, Planner
-from repd.pipeline.scanner import walk
+from repd.pipeline.scanner import contained, walk
 
 log = get_logger("indexer")
 
@@ -44,6 +45,18 @@ GROUP_FILES = 512
 # edit or restoring a deleted file costs no embedding; past that, the surplus is dropped
 # (in no particular order: SQLite keeps no last-use time for them).
 VECTOR_CACHE_SPARE = 50_000
+# Chunks embedded per call between two heartbeats and stop checks: a few seconds of work
+# on a CPU, so a long file never outlives the systemd watchdog or delays SIGTERM.
+EMBED_SLICE_CHUNKS = 256
+# A file cut into more chunks than this is skipped (``too_many_chunks``): ~10 MB of text.
+MAX_CHUNKS_PER_FILE = 20_000
+# A group is closed once its estimated embedding time passes this, whatever its size, so
+# progress is committed (and Ctrl-C keeps it) at least this often.
+GROUP_SECONDS = 20.0
+
+
+class Interrupted(Exception):  # noqa: N818 (a signal, not an error)
+    """Raised between embedding slices when a stop was asked for; nothing half written."""
 
 
 class EmbedderLike(Protocol):
@@ -87,7 +100,7 @@ class RunStats:
         return d
 
 
-Progress = Callable[[int, int, RunStats], None]
+Progress = Callable[[float, int, RunStats], None]
 
 
 class Indexer:
@@ -102,13 +115,38 @@ class Indexer:
         self._embedder_factory = embedder
         self._embedder: EmbedderLike | None = None
         self._follow = follow_symlinks
-        self.planner = Planner(max_file_bytes, self._tokenizer)
+        self.planner = Planner(max_file_bytes, self._tokenizer, follow_symlinks=follow_symlinks)
         self.stage = "idle"  # what the engine is doing right now, for status
         self.group_chunks = GROUP_CHUNKS
         # One-shot runs build HNSW as they go; the daemon does it when idle instead.
         self.build_index_inline = True
         self.group_files = GROUP_FILES
+        self.group_seconds = GROUP_SECONDS
+        self.embed_slice = EMBED_SLICE_CHUNKS
+        self.max_chunks_per_file = MAX_CHUNKS_PER_FILE
+        # Hooks the owner sets: a heartbeat with the chunks just embedded (progress and the
+        # systemd watchdog), a stop request checked between slices, a free-space check
+        # before each write (raises DiskFullError), and the stage for status.
+        self.on_embedded: Callable[[int], None] = lambda n: None
+        self.should_stop: Callable[[], bool] = lambda: False
+        self.check_space: Callable[[], None] = lambda: None
+        self.on_stage: Callable[[str], None] = lambda stage: None
+        self._embed_rate = 0.0  # chunks/s, smoothed: sizes groups by time
         self._lock = threading.Lock()  # one group is written at a time
+
+    @property
+    def follow_symlinks(self) -> bool:
+        """Whether scans follow symlinks (``watch.follow_symlinks``)."""
+        return self._follow
+
+    @follow_symlinks.setter
+    def follow_symlinks(self, value: bool) -> None:
+        self._follow = value
+        self.planner.follow_symlinks = value  # the planner decides what a read may open
+
+    def _set_stage(self, stage: str) -> None:
+        self.stage = stage
+        self.on_stage(stage)
 
     # -- model, loaded only once something really needs embedding -----------------------
 
@@ -168,25 +206,68 @@ class Indexer:
 
     # -- scanning ------------------------------------------------------------------------
 
+    def allow_roots(self, roots: Iterable[Path]) -> None:
+        """Name every configured root: with ``follow_symlinks``, a link may lead into one."""
+        self.planner.allowed_roots = tuple(roots)
+
     def reconcile(self, root: Path, rules: IgnoreRules, subdir: str = "",
                   progress: Progress | None = None,
                   should_stop: Callable[[], bool] = lambda: False) -> RunStats:
-        """Bring the index of ``root/subdir`` in line with the disk."""
+        """Bring the index of ``root/subdir`` in line with the disk.
+
+        ``subdir`` is a path as ``os`` gives it (a scan request, a reindex); when it names
+        a file rather than a folder, that file is re-read. Only files that are really gone
+        are deleted: the rows below a folder that cannot be listed (EACCES) are kept and
+        the folder is recorded as ``unreadable``; a transient failure (EMFILE, EIO...)
+        raises TransientError before anything is written.
+        """
+        subdir = subdir.strip("/")
+        if subdir and not self._is_folder(root / subdir):
+            # `repd reindex FILE` used to scan the file as a folder, fail to list it and
+            # delete it from the index ("cannot list folder: Not a directory").
+            return self.process_paths(root, rules, [subdir], should_stop)
         t0 = time.perf_counter()
-        self.stage = "scanning"
+        self._set_stage("scanning")
+        try:
+            stats = self._reconcile(root, rules, subdir, progress, should_stop)
+        finally:
+            self._set_stage("idle")
+        stats.seconds = time.perf_counter() - t0
+        return stats
+
+    def _is_folder(self, path: Path) -> bool:
+        """A folder to walk; a symlink to one counts only when links are followed."""
+        try:
+            st = path.lstat()
+        except (FileNotFoundError, NotADirectoryError):
+            return True  # gone: walking finds nothing, so whatever was below it goes
+        except OSError:
+            return True  # the walk reports it (and keeps the rows below it)
+        if stat_mod.S_ISLNK(st.st_mode):
+            return self._follow and path.is_dir()
+        return stat_mod.S_ISDIR(st.st_mode)
+
+    def _reconcile(self, root: Path, rules: IgnoreRules, subdir: str,
+                   progress: Progress | None, should_stop: Callable[[], bool]) -> RunStats:
         root_s = str(root)
-        known = self.manifest.files_under(root_s, subdir)
+        known = self.manifest.files_under(root_s, stored_path(subdir))
         stats = RunStats()
         todo: list[str] = []
         skips: list[FilePlan] = []
         seen: set[str] = set()
-        for entry in walk(root, rules, subdir, self._follow):
-            seen.add(entry.relpath)
+        unlisted: list[str] = []  # folders that could not be listed: keep what is below
+        for entry in walk(root, rules, subdir, self._follow, self.planner.allowed_roots):
+            # Names that are not valid UTF-8 are kept in their escaped stored form: SQLite,
+            # payloads and point ids refuse lone surrogates (it aborted the whole root).
+            rel = stored_path(entry.relpath)
+            seen.add(rel)
             stats.seen += 1
-            row = known.get(entry.relpath)
+            if entry.folder:
+                unlisted.append(rel)
+            row = known.get(rel)
             if entry.st is None:
                 if row is None or row.state != "skipped" or row.reason != entry.skip_reason:
-                    skips.append(FilePlan(root_s, entry.relpath, ZERO_SIG, time.time_ns(),
+                    skips.append(FilePlan(root_s, rel, ZERO_SIG, time.time_ns(),
                                           "skip", reason=entry.skip_reason,
                                           detail=entry.skip_detail))
                 else:
@@ -197,69 +278,91 @@ class Indexer:
                 if row.state == "skipped":
                     stats.skipped[row.reason or "unknown"] += 1
                 continue
-            todo.append(entry.relpath)
+            todo.append(rel)
         gone = [FilePlan(root_s, p, ZERO_SIG, time.time_ns(), "delete")
-                for p in known if p not in seen]
+                for p in known if p not in seen and not _below_any(p, unlisted)]
         total = len(todo)
         if skips or gone:
             stats.add(self._apply(skips + gone))
         if progress:
             progress(0, total, stats)
         self._run_paths(root, todo, known, stats, progress, should_stop)
-        stats.seconds = time.perf_counter() - t0
-        self.stage = "idle"
         return stats
 
     def process_paths(self, root: Path, rules: IgnoreRules, relpaths: Iterable[str],
                       should_stop: Callable[[], bool] = lambda: False) -> RunStats:
-        """Index specific paths that an event named (they may be gone, or folders now)."""
+        """Index specific paths that an event named (they may be gone, or folders now).
+
+        ``relpaths`` are paths as ``os`` gives them (the watcher's, a reindex's); the
+        manifest is keyed by their stored form. A path whose folder now leads outside the
+        root (a folder swapped for a symlink) is never read, and its rows go.
+        """
         t0 = time.perf_counter()
         root_s = str(root)
         stats = RunStats()
         todo: list[str] = []
         known: dict[str, FileRow] = {}
-        for rel in dict.fromkeys(relpaths):
+        for rel in dict.fromkeys(r.strip("/") for r in relpaths):
+            if not rel:
+                stats.add(self.reconcile(root, rules, "", should_stop=should_stop))
+                continue
+            key = stored_path(rel)
             abs_path = root / rel
+            if not contained(root, rel, self._follow, self.planner.allowed_roots):
+                stats.add(self._delete_under(root_s, key))
+                continue
             try:
                 st = abs_path.lstat()
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 # Gone: the file itself, or a whole folder whose files the manifest knows.
-                gone = self.manifest.files_under(root_s, rel)
-                if gone:
-                    stats.add(self._apply([FilePlan(root_s, p, ZERO_SIG, time.time_ns(),
-                                                    "delete") for p in gone]))
+                stats.add(self._delete_under(root_s, key))
                 continue
-            except OSError:
-                st = None
-            row = self.manifest.file(root_s, rel)
-            if st is not None and stat_mod.S_ISDIR(st.st_mode):
+            except PermissionError:
+                # A folder above it cannot be searched (lstat needs no right on the file
+                # itself): keep what the index holds; the scan records the folder.
+                continue
+            except OSError as exc:
+                if is_transient(exc):
+                    raise TransientError(f"cannot stat {abs_path}: {exc.strerror or exc}"
+                                         ) from exc
+                st = None  # EACCES and the like: the planner records why
+            row = self.manifest.file(root_s, key)
+            if st is not None and self._is_folder(abs_path):
                 if row is not None:  # a file replaced by a folder
-                    stats.add(self._apply([FilePlan(root_s, rel, ZERO_SIG, time.time_ns(),
+                    stats.add(self._apply([FilePlan(root_s, key, ZERO_SIG, time.time_ns(),
                                                     "delete")]))
                 stats.add(self.reconcile(root, rules, rel, should_stop=should_stop))
                 continue
             is_link = st is not None and stat_mod.S_ISLNK(st.st_mode)
             if rules.is_ignored(rel, False):
                 if row is not None:
-                    stats.add(self._apply([FilePlan(root_s, rel, ZERO_SIG, time.time_ns(),
+                    stats.add(self._apply([FilePlan(root_s, key, ZERO_SIG, time.time_ns(),
                                                     "delete")]))
                 continue
             if is_link and not self._follow:  # recorded as the full scan records it
                 if row is None or row.reason != "symlink":
                     stats.add(self._apply([FilePlan(
-                        root_s, rel, ZERO_SIG, time.time_ns(), "skip", reason="symlink",
+                        root_s, key, ZERO_SIG, time.time_ns(), "skip", reason="symlink",
                         detail="symlinks are not followed")]))
                 continue
             if row is not None:
-                known[rel] = row
+                known[key] = row
                 if st is not None and not is_link and self._unchanged(row, StatSig.of(st)):
                     stats.unchanged += 1
                     continue
-            todo.append(rel)
+            todo.append(key)
             stats.seen += 1
         self._run_paths(root, todo, known, stats, None, should_stop)
         stats.seconds = time.perf_counter() - t0
         return stats
+
+    def _delete_under(self, root_s: str, key: str) -> RunStats:
+        """Delete the rows of ``key`` and of everything the manifest knows below it."""
+        gone = self.manifest.files_under(root_s, key)
+        if not gone:
+            return RunStats()
+        return self._apply([FilePlan(root_s, p, ZERO_SIG, time.time_ns(), "delete")
+                            for p in gone])
 
     def prune_vector_cache(self, keep_unreferenced: int = VECTOR_CACHE_SPARE) -> int:
         """Bound the cache of vectors no chunk uses any more (kept for undo and moves)."""
@@ -287,35 +390,141 @@ class Indexer:
         group: list[FilePlan] = []
         group_chunks = 0
         done = 0
+        total = len(relpaths)
+
+        def flush() -> None:
+            nonlocal group, group_chunks, done
+            base = done
+
+            def on_slice(embedded: int, to_embed: int) -> None:
+                # The bar moves while a long group embeds, not only when it commits.
+                if progress and to_embed:
+                    view = RunStats()
+                    view.add(stats)
+                    view.chunks_embedded += embedded
+                    progress(base + len(group) * embedded / to_embed, total, view)
+
+            self._apply_isolated(group, stats, on_slice)
+            done += len(group)
+            group, group_chunks = [], 0
+            if progress:
+                progress(done, total, stats)
+
         for rel in relpaths:
-            if should_stop():
+            if should_stop() or self.should_stop():
                 break
             row = known.get(rel)
-            self.stage = "planning"
-            plan = self.planner.plan(root, rel, row.content_hash if row else None,
-                                     row.state if row else None)
+            self._set_stage("planning")
+            plan = self._capped(self._plan(root, rel, row))
             group.append(plan)
             group_chunks += len(plan.chunks)
-            if group_chunks >= self.group_chunks or len(group) >= self.group_files:
-                stats.add(self._apply(group))
-                done += len(group)
-                group, group_chunks = [], 0
-                if progress:
-                    progress(done, len(relpaths), stats)
+            if group_chunks >= self._group_chunk_cap() or len(group) >= self.group_files:
+                flush()
         if group:
-            stats.add(self._apply(group))
-            done += len(group)
-            if progress:
-                progress(done, len(relpaths), stats)
+            flush()
+
+    def _plan(self, root: Path, rel: str, row: FileRow | None) -> FilePlan:
+        """Plan one file; an unexpected error about it becomes its ``failed`` row."""
+        try:
+            return self.planner.plan(root, rel, row.content_hash if row else None,
+                                     row.state if row else None)
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.exception("file_failed", root=str(root), path=rel)
+            return FilePlan(str(root), rel, ZERO_SIG, time.time_ns(), "fail",
+                            reason="index_error", detail=f"{type(exc).__name__}: {exc}"[:500])
+
+    def _group_chunk_cap(self) -> int:
+        # Size groups by time once the embedding rate is known: a group then commits
+        # within about ``group_seconds`` on any machine, GPU or slow CPU.
+        if self._embed_rate <= 0:
+            return self.group_chunks
+        return max(64, min(self.group_chunks, int(self._embed_rate * self.group_seconds)))
+
+    def _capped(self, plan: FilePlan) -> FilePlan:
+        if plan.action != "index" or len(plan.chunks) <= self.max_chunks_per_file:
+            return plan
+        return FilePlan(plan.root, plan.relpath, plan.sig, plan.started_ns, "skip",
+                        content_hash=plan.content_hash, reason="too_many_chunks",
+                        detail=f"{len(plan.chunks)} chunks, more than max_chunks_per_file "
+                        f"({self.max_chunks_per_file})")
+
+    def _apply_isolated(self, plans: list[FilePlan], stats: RunStats,
+                        on_slice: Callable[[int, int], None] | None = None) -> None:
+        """Apply a group; if it fails for a reason about its files, find them by halving.
+
+        A transient failure (no descriptors, disk full, the store or SQLite failing) and
+        a stop request propagate: the caller retries the whole unit later. Anything else
+        is taken to be about one file: the group is undone, split in two and retried,
+        down to the one file, which is recorded as ``failed`` with the reason.
+        """
+        try:
+            stats.add(self._apply(plans, on_slice))
+            return
+        except Interrupted:
+            raise
+        except Exception as exc:
+            self.recover()  # undo the half-written group before anything else
+            if is_transient(exc):
+                raise
+            if len(plans) > 1:
+                mid = len(plans) // 2
+                self._apply_isolated(plans[:mid], stats)
+                self._apply_isolated(plans[mid:], stats)
+                return
+            plan = plans[0]
+            log.exception("file_failed", root=plan.root, path=plan.relpath)
+            failed = FilePlan(plan.root, plan.relpath, plan.sig, plan.started_ns, "fail",
+                              content_hash=None, reason="index_error",
+                              detail=f"{type(exc).__name__}: {exc}"[:500])
+            stats.add(self._apply([failed]))
 
     # -- writing -------------------------------------------------------------------------
 
-    def _apply(self, plans: list[FilePlan]) -> RunStats:
+    def _apply(self, plans: list[FilePlan],
+               on_slice: Callable[[int, int], None] | None = None) -> RunStats:
         """Embed what is new in a group of plans and write it all crash-safely."""
         with self._lock:
-            return self._apply_locked(plans)
+            try:
+                return self._apply_locked(plans, on_slice)
+            finally:
+                self._set_stage("idle")  # whatever happened, status must not say "writing"
 
-    def _apply_locked(self, plans: list[FilePlan]) -> RunStats:
+    def _embed_missing(self, hashes: dict[str, str], missing: list[str],
+                       on_slice: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
+        """Embed ``missing`` in slices, caching each slice's vectors as soon as it is done.
+
+        Between slices: a heartbeat, progress, and a stop check. Vectors go to the cache
+        at once, so a stop, a crash or Ctrl-C loses at most the slice in flight: the next
+        run finds the rest in the cache and embeds nothing twice.
+        """
+        out: dict[str, np.ndarray] = {}
+        model_id = self.embedder.model_id
+        step = max(1, self.embed_slice)
+        # Longest first across the whole group, so each slice holds texts of like length
+        # and the embedder's batches stay nearly free of padding.
+        missing = sorted(missing, key=lambda h: len(hashes[h]), reverse=True)
+        for i in range(0, len(missing), step):
+            if self.should_stop():
+                raise Interrupted
+            part = missing[i:i + step]
+            self._set_stage("embedding")
+            t0 = time.perf_counter()
+            embedded = self.embedder.embed([hashes[h] for h in part])
+            rate = len(part) / max(time.perf_counter() - t0, 1e-6)
+            self._embed_rate = rate if not self._embed_rate else 0.7 * self._embed_rate + 0.3 * rate
+            fresh = list(zip(part, embedded, strict=True))
+            with self.manifest.transaction() as db:
+                Manifest.put_vectors(db, model_id, fresh)
+            out.update(fresh)
+            self.on_embedded(len(part))
+            if on_slice is not None:
+                on_slice(i + len(part), len(missing))
+        return out
+
+    def _apply_locked(self, plans: list[FilePlan],
+                      on_slice: Callable[[int, int], None] | None) -> RunStats:
         stats = RunStats()
         gen = self.generation
         root_rows: dict[tuple[str, str], FileRow | None] = {
@@ -327,7 +536,6 @@ class Indexer:
         # Vectors: reuse any known for the same text under this model, embed the rest once.
         indexing = [p for p in plans if p.action == "index"]
         vectors: dict[str, np.ndarray] = {}
-        new_vectors: list[tuple[str, np.ndarray]] = []
         if indexing:
             model_id = self.embedder.model_id
             hashes = {c.hash: c.text for p in indexing for c in p.chunks}
@@ -335,15 +543,15 @@ class Indexer:
             missing = [h for h in hashes if h not in vectors]
             n_chunks = sum(len(p.chunks) for p in indexing)
             if missing:
-                self.stage = "embedding"
-                embedded = self.embedder.embed([hashes[h] for h in missing])
-                for h, vec in zip(missing, embedded, strict=True):
-                    vectors[h] = vec
-                    new_vectors.append((h, vec))
+                vectors.update(self._embed_missing(hashes, missing, on_slice))
             stats.chunks_embedded += len(missing)
             stats.chunks_reused += n_chunks - len(missing)
+        if self.should_stop():
+            raise Interrupted  # nothing written yet: the files stay as they were
+        # Short of disk, Qdrant Edge dies of SIGBUS in its memory maps: check first.
+        self.check_space()
 
-        self.stage = "writing"
+        self._set_stage("writing")
         points: list[PointRecord] = []
         stale: list[str] = []
         intents: list[tuple[FilePlan, list[str]]] = []
@@ -364,8 +572,6 @@ class Indexer:
 
         intent_ids: list[int] = []
         with self.manifest.transaction() as db:
-            if new_vectors:
-                Manifest.put_vectors(db, self.embedder.model_id, new_vectors)
             for p, ids in intents:
                 intent_ids.append(Manifest.add_intent(db, gen.id, p.root, p.relpath, ids))
         crashpoint("intent")
@@ -415,7 +621,11 @@ class Indexer:
         if points and self.build_index_inline:
             # Each build covers at most the store's threshold of new points, so the pause
             # (Edge holds the GIL while it builds HNSW) stays bounded.
-            self.stage = "indexing"
+            self._set_stage("indexing")
             self.store.maybe_build_index()
-        self.stage = "idle"
         return stats
+
+
+def _below_any(path: str, folders: Sequence[str]) -> bool:
+    """True when ``path`` is one of ``folders`` or lies below one ("." is the root)."""
+    return any(f == "." or path == f or path.startswith(f + "/") for f in folders)

@@ -7,6 +7,15 @@ watch at all, so they cost neither watches nor events; a kernel queue overflow
 (``IN_Q_OVERFLOW``), which watchdog only logs, calls :meth:`Watcher.on_lost_events`;
 and running out of watches, which watchdog swallows for subdirectories, moves the root
 to polling instead of leaving part of it silently unwatched.
+
+Nothing about one event or one root may stop the watching of the others: the handler and
+the inotify callbacks never raise (an error is logged, counted, and becomes a rescan of
+the root); folders are walked iteratively (a tree 1,000 levels deep crashed ``repd run``);
+a root that cannot be watched is an error of that root only. The maintenance thread
+checks every few seconds that each root is still watched: a root in an error state whose
+folder is back (deleted and recreated), a root replaced by another folder, or a root
+whose emitter thread died is watched again and rescanned. :meth:`Watcher.health` says
+whether the threads are alive and which roots have a problem.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat as stat_mod
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +48,7 @@ from watchdog.observers.inotify import InotifyFullEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 from watchdog.observers.polling import PollingEmitter
+from watchdog.utils.dirsnapshot import DirectorySnapshot
 
 from repd.core.ignore import IgnoreRules, is_rule_file
 from repd.log import get_logger
@@ -53,6 +64,31 @@ _EVENT_FILTER: list[type[FileSystemEvent]] = [
     FileAttribEvent, DirCreatedEvent, DirDeletedEvent, DirMovedEvent,
 ]
 _HooksFor = Callable[[str], "_Root | None"]
+# How often the maintenance thread checks that every root is still watched, and the
+# longest it waits between two tries at a root that keeps failing.
+CHECK_INTERVAL_S = 3.0
+MAX_RETRY_S = 60.0
+# A handler error is logged with its traceback once per root per this many seconds (an
+# error that repeats on every event must not flood the log); every one is counted.
+_ERROR_LOG_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class WatchHealth:
+    """The watcher's own view of its health, for status and the supervisor.
+
+    ``threads``: each thread the watcher relies on and whether it is alive
+    (``maintenance``, ``inotify-observer``, ``inotify-reader``, ``polling-observer``; only
+    those that were started). ``problems``: per root, why it is not fully watched right
+    now (``error: ...``, a dead emitter), or its last event-handling error within the last
+    minute. ``handler_errors``: exceptions caught while handling events since start.
+    """
+
+    alive: bool
+    threads: dict[str, bool]
+    problems: dict[Path, str]
+    handler_errors: int
+    last_error: str | None
 
 
 @dataclass(eq=False)
@@ -66,6 +102,11 @@ class _Root:
     watch: ObservedWatch | None = None
     observer: BaseObserver | None = None
     group: _WatchGroup | None = None
+    ident: tuple[int, int] | None = None  # (st_dev, st_ino) of the folder when watched
+    retry_at: float = 0.0  # monotonic time of the next re-arm try while in error
+    retry_delay: float = CHECK_INTERVAL_S
+    last_error: tuple[float, str] | None = None  # (monotonic time, text) of a handler error
+    last_logged: float = -1e18
     text: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -81,7 +122,13 @@ class _Root:
     def prune(self, path: bytes) -> bool:
         """True for an ignored directory, which gets no watch and no walk."""
         rel = self.rel(os.fsdecode(path))
-        return bool(rel) and self.rules.is_ignored(rel or "", True)
+        if not rel:
+            return False
+        try:
+            return self.rules.is_ignored(rel, True)
+        except Exception as exc:  # watching too much beats killing watchdog's thread
+            self.watcher._handler_failed(self, exc, "ignore rules")
+            return False
 
     def listdir(self, path: str | None) -> Iterator[os.DirEntry[str]]:
         """os.scandir without ignored entries, so polling never walks node_modules."""
@@ -91,8 +138,15 @@ class _Root:
         if rel is None:
             return iter(entries)
         base = rel + "/" if rel else ""
-        return iter([e for e in entries
-                     if not self.rules.is_ignored(base + e.name, e.is_dir(follow_symlinks=False))])
+        kept = []
+        for e in entries:
+            try:
+                if self.rules.is_ignored(base + e.name, e.is_dir(follow_symlinks=False)):
+                    continue
+            except Exception as exc:  # keep the entry: the poller's thread must live on
+                self.watcher._handler_failed(self, exc, "ignore rules")
+            kept.append(e)
+        return iter(kept)
 
 
 @dataclass(eq=False)
@@ -115,22 +169,42 @@ class _WatchGroup(InotifyWatchGroup):
         return self.hooks is not None and self.hooks.prune(path)
 
     def _add_all_callbacks(self, path: bytes) -> None:
-        # Paths are bytes here, as watchdog keeps them, hence os.path rather than pathlib.
+        # Paths are bytes here, as watchdog keeps them, hence os rather than pathlib. An
+        # explicit stack, not os.walk: Python 3.11's os.walk recurses once per level and
+        # a tree ~1,000 levels deep raised RecursionError at start-up.
         if self._pruned(path):
             return
         is_dir = os.path.isdir(path)  # noqa: PTH112
         self._add_callback(path)
         if not (is_dir and self.is_recursive):
             return
-        for top, dirnames, _ in os.walk(path, followlinks=self.follow_symlink):
-            kept = []
-            for name in dirnames:
-                full = os.path.join(top, name)  # noqa: PTH118
-                link = not self.follow_symlink and os.path.islink(full)  # noqa: PTH114
-                if not link and not self._pruned(full):
-                    kept.append(name)
-                    self._add_callback(full)
-            dirnames[:] = kept
+        seen: set[tuple[int, int]] = set()  # followed links can loop
+        stack = [path]
+        while stack:
+            top = stack.pop()
+            try:
+                with os.scandir(top) as it:
+                    entries = list(it)
+            except OSError:
+                continue  # vanished or unreadable meanwhile, as os.walk skips it
+            for de in entries:
+                try:
+                    if de.is_symlink() and not self.follow_symlink:
+                        continue
+                    if not de.is_dir(follow_symlinks=True):
+                        continue
+                    if self.follow_symlink:
+                        st = de.stat(follow_symlinks=True)
+                        if (st.st_dev, st.st_ino) in seen:
+                            continue
+                        seen.add((st.st_dev, st.st_ino))
+                except OSError:
+                    continue
+                full = de.path
+                if self._pruned(full):
+                    continue
+                self._add_callback(full)
+                stack.append(full)
 
     def _add_callback(self, path: bytes) -> None:
         if path in self._active_callbacks_by_path:
@@ -155,11 +229,28 @@ class _WatchGroup(InotifyWatchGroup):
         # queued after its watches exist), so the walk, node_modules and all, is skipped.
         return []
 
+    def on_event(self, event: InotifyEvent) -> None:
+        """watchdog's per-event callback, run on the inotify reader thread shared by every
+        root: an exception here would end watching for all of them, so none escapes."""
+        try:
+            super().on_event(event)
+        except Exception as exc:
+            self._failed(exc)
+
     def on_queue_overflow(self) -> None:
         """The kernel dropped events: watchdog rebuilds the watches; we also ask for a rescan."""
-        super().on_queue_overflow()
+        try:
+            super().on_queue_overflow()
+        except Exception as exc:
+            self._failed(exc)
         if self.is_active and self.hooks is not None:
             self.hooks.watcher.on_lost_events(self.hooks.path)
+
+    def _failed(self, exc: Exception) -> None:
+        if self.hooks is not None:
+            self.hooks.watcher._handler_failed(self.hooks, exc, "inotify")
+        else:
+            log.error("inotify_callback_failed", error=f"{type(exc).__name__}: {exc}")
 
     def add_subtree(self, path: bytes) -> None:
         """Watch directories under ``path`` that are not watched (rules changed)."""
@@ -199,6 +290,16 @@ class _InotifyEmitter(InotifyFullEmitter):
         if self._hooks is not None:
             self._hooks.group = group
 
+    def queue_events(self, timeout: float, *, full_events: bool = False) -> None:
+        """One round of the emitter's loop; an error is reported, never the thread's end."""
+        try:
+            super().queue_events(timeout, full_events=full_events)
+        except Exception as exc:
+            if self._hooks is None:
+                raise
+            self._hooks.watcher._handler_failed(self._hooks, exc, "emitter")
+            time.sleep(min(timeout, 1.0))  # an error that repeats must not spin the CPU
+
     def build_and_queue_event(self, event: GroupedInotifyEvent, *,
                               full_events: bool = True) -> None:
         # A moved directory becomes one event: the handler rescans both sides, so watchdog's
@@ -233,6 +334,37 @@ class _InotifyObserver(BaseObserver):
         self._inotify_fd.stop()
         self._inotify_fd.join()
 
+    def reader_alive(self) -> bool:
+        """Whether the thread reading the inotify descriptor (all roots' events) runs."""
+        return self._inotify_fd.is_alive()
+
+
+class _Snapshot(DirectorySnapshot):
+    """watchdog's snapshot with an iterative walk (its own recurses once per level)."""
+
+    def walk(self, root: str) -> Iterator[tuple[str, os.stat_result]]:
+        """Every path below ``root`` with its stat, depth first, without recursion."""
+        stack = [root]
+        while stack:
+            top = stack.pop()
+            try:
+                paths = [os.path.join(top, entry.name)  # noqa: PTH118
+                         for entry in self.listdir(top)]
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EINVAL):
+                    continue  # gone meanwhile: empty, as watchdog treats it
+                if top != root and isinstance(exc, PermissionError):
+                    continue  # an unreadable subfolder is skipped, as watchdog does
+                raise
+            for p in paths:
+                try:
+                    st = self.stat(p)
+                except OSError:
+                    continue
+                yield p, st
+                if self.recursive and stat_mod.S_ISDIR(st.st_mode):
+                    stack.append(p)
+
 
 class _PollingEmitter(PollingEmitter):
     """Polling that skips ignored entries and does not follow symlinks unless told to."""
@@ -242,9 +374,13 @@ class _PollingEmitter(PollingEmitter):
                  event_filter: list[type[FileSystemEvent]] | None = None,
                  hooks_for: _HooksFor | None = None) -> None:
         hooks = hooks_for(watch.path) if hooks_for is not None else None
+        stat = os.stat if watch.follow_symlink else os.lstat
+        listdir = hooks.listdir if hooks is not None else os.scandir
         super().__init__(event_queue, watch, timeout=timeout, event_filter=event_filter,
-                         stat=os.stat if watch.follow_symlink else os.lstat,
-                         listdir=hooks.listdir if hooks is not None else os.scandir)
+                         stat=stat, listdir=listdir)
+        self._take_snapshot = lambda: _Snapshot(self.watch.path,
+                                                recursive=self.watch.is_recursive,
+                                                stat=stat, listdir=listdir)
 
 
 class _Handler(FileSystemEventHandler):
@@ -255,7 +391,18 @@ class _Handler(FileSystemEventHandler):
         self._queue = queue
 
     def dispatch(self, event: FileSystemEvent) -> None:
-        """Called by the observer thread for every event of this root."""
+        """Called by the observer thread for every event of this root; never raises.
+
+        An exception here used to end watchdog's dispatch thread, and with it live
+        indexing of every root while status still said ``inotify``. Now it is logged,
+        counted, and the root is rescanned, which covers whatever the event meant.
+        """
+        try:
+            self._dispatch(event)
+        except Exception as exc:
+            self._root.watcher._handler_failed(self._root, exc, "handler")
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
         kind = event.event_type
         if kind == "moved":
             for side in (event.src_path, event.dest_path):
@@ -290,16 +437,20 @@ class Watcher:
     """Watches ``roots`` and enqueues their changes; see the module docstring.
 
     Runs no thread of its own for events: watchdog's threads call the handler. A small
-    maintenance thread re-arms watches after rule changes and moves a root to polling
-    when inotify runs out of watches while running.
+    maintenance thread re-arms watches after rule changes, moves a root to polling when
+    inotify runs out of watches while running, and every ``check_interval`` seconds
+    watches again any root that lost its watch (see the module docstring).
     """
 
     def __init__(self, roots: Sequence[Path], rules: Mapping[Path, IgnoreRules],
                  queue: ChangeQueue, settings: WatchSettings, *,
-                 poll_interval: float = 2.0) -> None:
+                 poll_interval: float = 2.0, check_interval: float = CHECK_INTERVAL_S) -> None:
         self._queue = queue
         self._settings = settings
         self._poll_interval = poll_interval
+        self._check_interval = check_interval
+        self._handler_errors = 0
+        self._last_error: str | None = None
         self._lock = threading.RLock()
         self._roots: dict[Path, _Root] = {}
         self._by_text: dict[str, _Root] = {}
@@ -349,6 +500,32 @@ class Watcher:
         with self._lock:
             return {path: root.mode for path, root in self._roots.items()}
 
+    def threads_alive(self) -> bool:
+        """True while every thread the watcher started is running (False once stopped)."""
+        return self.health().alive
+
+    def health(self) -> WatchHealth:
+        """Threads alive, per-root problems and handler errors; see :class:`WatchHealth`."""
+        now = time.monotonic()
+        with self._lock:
+            threads: dict[str, bool] = {}
+            if self._maint is not None:
+                threads["maintenance"] = self._maint.is_alive()
+            if self._inotify is not None:
+                threads["inotify-observer"] = self._inotify.is_alive()
+                threads["inotify-reader"] = self._inotify.reader_alive()
+            if self._polling is not None:
+                threads["polling-observer"] = self._polling.is_alive()
+            problems: dict[Path, str] = {}
+            for path, root in self._roots.items():
+                why = self._root_problem(root)
+                if why is None and root.last_error and now - root.last_error[0] < 60:
+                    why = f"event handling failed: {root.last_error[1]}"
+                if why is not None:
+                    problems[path] = why
+            alive = self._running and all(threads.values())
+            return WatchHealth(alive, threads, problems, self._handler_errors, self._last_error)
+
     def add_root(self, root: Path, rules: IgnoreRules) -> None:
         """Watch another root, or replace the rules of a watched one (config reload)."""
         with self._lock:
@@ -381,6 +558,101 @@ class Watcher:
         self._queue.put_scan(root, "")
 
     # --- internals ---------------------------------------------------------------------
+    def _handler_failed(self, root: _Root, exc: BaseException, where: str) -> None:
+        """An event of ``root`` could not be handled: count it, log it, rescan the root.
+
+        Called on watchdog's threads, so it must not raise either.
+        """
+        try:
+            text = f"{type(exc).__name__}: {exc}"[:500]
+            now = time.monotonic()
+            self._handler_errors += 1
+            self._last_error = f"{root.text}: {text}"
+            root.last_error = (now, text)
+            if now - root.last_logged >= _ERROR_LOG_EVERY_S:
+                root.last_logged = now
+                log.error("watch_event_failed", root=root.text, where=where, error=text,
+                          exc_info=exc)
+            self._queue.put_scan(root.path, "")  # whatever the event meant, a scan finds
+        except Exception:  # the last line of defence of watchdog's threads: never raise
+            pass
+
+    def _root_problem(self, root: _Root) -> str | None:
+        """Why ``root`` is not watched right now, or None."""
+        if root.mode.startswith("error"):
+            return root.mode
+        if not self._running or root.mode == "stopped":
+            return None
+        emitter = _emitter(root)
+        if emitter is not None and not emitter.is_alive():
+            return "error: its watch thread stopped"
+        return None
+
+    def _check_roots(self) -> None:
+        """Watch again every root that lost its watch; rebuild dead observers.
+
+        Runs on the maintenance thread every few seconds. Catches: a root deleted and
+        recreated (it stayed unwatched until the hourly rescan), a root replaced by
+        another folder (the old watch follows the old folder), an emitter thread that
+        died, and an observer whose threads died.
+        """
+        with self._lock:
+            if not self._running:
+                return
+            self._rebuild_dead_observers()
+            now = time.monotonic()
+            for root in list(self._roots.values()):
+                if not self._needs_rearm(root) or now < root.retry_at:
+                    continue
+                self._unwatch(root)
+                self._watch(root)
+                if root.mode.startswith("error"):
+                    root.retry_delay = min(root.retry_delay * 2, MAX_RETRY_S)
+                    root.retry_at = now + root.retry_delay
+                    continue
+                root.retry_delay, root.retry_at = self._check_interval, 0.0
+                log.info("root_watched_again", root=root.text, mode=root.mode)
+                self._queue.put_scan(root.path, "")  # after the watch: nothing falls between
+
+    def _needs_rearm(self, root: _Root) -> bool:
+        try:
+            st = root.path.stat()
+        except OSError:
+            if not root.mode.startswith("error"):
+                root.mode = "error: root vanished"
+                log.error("root_vanished", root=root.text)
+            return False  # not back yet
+        if not stat_mod.S_ISDIR(st.st_mode):
+            return False
+        if root.mode.startswith("error"):
+            return True
+        if root.ident is not None and root.ident != (st.st_dev, st.st_ino):
+            log.warning("root_replaced", root=root.text)
+            return True  # deleted and recreated between two checks
+        return self._root_problem(root) is not None
+
+    def _rebuild_dead_observers(self) -> None:
+        if self._inotify is not None and not (self._inotify.is_alive()
+                                               and self._inotify.reader_alive()):
+            log.error("inotify_observer_died", action="watching its roots again")
+            dead: BaseObserver = self._inotify
+            self._inotify = None
+            self._drop_observer(dead)
+        if self._polling is not None and not self._polling.is_alive():
+            log.error("polling_observer_died", action="watching its roots again")
+            dead = self._polling
+            self._polling = None
+            self._drop_observer(dead)
+
+    def _drop_observer(self, dead: BaseObserver) -> None:
+        for root in self._roots.values():
+            if root.observer is dead:
+                root.watch, root.observer, root.group = None, None, None
+                root.mode = "error: watch thread died"
+                root.retry_at = 0.0
+        with contextlib.suppress(Exception):
+            dead.stop()
+
     def _on_watch_limit(self, root: Path, exc: OSError) -> None:
         # Called on watchdog's inotify thread: only queue the switch to polling.
         log.warning("inotify watch limit reached; switching root to polling",
@@ -405,10 +677,25 @@ class Watcher:
         return self._by_text.get(text)
 
     def _watch(self, root: _Root) -> None:
-        if not root.path.is_dir():
-            root.mode = "error: not a directory" if root.path.exists() else "error: not found"
-            log.error("cannot watch root", root=root.text, reason=root.mode)
+        # Whatever goes wrong is an error of this root only: never of the daemon.
+        try:
+            self._watch_unguarded(root)
+        except Exception as exc:
+            root.mode = f"error: {type(exc).__name__}: {exc}"[:300]
+            log.exception("cannot watch root", root=root.text)
+
+    def _watch_unguarded(self, root: _Root) -> None:
+        try:
+            st = root.path.stat()
+        except OSError:
+            st = None
+        if st is None or not stat_mod.S_ISDIR(st.st_mode):
+            mode = "error: not a directory" if st is not None else "error: not found"
+            if root.mode != mode:  # the periodic re-arm must not log the same line forever
+                log.error("cannot watch root", root=root.text, reason=mode)
+            root.mode = mode
             return
+        root.ident = (st.st_dev, st.st_ino)
         if not self._settings.force_polling:
             try:
                 if self._inotify is None:
@@ -433,15 +720,19 @@ class Watcher:
 
     def _unwatch(self, root: _Root) -> None:
         if root.observer is not None and root.watch is not None:
-            with contextlib.suppress(KeyError):  # its emitter already stopped (root deleted)
+            with contextlib.suppress(Exception):  # its emitter already stopped (root deleted)
                 root.observer.unschedule(root.watch)
         root.watch, root.observer, root.group, root.mode = None, None, None, "stopped"
 
     def _maintain(self) -> None:
+        next_check = time.monotonic() + self._check_interval
         while True:
             with self._tasks_cond:
                 while self._running and not self._tasks:
-                    self._tasks_cond.wait()
+                    wait = next_check - time.monotonic()
+                    if wait <= 0:
+                        break
+                    self._tasks_cond.wait(wait)
                 if not self._running:
                     return
                 tasks, self._tasks = self._tasks, {}
@@ -450,6 +741,12 @@ class Watcher:
                     self._run_tasks(path, items)
                 except Exception:  # one root's trouble must not end maintenance for all
                     log.exception("watch maintenance failed", root=str(path))
+            if time.monotonic() >= next_check:
+                next_check = time.monotonic() + self._check_interval
+                try:
+                    self._check_roots()
+                except Exception:
+                    log.exception("watch check failed")
 
     def _run_tasks(self, path: Path, items: set[str]) -> None:
         with self._lock:
@@ -478,3 +775,12 @@ class Watcher:
         except OSError as exc:
             root.mode = f"error: {exc.strerror or exc}"
             log.error("cannot poll root", root=root.text, error=str(exc))
+
+
+def _emitter(root: _Root) -> threading.Thread | None:
+    """The emitter thread of ``root``'s watch (watchdog keeps them in a private map)."""
+    if root.observer is None or root.watch is None:
+        return None
+    emitters: dict[ObservedWatch, threading.Thread] = getattr(
+        root.observer, "_emitter_for_watch", {})
+    return emitters.get(root.watch)
