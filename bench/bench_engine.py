@@ -1,7 +1,10 @@
 """Engine benchmark on SciFact: throughput against plain encode, no-op re-run, edit locality,
 and retrieval quality against plain dense retrieval with the same model.
 
-    python bench/bench_engine.py [--docs N] [--out bench/out]
+    python bench/bench_engine.py [--scifact DIR] [--docs N] [--out bench/out]
+
+SciFact comes from the BEIR benchmark: a folder holding corpus.jsonl, queries.jsonl and
+qrels/train.tsv (BEIR's scifact.zip unpacked), named by --scifact DIR or $REPD_SCIFACT.
 
 Everything runs through the real `repd` CLI (a subprocess) on real files, except the
 quality sweep, which calls repd's own query path in-process (809 CLI start-ups would
@@ -12,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -24,7 +26,47 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DATA = Path(os.environ.get("REPD_SCIFACT", HERE.parent.parent / "shared" / "data" / "scifact"))
+
+# SciFact, from the BEIR benchmark: a folder with these files (BEIR's scifact.zip, unpacked).
+SCIFACT_FILES = ("corpus.jsonl", "queries.jsonl", "qrels/train.tsv")
+SCIFACT_HOWTO = ("get SciFact from the BEIR benchmark (scifact.zip, linked from "
+                 "https://github.com/beir-cellar/beir, or the Hugging Face datasets "
+                 "BeIR/scifact and BeIR/scifact-qrels) and pass --scifact DIR or set "
+                 "REPD_SCIFACT=DIR")
+# Looked at only when neither names a folder: a checkout next to a shared data folder.
+SCIFACT_CONVENIENCE = HERE.parent.parent / "shared" / "data" / "scifact"
+#: The SciFact folder in use; set by ``find_scifact`` (main() calls it first).
+DATA = SCIFACT_CONVENIENCE
+
+
+def add_scifact_argument(ap: argparse.ArgumentParser) -> None:
+    """The ``--scifact DIR`` option every SciFact benchmark takes."""
+    ap.add_argument("--scifact", type=Path, metavar="DIR", default=None,
+                    help="SciFact (BEIR) folder with " + ", ".join(SCIFACT_FILES)
+                    + " (default: $REPD_SCIFACT)")
+
+
+def find_scifact(given: Path | None, need: tuple[str, ...] = SCIFACT_FILES) -> Path:
+    """The SciFact folder: ``--scifact``, else ``$REPD_SCIFACT``, else the convenience copy.
+
+    Exits with one line saying how to get it when the folder or a file is missing.
+    """
+    global DATA
+    env = os.environ.get("REPD_SCIFACT")
+    if given is not None:
+        folder, source = given.expanduser(), "--scifact"
+    elif env:
+        folder, source = Path(env).expanduser(), "REPD_SCIFACT"
+    else:
+        folder, source = SCIFACT_CONVENIENCE, ""
+    missing = [f for f in need if not (folder / f).is_file()]
+    if missing and not source:
+        sys.exit(f"SciFact not found: {SCIFACT_HOWTO}, a folder holding {', '.join(need)}")
+    if missing:
+        sys.exit(f"SciFact not found: {folder} (from {source}) has no {', '.join(missing)}; "
+                 f"{SCIFACT_HOWTO}")
+    DATA = folder.resolve()
+    return DATA
 
 
 def env_for(home: Path) -> dict[str, str]:
@@ -113,16 +155,16 @@ def locality(out: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
 def quality(home: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
 
     from repd.engine import Engine
+    from repd.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k
     from repd.pipeline.search import search
     from repd.settings import Settings
 
     ids = {d["_id"] for d in docs}
-    queries = {q["_id"]: q["text"] for q in map(json.loads, (DATA / "queries.jsonl").open())}
-    qrels: dict[str, dict[str, int]] = {}
-    for line in list((DATA / "qrels" / "train.tsv").open())[1:]:
-        qid, did, score = line.split("\t")
-        if did in ids:
-            qrels.setdefault(qid, {})[did] = int(score)
+    queries = load_queries(DATA / "queries.jsonl")
+    # Judgments of the documents indexed (all of them unless --docs).
+    qrels = {qid: {d: g for d, g in judged.items() if d in ids}
+             for qid, judged in load_qrels(DATA / "qrels" / "train.tsv").items()}
+    qrels = {qid: judged for qid, judged in qrels.items() if judged}
     qids = [q for q in queries if q in qrels]
 
     eng = Engine(Settings(store={"path": home / "data" / "repd"}), writer=False)
@@ -142,14 +184,8 @@ def quality(home: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
     scores = qvec @ dvec.T
     base_runs = {q: [doc_ids[i] for i in np.argsort(-scores[n])[:100]] for n, q in enumerate(qids)}
 
-    def ndcg10(run: list[str], rel: dict[str, int]) -> float:
-        dcg = sum(rel.get(d, 0) / math.log2(i + 2) for i, d in enumerate(run[:10]))
-        ideal = sorted(rel.values(), reverse=True)[:10]
-        idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
-        return dcg / idcg if idcg else 0.0
-
-    def recall100(run: list[str], rel: dict[str, int]) -> float:
-        return len(set(run[:100]) & set(rel)) / len(rel)
+    # repd eval's own metrics (repd.evaluation): nDCG@10 with linear gains, recall@100.
+    ndcg10, recall100 = ndcg_at_k, recall_at_k
 
     def mean(f: Any, runs: dict[str, list[str]]) -> float:
         return float(np.mean([f(runs[q], qrels[q]) for q in qids]))
@@ -171,7 +207,9 @@ def main() -> None:
     ap.add_argument("--docs", type=int, default=None, help="use only the first N documents")
     ap.add_argument("--out", type=Path, default=HERE / "out")
     ap.add_argument("--skip-quality", action="store_true")
+    add_scifact_argument(ap)
     args = ap.parse_args()
+    find_scifact(args.scifact)
     out: Path = args.out.resolve()  # the XDG variables must be absolute
     shutil.rmtree(out, ignore_errors=True)
     docs = load_corpus(args.docs)

@@ -1,8 +1,10 @@
 """Embedder throughput against plain SentenceTransformer.encode, and query latency.
 
-Usage: python bench/embedder_bench.py [--n 3000] [--budgets 8192,16384] [--rounds 1]
+Usage: python bench/embedder_bench.py [--scifact DIR] [--n 3000] [--budgets 8192,16384]
+       [--rounds 1]
 
-Texts: SciFact title + text cut to 200 words (chunk-sized). Both sides run in one
+Texts: SciFact (BEIR's corpus.jsonl, from --scifact DIR or $REPD_SCIFACT; see
+bench_engine.py) title + text cut to 200 words (chunk-sized). Both sides run in one
 process on the same device with the same torch thread count, warmed first. To keep a
 busy shared machine from favouring one side, the texts are cut into slices and each
 slice is embedded by both sides back to back, the order alternating per slice and per
@@ -18,20 +20,22 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-CORPUS = Path("/work/shared/data/scifact/corpus.jsonl")
+from bench.bench_engine import add_scifact_argument, find_scifact
 
 
-def load_texts(n: int, words: int = 200) -> list[str]:
+def load_texts(corpus: Path, n: int, words: int = 200) -> list[str]:
     """The first ``n`` SciFact documents as title + text, cut to ``words`` words."""
     texts: list[str] = []
-    with CORPUS.open() as fh:
+    with corpus.open() as fh:
         for line in fh:
             doc = json.loads(line)
             texts.append(" ".join(f"{doc['title']}\n{doc['text']}".split()[:words]))
@@ -126,13 +130,15 @@ def main() -> None:
     parser.add_argument("--slice", type=int, default=100)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-latency", action="store_true")
+    add_scifact_argument(parser)
     args = parser.parse_args()
+    corpus = find_scifact(args.scifact, ("corpus.jsonl",)) / "corpus.jsonl"
 
     from sentence_transformers import SentenceTransformer
 
     from repd.adapters.embedder import BUNDLED_MODEL, Embedder
 
-    texts = load_texts(args.n)
+    texts = load_texts(corpus, args.n)
     results: dict[str, Any] = {"n": len(texts), "rounds": args.rounds, "slice": args.slice}
     budgets = [int(b) for b in args.budgets.split(",")]
     embedder = Embedder.load(BUNDLED_MODEL, device=args.device, token_budget=budgets[0])

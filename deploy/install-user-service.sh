@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Install, enable and start repd as a systemd user service, in one command.
 #
-#   deploy/install-user-service.sh [--dry-run] [--no-sandbox]
+#   deploy/install-user-service.sh [--dry-run] [--no-sandbox] [--allow-no-roots]
 #
 # Copies deploy/repd.service to ~/.config/systemd/user/ with ExecStart= pointing at the
 # `repd` found on PATH, then daemon-reload, try-restart (a reinstall takes effect) and
-# enable --now. `repd service install` does the same from Python.
+# enable --now. `repd service install` does the same from Python, and also writes
+# --data-dir, --config, --socket, --model and --device into the unit; use it for those.
 set -euo pipefail
 
 readonly UNIT=repd.service
@@ -21,14 +22,20 @@ readonly PROBE_PROPS=(ProtectSystem=strict ProtectHome=read-only PrivateTmp=yes
 
 usage() {
     cat <<'EOF'
-Usage: install-user-service.sh [--dry-run] [--no-sandbox]
+Usage: install-user-service.sh [--dry-run] [--no-sandbox] [--allow-no-roots]
 
-Installs repd as a systemd user service and starts it.
+Installs repd as a systemd user service and starts it. The service watches the roots
+of ~/.config/repd/config.toml: add them first with `repd roots add PATH...`.
 
-  --dry-run     print what would be done, including the unit file; change nothing
-  --no-sandbox  comment out the mount-namespace hardening (otherwise it is test-run
-                with systemd-run and dropped only if this system refuses it)
-  -h, --help    this help
+  --dry-run         print what would be done, including the unit file; change nothing
+  --no-sandbox      comment out the mount-namespace hardening (otherwise it is test-run
+                    with systemd-run and dropped only if this system refuses it)
+  --allow-no-roots  install even though no roots are configured (the service exits 2
+                    until some are)
+  -h, --help        this help
+
+For another data folder, config file, socket, model or device, use
+`repd service install --help`: it writes those into the unit.
 EOF
 }
 
@@ -37,10 +44,12 @@ die() { printf 'install-user-service: error: %s\n' "$*" >&2; exit 1; }
 
 dry_run=0
 sandbox=auto
+allow_no_roots=0
 for arg in "$@"; do
     case $arg in
         --dry-run|-n) dry_run=1 ;;
         --no-sandbox) sandbox=off ;;
+        --allow-no-roots) allow_no_roots=1 ;;
         -h|--help) usage; exit 0 ;;
         *) usage >&2; printf 'install-user-service: error: unknown option: %s\n' "$arg" >&2; exit 2 ;;
     esac
@@ -106,6 +115,20 @@ probe_sandbox() {
     for prop in "${PROBE_PROPS[@]}"; do args+=(-p "$prop"); done
     systemd-run --user --wait --quiet --collect "${args[@]}" /bin/true >/dev/null 2>&1
 }
+
+# The service reads its folders from the config file; with none it exits 2 at once, and
+# systemd does not restart a service that exits 2.
+if [[ -n ${REPD_CONFIG:-} ]]; then
+    say "warning: REPD_CONFIG is set here but the service will not see it: use \`repd service install\`, which writes it into the unit" >&2
+fi
+if [[ $allow_no_roots == 0 ]]; then
+    roots_json=$(env -u REPD_CONFIG -u REPD_ROOTS "$repd_bin" roots list --json --timeout 1 2>&1) ||
+        die "cannot read the configured roots: $roots_json"
+    if [[ $roots_json != *'"path":'* ]]; then
+        printf 'install-user-service: error: %s\n' "no roots configured: the service would exit 2 at once and never restart; add folders with \`repd roots add PATH...\` first (or pass --allow-no-roots)" >&2
+        exit 2
+    fi
+fi
 
 steps=("daemon-reload" "try-restart $UNIT" "enable --now $UNIT")
 

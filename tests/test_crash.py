@@ -77,8 +77,8 @@ def test_kill_at_each_write_step(tmp_path: Path, point: str) -> None:
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     out = json.loads(run_cli(["index", str(root), "--json"], env).stdout)
     if point.endswith(":2"):
-        # The new vectors were cached in the same transaction as the intent, so the
-        # recovery run re-embeds nothing, whichever step of the write the crash hit.
+        # The new vectors were cached slice by slice before the intent was written, so
+        # the recovery run re-embeds nothing, whichever step of the write the crash hit.
         assert out["chunks_embedded"] == 0
     assert_same_index(store_of(home), fresh(root, tmp_path))
     # And a further run finds nothing to do.

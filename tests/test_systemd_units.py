@@ -240,8 +240,13 @@ def test_system_unit_specifics() -> None:
     env = unit["Service"]["Environment"]
     # %S is /var/lib and %t is /run for the system manager.
     for expected in ("REPD_CONFIG=/etc/repd/config.toml", "REPD_STORE__PATH=%S/repd",
-                     "REPD_API__SOCKET=%t/repd/repd.sock", "XDG_CACHE_HOME=%C/repd"):
+                     "REPD_API__SOCKET=%t/repd/repd.sock", "XDG_CACHE_HOME=%C/repd",
+                     # Members of the service's own group may query (0660 socket in a
+                     # 0750 folder); no other group exists under PrivateUsers=yes.
+                     "REPD_API__SOCKET_GROUP=repd"):
         assert expected in env
+    assert one(unit, "Group") == "repd"
+    assert one(unit, "RuntimeDirectoryMode") == "0750"
     assert one(unit, "WantedBy", "Install") == "multi-user.target"
     assert one(unit, "DevicePolicy") == "closed"
     assert "char-nvidia-frontend rw" in unit["Service"]["DeviceAllow"]
@@ -281,7 +286,17 @@ def run_script(
     path = os.pathsep.join([*map(str, path_dirs), "/usr/bin", "/bin"])
     env = {"HOME": str(home), "PATH": path}
     return subprocess.run(["bash", str(INSTALL_SCRIPT), *args], capture_output=True, text=True,
-                          env=env, timeout=60, check=False)
+                          env=env, timeout=120, check=False)
+
+
+def with_a_root(home: Path) -> Path:
+    """Give ``home`` a config file naming one root (what `repd roots add` writes)."""
+    root = home / "notes"
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = home / ".config" / "repd" / "config.toml"
+    cfg.parent.mkdir(parents=True, exist_ok=True)
+    cfg.write_text(f'# mine\nroots = ["{root}"]\n')
+    return cfg
 
 
 def repd_bin_dir(tmp_path: Path) -> Path:
@@ -307,6 +322,8 @@ def fake_systemd(tmp_path: Path, *, probe_ok: bool = True, fail: str = "") -> tu
 def test_script_dry_run_changes_nothing_and_shows_the_unit(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
+    with_a_root(home)
+    before = sorted(home.rglob("*"))
     bin_dir = repd_bin_dir(tmp_path)
     done = run_script(["--dry-run"], home, [bin_dir])
     assert done.returncode == 0, done.stderr
@@ -318,13 +335,28 @@ def test_script_dry_run_changes_nothing_and_shows_the_unit(tmp_path: Path) -> No
     assert "would run: systemctl --user enable --now repd.service" in out
     shown = out.split(f"would write {unit_path}:\n")[1].split("would create ")[0]
     assert shown == render_user_unit(unit_template(), str(bin_dir / "repd"))
+    assert sorted(home.rglob("*")) == before
+
+
+def test_script_refuses_a_service_without_roots(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    fake, log = fake_systemd(tmp_path)
+    bin_dir = repd_bin_dir(tmp_path)
+    for args in ([], ["--dry-run"]):
+        done = run_script(args, home, [fake, bin_dir])
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "no roots configured: the service would exit 2" in done.stderr
+        assert "repd roots add" in done.stderr
+    assert not log.exists()  # no systemctl call at all
     assert list(home.iterdir()) == []
 
 
 def test_script_dry_run_without_sandbox(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    done = run_script(["--dry-run", "--no-sandbox"], home, [repd_bin_dir(tmp_path)])
+    done = run_script(["--dry-run", "--no-sandbox", "--allow-no-roots"], home,
+                      [repd_bin_dir(tmp_path)])
     assert done.returncode == 0, done.stderr
     assert "#ProtectHome=read-only" in done.stdout
     assert "would test-run" not in done.stdout
@@ -334,7 +366,7 @@ def test_script_and_python_escape_awkward_paths_alike(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     exe = make_executable(tmp_path / "my tools 100% $X" / "repd")
-    done = run_script(["--dry-run"], home, [exe.parent])
+    done = run_script(["--dry-run", "--allow-no-roots"], home, [exe.parent])
     assert done.returncode == 0, done.stderr
     rendered = render_user_unit(unit_template(), str(exe))
     assert f'ExecStart="{exe.parent}/repd" run'.replace("100%", "100%%") in rendered
@@ -346,7 +378,7 @@ def test_paths_systemd_cannot_run_are_refused(tmp_path: Path, bad: str) -> None:
     with pytest.raises(UnitInstallError, match="systemd cannot run"):
         escape_exec_path(f"/opt/{bad}/repd")
     exe = make_executable(tmp_path / bad / "repd")
-    done = run_script(["--dry-run"], tmp_path, [exe.parent])
+    done = run_script(["--dry-run", "--allow-no-roots"], tmp_path, [exe.parent])
     assert done.returncode == 1
     assert "systemd cannot run a program" in done.stderr
 
@@ -369,6 +401,7 @@ def test_script_installs_enables_and_starts(tmp_path: Path, probe_ok: bool) -> N
     home = tmp_path / "home"
     home.mkdir()
     bin_dir = repd_bin_dir(tmp_path)
+    with_a_root(home)
     fake, log = fake_systemd(tmp_path, probe_ok=probe_ok)
     done = run_script([], home, [fake, bin_dir])
     assert done.returncode == 0, done.stdout + done.stderr
@@ -390,13 +423,14 @@ def test_script_reports_a_failing_systemctl(tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
     fake, _ = fake_systemd(tmp_path, fail="enable")
-    done = run_script([], home, [fake, repd_bin_dir(tmp_path)])
+    done = run_script(["--allow-no-roots"], home, [fake, repd_bin_dir(tmp_path)])
     assert done.returncode == 1
     assert "'systemctl --user enable --now repd.service' failed" in done.stderr
 
 
 def test_script_needs_a_user_manager(tmp_path: Path) -> None:
     fake, _ = fake_systemd(tmp_path, fail="show-environment")
+    with_a_root(tmp_path)
     done = run_script([], tmp_path, [fake, repd_bin_dir(tmp_path)])
     assert done.returncode == 1
     assert "no systemd user manager is reachable" in done.stderr
@@ -470,7 +504,7 @@ def test_find_repd_prefers_the_running_install(tmp_path: Path) -> None:
 _SETTING_LINE = re.compile(r"^(# )?([a-z_]+) = ")
 # Defaults that depend on the machine or are unset; the example shows a sample value.
 _SAMPLE_VALUES = {"roots", "store.path", "store.url", "store.api_key", "api.socket",
-                  "api.tcp_port", "api.token"}
+                  "api.socket_group", "api.tcp_port", "api.token"}
 
 
 def settings_keys() -> set[str]:

@@ -2,7 +2,8 @@
 
 The manifest is the source of truth for what the store *should* hold. Every change to
 the store is bracketed by an intent row written before and removed after, in the order
-described in the design notes, so a crash at any instant can be finished or undone.
+described in docs/architecture.md ("The write protocol"), so a crash at any instant can
+be undone.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import grp
 import hmac
 import os
 import socket
@@ -46,6 +47,7 @@ from repd.api.schema import (
     StatusResponse,
     ValidationIssue,
 )
+from repd.errors import ConfigError
 from repd.log import get_logger
 from repd.settings import ApiSettings
 
@@ -461,7 +463,8 @@ class ApiServer:
         """Bind the listeners and start serving in a background thread.
 
         Raises ApiStartError when TCP is asked for without a token, when another daemon
-        already answers on the socket, or when a path or port cannot be used.
+        already answers on the socket, or when a path or port cannot be used; ConfigError
+        when ``api.socket_group`` names no group, or one this user cannot give files to.
         """
         if self._thread is not None:
             raise RuntimeError("ApiServer.start() called twice")
@@ -602,6 +605,35 @@ class ApiServer:
                 f"{parent} is writable by other users (mode {stat.S_IMODE(st.st_mode):o}); "
                 f"run `chmod 700 {parent}` or set api.socket elsewhere"
             )
+        gid = self._socket_gid()
+        if gid is not None and (st.st_gid != gid or stat.S_IMODE(st.st_mode) != 0o750):
+            # api.socket_group: the group's members must reach the socket through its
+            # folder (r-x, never w: they must not swap the socket), others must not.
+            self._give_to_group(parent, gid, 0o750)
+
+    def _socket_gid(self) -> int | None:
+        """The gid of ``api.socket_group``, or None when the socket is the owner's only."""
+        group = self._settings.socket_group
+        if not group:
+            return None
+        try:
+            return grp.getgrnam(group).gr_gid
+        except KeyError:
+            if group.isdigit():
+                return int(group)
+        raise ConfigError([f"api.socket_group: there is no group {group!r} on this machine "
+                           "(see `getent group`)"])
+
+    def _give_to_group(self, path: Path, gid: int, mode: int) -> None:
+        # chown before chmod: the group bits open only once the group is the right one.
+        try:
+            os.chown(path, -1, gid)
+            path.chmod(mode)
+        except PermissionError:
+            raise ConfigError([
+                f"api.socket_group: cannot give {path} to group {self._settings.socket_group} "
+                f"(gid {gid}): this user is not a member of it (with the system unit's "
+                "PrivateUsers=yes only the service's own group can be used)"]) from None
 
     def _acquire_lock(self) -> None:
         # The lock, not the socket file, decides who owns the socket path: two daemons
@@ -663,6 +695,14 @@ class ApiServer:
             os.umask(old_umask)
         st = self._socket_path.stat()
         self._socket_id = (st.st_dev, st.st_ino)
+        gid = self._socket_gid()
+        if gid is not None:
+            try:
+                self._give_to_group(self._socket_path, gid, 0o660)
+            except BaseException:
+                sock.close()
+                raise
+            log.info("api_socket_shared", group=self._settings.socket_group, gid=gid)
         sock.listen(128)
         return sock
 
