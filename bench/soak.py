@@ -553,6 +553,8 @@ class Daemon:
     def probe(self, tree: Tree, tag: str, timeout: float) -> float:
         """Write a new file and wait until a query finds it: live indexing still works."""
         folder = tree.broot + b"/probe"
+        if os.path.islink(folder) or (os.path.lexists(folder) and not os.path.isdir(folder)):
+            os.remove(folder)  # a random operation may have turned it into a file
         os.makedirs(folder, exist_ok=True)
         text = f"probe {tag} " + " ".join(tree.rng.choices(WORDS, k=10))
         rel = f"probe/probe-{tag}.md"

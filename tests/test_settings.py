@@ -66,7 +66,9 @@ def test_every_problem_is_listed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     text = "\n".join(info.value.problems)
     assert len(info.value.problems) == 5, text
     assert "device: " in text and "batch_tokens: " in text and "bogus: unknown setting" in text
-    assert "store.kind: " in text and "max_file_bytes: " in text and "(from environment)" in text
+    # A value from the environment is named by its variable, the one a person would fix.
+    assert "store.kind: " in text and "REPD_MAX_FILE_BYTES: " in text
+    assert "(from environment)" in text
 
 
 def test_malformed_toml_and_missing_explicit_file(tmp_path: Path) -> None:

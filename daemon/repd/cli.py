@@ -36,12 +36,28 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Any:
-    from repd.log import configure_logging
+    """Load the settings (exit 2 on a bad config), configure logging, show the warnings.
+
+    The daemon (``repd run``) logs at the configured level (info by default). Every other
+    command is one-shot: it prints its own output (a progress bar and a summary) and logs
+    warnings and errors only, unless this invocation asks for more (``--log-level`` or
+    ``REPD_LOG_LEVEL``); the config file's ``log_level`` is the daemon's.
+    """
+    from repd.log import configure_logging, get_logger
     from repd.settings import load_settings
 
     loaded = load_settings(args.config, {**_overrides(args), **(extra or {})})
     s = loaded.settings
-    configure_logging(s.log_format, s.log_level)
+    daemon = getattr(args, "command", None) == "run"
+    level = s.log_level
+    if not daemon and loaded.sources.get("log_level") not in ("command line", "environment"):
+        level = "warning"
+    configure_logging(s.log_format, level)
+    for warning in loaded.warnings:
+        if daemon:  # into the daemon's log, which stays JSON lines when it is JSON
+            get_logger("config").warning("config_warning", message=warning)
+        else:  # beside the command's own "repd: ..." messages
+            print(f"repd: warning: {printable(warning)}", file=sys.stderr)
     return loaded
 
 
@@ -60,12 +76,14 @@ def cmd_index(args: argparse.Namespace) -> int:
     from repd.cli_output import Progress, print_summary
     from repd.engine import Engine
 
-    roots = [Path(os.path.abspath(p)) for p in args.paths]
-    for r in roots:
-        if not r.is_dir():
-            print(f"repd: {r}: not a folder", file=sys.stderr)
+    for p in args.paths:
+        problem = _index_path_problem(p)
+        if problem:
+            print(f"repd: {printable(p)}: {problem}", file=sys.stderr)
             return 2
     loaded = _load(args)
+    targets = _index_targets(args.paths, loaded.settings.roots)
+    roots = list(dict.fromkeys(root for root, _ in targets))
     from repd.pipeline.indexer import RunStats
 
     engine = Engine(loaded.settings, writer=True)
@@ -78,8 +96,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                   file=sys.stderr)
         indexer.allow_roots(roots)
         progress = Progress(enabled=sys.stderr.isatty() and not args.json)
-        for root in roots:
-            total.add(_index_root(engine, indexer, root, progress))
+        for root, rel in targets:
+            total.add(_index_root(engine, indexer, root, progress, rel))
         indexer.prune_vector_cache()
         embedder = engine._embedder
         device = embedder.device if embedder is not None else None
@@ -89,23 +107,68 @@ def cmd_index(args: argparse.Namespace) -> int:
         print(json.dumps({**total.as_dict(), "device": device}, indent=2))
     else:
         print_summary(total, device)
+        from repd.cli_roots import index_tip
+
+        tip = index_tip(roots, loaded.settings.roots)  # `index` remembers nothing: say so
+        if tip:
+            print(tip, file=sys.stderr)
     return 0
 
 
 INDEX_RETRIES = 4
 
 
-def _index_root(engine: Any, indexer: Any, root: Path, progress: Any) -> Any:
-    """Reconcile one root, retrying with backoff on transient failures (no descriptors,
-    a full disk, an I/O hiccup): each try resumes where the last committed group ended."""
+def _index_path_problem(path: str) -> str | None:
+    """Why ``repd index PATH`` cannot index PATH, or None (a folder or a regular file)."""
+    try:
+        st = Path(path).stat()
+    except FileNotFoundError:
+        return "does not exist"
+    except NotADirectoryError:
+        return "does not exist (a part of it is a file)"
+    except PermissionError:
+        return "permission denied"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    import stat as stat_mod
+
+    if stat_mod.S_ISDIR(st.st_mode) or stat_mod.S_ISREG(st.st_mode):
+        return None
+    return "not a file or folder"
+
+
+def _index_targets(paths: Sequence[str], configured: Sequence[Path]) -> list[tuple[Path, str]]:
+    """(root, path within it) for each argument of ``repd index``.
+
+    A folder is a root of its own (path ""). A file is indexed as part of the configured
+    root that holds it (the deepest, if roots nest), so that its results read as they
+    will when that root is indexed; a file outside every configured root is indexed
+    with its folder as the root, and only that file is read.
+    """
+    out: list[tuple[Path, str]] = []
+    for p in paths:
+        full = Path(os.path.abspath(p))
+        if full.is_dir():
+            out.append((full, ""))
+            continue
+        holders = [r for r in configured if full.is_relative_to(r) and full != r]
+        root = max(holders, key=lambda r: len(r.parts)) if holders else full.parent
+        out.append((root, str(full.relative_to(root))))
+    return out
+
+
+def _index_root(engine: Any, indexer: Any, root: Path, progress: Any, rel: str = "") -> Any:
+    """Reconcile one root (or one file in it, ``rel``), retrying with backoff on transient
+    failures (no descriptors, a full disk, an I/O hiccup): each try resumes where the last
+    committed group ended."""
     import time
 
     from repd.errors import TransientError, is_transient
 
     for attempt in range(INDEX_RETRIES):
-        progress.start(str(root))
+        progress.start(str(root / rel) if rel else str(root))
         try:
-            stats = indexer.reconcile(root, engine.rules(root), progress=progress.update)
+            stats = indexer.reconcile(root, engine.rules(root), rel, progress=progress.update)
         except Exception as exc:
             progress.finish()
             if not is_transient(exc):
@@ -145,10 +208,13 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not hits:
         print("no results")
         return 0
+    from repd.cli_output import hit_line, output_width
+
+    width = output_width(args.width)
     for h in hits:
         where = f"{_display_path(h['root'], h['path'])}:{h['start_line']}"
         # Names and text are anyone's data: no raw control characters to the terminal.
-        print(f"{h['rank']:>3}  {h['score']:.3f}  {printable(where)}  {printable(h['snippet'])}")
+        print(hit_line(h["rank"], h["score"], printable(where), printable(h["snippet"]), width))
     return 0
 
 
@@ -165,14 +231,22 @@ def _query_daemon(text: str, args: argparse.Namespace, socket: Path) -> dict[str
 
     A running daemon has the model loaded: the query costs one request. This path
     imports neither pydantic nor structlog, so the whole command stays near 0.1 s.
+    A daemon that is still starting (loading its model) is waited for, up to the
+    query's timeout.
     """
     from repd.api.client import ApiClient, DaemonNotRunning
+
+    def told() -> None:
+        if sys.stderr.isatty():
+            print("repd: the daemon is starting (loading model and index); waiting…",
+                  file=sys.stderr, flush=True)
 
     try:
         client = ApiClient(socket, timeout=args.timeout)
         root = os.path.abspath(args.root) if args.root else None
         res: dict[str, Any] = client.query(text, k=args.k, path=args.path, root=root,
-                                           files=args.files)
+                                           files=args.files, wait_starting=args.timeout,
+                                           on_wait=told)
         return res
     except DaemonNotRunning:
         return None
@@ -310,7 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     ix = sub.add_parser("index", parents=[common], help="index folders once and exit")
-    ix.add_argument("paths", nargs="+", help="folders to index")
+    ix.add_argument("paths", nargs="+", metavar="PATH",
+                    help="folders to index; a file is indexed as part of the configured "
+                    "root that holds it, else with its own folder as the root")
     ix.add_argument("--json", action="store_true", help="print the summary as JSON")
     ix.set_defaults(func=cmd_index)
 
@@ -327,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "process (refused while a daemon or `repd index` is writing the index, "
                    "which cannot be opened twice)")
     q.add_argument("--timeout", type=float, default=30.0,
-                   help="seconds to wait for the daemon's answer (default 30)")
+                   help="seconds to wait for the daemon's answer, and for a daemon that is "
+                   "still starting (default 30)")
+    q.add_argument("--width", type=int, metavar="N",
+                   help="fit each result line to N columns, shortening the snippet (default: "
+                   "the terminal's width; no limit when the output is not a terminal)")
     q.set_defaults(func=cmd_query)
 
     fl = sub.add_parser("files", parents=[common], help="skipped and failed files, with reasons")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,13 @@ DEFAULT_TIMEOUT_S = 10.0
 
 def _client(args: argparse.Namespace) -> Any:
     from repd.api.client import ApiClient
-    from repd.cli import api_socket
+    from repd.cli import _load
 
-    return ApiClient(api_socket(args), timeout=getattr(args, "timeout", DEFAULT_TIMEOUT_S))
+    # The whole config is read and checked (about 0.2 s more than reading only the
+    # socket's name): a broken config is exit 2 here as for every other command, and
+    # not a status that looks fine until the next restart of the daemon fails.
+    socket = _load(args).settings.api.socket
+    return ApiClient(socket, timeout=getattr(args, "timeout", DEFAULT_TIMEOUT_S))
 
 
 def _call(args: argparse.Namespace, fn: str, *a: Any) -> Any:
@@ -54,9 +57,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2))
     else:
+        from repd.cli_output import output_width
         from repd.cli_status import render_status
 
-        print(render_status(st))
+        print(render_status(st, output_width(None)))
     # Both say the index is not keeping up and will not by itself until someone acts.
     return EXIT_DEGRADED if st.get("state") in ("degraded", "disk_full") else 0
 
@@ -84,19 +88,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         print(f"[{mark}] {check.name}: {check.message}")
         ok = ok and check.level != "fail"
     return 0 if ok else 1
-
-
-def cmd_service_install(args: argparse.Namespace) -> int:
-    """Install and enable the systemd user unit."""
-    from repd.adapters.systemd_unit import UnitInstallError, install_user_unit
-
-    try:
-        print(install_user_unit(dry_run=args.dry_run,
-                                sandbox=False if args.no_sandbox else None))
-    except UnitInstallError as exc:
-        print(f"repd: {exc}", file=sys.stderr)
-        return 1
-    return 0
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -143,12 +134,8 @@ def add_daemon_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     doc.add_argument("--quick", action="store_true", help="do not load the model")
     doc.set_defaults(func=cmd_doctor)
 
-    svc = sub.add_parser("service", help="systemd integration")
-    svc_sub = svc.add_subparsers(dest="service_command", metavar="ACTION")
-    inst = svc_sub.add_parser("install", parents=[common],
-                              help="install and enable the systemd user unit")
-    inst.add_argument("--dry-run", action="store_true", help="print what it would do")
-    inst.add_argument("--no-sandbox", action="store_true",
-                      help="leave out the mount-namespace hardening (for hosts without "
-                      "user namespaces)")
-    inst.set_defaults(func=cmd_service_install)
+    from repd.cli_roots import add_roots_commands
+    from repd.cli_service import add_service_commands
+
+    add_roots_commands(sub, common)
+    add_service_commands(sub, common)

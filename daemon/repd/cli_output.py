@@ -1,10 +1,76 @@
-"""Terminal output of one-shot commands: the progress line and the closing summary."""
+"""Terminal output of one-shot commands: the progress line, result lines, the summary."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import time
+import unicodedata
 from typing import Any
+
+ELLIPSIS = "…"
+#: A snippet shorter than this is left out rather than shown as a stub.
+MIN_SNIPPET_COLS = 8
+
+
+def char_width(ch: str) -> int:
+    """Columns a character takes on a terminal: 2 for wide (CJK), 0 for combining marks."""
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+
+
+def text_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal."""
+    return sum(char_width(ch) for ch in text)
+
+
+def fit(text: str, cols: int) -> str:
+    """``text`` cut to at most ``cols`` columns, ending in "…" when it was cut."""
+    if text_width(text) <= cols:
+        return text
+    if cols <= 0:
+        return ""
+    out: list[str] = []
+    used = 0
+    budget = cols - 1  # the ellipsis takes one column
+    for ch in text:
+        w = char_width(ch)
+        if used + w > budget:
+            break
+        out.append(ch)
+        used += w
+    return "".join(out).rstrip() + ELLIPSIS
+
+
+def output_width(requested: int | None, stream: Any = None) -> int | None:
+    """Columns to fit result lines to: ``--width N``, else the terminal's (``COLUMNS``
+    counts, as shutil reads it), else None (a pipe or a file gets whole lines)."""
+    if requested is not None:
+        return max(requested, 1)
+    out = stream if stream is not None else sys.stdout
+    try:
+        tty = out.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    if not tty:
+        return None
+    return shutil.get_terminal_size().columns
+
+
+def hit_line(rank: int, score: float, where: str, snippet: str, width: int | None) -> str:
+    """One ``repd query`` result: rank, score, ``path:line`` and as much snippet as fits.
+
+    The location is never cut (it is what a person copies); the snippet is shortened
+    with "…", and left out when too little room is left for it to say anything.
+    """
+    head = f"{rank:>3}  {score:.3f}  {where}"
+    if width is None:
+        return f"{head}  {snippet}" if snippet else head
+    room = width - text_width(head) - 2
+    if room < min(MIN_SNIPPET_COLS, text_width(snippet)) or not snippet:
+        return head
+    return f"{head}  {fit(snippet, room)}"
 
 
 class Progress:
@@ -14,6 +80,7 @@ class Progress:
         self.enabled = enabled
         self._t0 = time.perf_counter()
         self._label = ""
+        self._drawn = 0
 
     def start(self, label: str) -> None:
         """Begin a new root."""
@@ -30,14 +97,19 @@ class Progress:
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else 0.0
         bar = "#" * filled + "." * (width - filled)
-        sys.stderr.write(
-            f"\r[{bar}] {int(done)}/{total} files  {stats.chunks_embedded} embedded  "
-            f"{stats.chunks_reused} reused  {rate:.1f} files/s  eta {eta:.0f}s ")
+        line = (f"[{bar}] {int(done)}/{total} files  {stats.chunks_embedded} embedded  "
+                f"{stats.chunks_reused} reused  {rate:.1f} files/s"
+                + (f"  eta {eta:.0f}s" if eta >= 1 else ""))
+        # A line longer than the terminal wraps, and "\r" then redraws only its last row.
+        cols = shutil.get_terminal_size().columns
+        sys.stderr.write("\r" + fit(line, cols - 1).ljust(min(self._drawn, cols - 1)))
+        self._drawn = text_width(line)
         sys.stderr.flush()
 
     def finish(self) -> None:
         """End the line."""
         if self.enabled:
+            self._drawn = 0
             sys.stderr.write("\n")
             sys.stderr.flush()
 

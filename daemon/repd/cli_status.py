@@ -1,49 +1,137 @@
-"""Renders the daemon's status (a dict from the API) as a readable table."""
+"""Renders the daemon's status (a dict from the API) as text that fits a terminal.
+
+Laid out for 80 columns (wider terminals give long paths and messages more room):
+labels in an 11-column gutter, long messages wrapped under their label, root paths
+shortened from the left (the end of a path is the part that tells roots apart).
+"""
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
+from repd.cli_output import ELLIPSIS, text_width
 from repd.textsafe import printable
 
+DEFAULT_WIDTH = 80
+MIN_WIDTH = 60
+GUTTER = 11  # "generation " and every other label fit in it
+#: States in which work is under way, so a rate and an ETA mean something.
+_WORKING = ("indexing", "scanning")
 
-def _num(n: float) -> str:
-    return f"{n:,.0f}" if n >= 100 else f"{n:.1f}" if isinstance(n, float) else str(n)
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m 07s``, ``2h 05m``, ``3d 4h``: short, and exact enough for a person."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
-def render_status(st: dict[str, Any]) -> str:
+def _rate(n: float) -> str:
+    return f"{n:,.0f}" if n >= 100 else f"{n:.1f}"
+
+
+def render_status(st: dict[str, Any], width: int | None = None) -> str:
     """The ``repd status`` text (control characters in names and messages made visible)."""
-    return "\n".join(printable(line) for line in _lines(st))
+    cols = max(width or DEFAULT_WIDTH, MIN_WIDTH)
+    return "\n".join(_lines(st, cols))
 
 
-def _lines(st: dict[str, Any]) -> list[str]:
-    m, q, t, r, s = st["model"], st["queue"], st["totals"], st["rates"], st["store"]
-    gen = st.get("generation") or {}
+def _wrap(label: str, text: str, cols: int) -> list[str]:
+    """``text`` under ``label``, wrapped to ``cols`` with the label's gutter."""
+    first = f"{label:<{GUTTER - 1}} "
+    lines = textwrap.wrap(printable(text), width=cols, initial_indent=first,
+                          subsequent_indent=" " * GUTTER, break_long_words=True,
+                          break_on_hyphens=False)
+    return lines or [first.rstrip()]
+
+
+def _left_fit(text: str, cols: int) -> str:
+    """``text`` in ``cols`` columns, cut at the start: ``…/notes/project``."""
+    if text_width(text) <= cols:
+        return text
+    out = text
+    while out and text_width(out) > cols - 1:
+        out = out[1:]
+    cut = out.find("/")
+    if 0 < cut < len(out) - 1:  # start at a folder boundary: "…/notes/project"
+        out = out[cut:]
+    return ELLIPSIS + out
+
+
+def _header(st: dict[str, Any]) -> str:
+    state = st["state"]
+    # "paused" is said once: as the state, or after a state that outranks it.
+    paused = "  (paused)" if st.get("paused") and state != "paused" else ""
+    return f"repd {st['version']}  state: {state}{paused}  up {duration(st['uptime_s'])}"
+
+
+def _rates_line(st: dict[str, Any]) -> str:
+    r = st["rates"]
+    state = st["state"]
+    line = (f"{'rates':<{GUTTER}}{_rate(r['files_per_s'])} files/s  "
+            f"{_rate(r['chunks_per_s'])} chunks/s  {_rate(r['embeds_per_s'])} embeds/s")
     eta = st.get("eta_s")
-    lines = [
-        f"repd {st['version']}  state: {st['state']}"
-        f"{'  (paused)' if st['paused'] and st['state'] != 'paused' else ''}"
-        f"  up {st['uptime_s']:.0f}s",
-        *([f"PROBLEM    {st['problem']}"] if st.get("problem") else []),
-        f"model      {m['name']}  dim {m.get('dim')}  on {m.get('device')}",
-        f"generation {gen.get('id', '-')} ({gen.get('state', '-')}), {s['points']} points, "
-        f"HNSW {'built' if s['index_built'] else 'not built (brute force)'}",
-        f"queue      pending {q['pending']}  scans {q['scans']}  settling {q['settling']}  "
-        f"planning {q['planning']}  embedding {q['embedding']}  writing {q['writing']}",
-        f"rates      {r['files_per_s']:.1f} files/s  {r['chunks_per_s']:.1f} chunks/s  "
-        f"{r['embeds_per_s']:.1f} embeds/s" + (f"  eta {eta:.0f}s" if eta else ""),
-        f"totals     {t['files']} files  {t['chunks']} chunks  {t['skipped']} skipped  "
-        f"{t['failed']} failed  ({t['embedded']} embedded, {t['reused']} reused since start)",
-        "",
-        f"{'ROOT':<50} {'WATCH':<9} {'FILES':>7} {'CHUNKS':>7} {'SKIP':>5} {'FAIL':>5}",
-    ]
-    for root in st["roots"]:
-        lines.append(f"{root['path']:<50} {root['watch']:<9} {root['files']:>7} "
-                     f"{root['chunks']:>7} {root['skipped']:>5} {root['failed']:>5}")
+    # No ETA while paused or stopped, and none under a second: "eta 0s" while one large
+    # file embeds reads as "done" when it is not.
+    if eta is not None and eta >= 1 and state in _WORKING and not st.get("paused"):
+        line += f"  eta {duration(eta)}"
+    return line
+
+
+def _lines(st: dict[str, Any], cols: int) -> list[str]:
+    m, q, t, s = st["model"], st["queue"], st["totals"], st["store"]
+    gen = st.get("generation") or {}
+    lines = [printable(_header(st))]
+    if st.get("problem"):
+        lines += _wrap("PROBLEM", st["problem"], cols)
+    loaded = m.get("dim") is not None
+    model = (f"{m['name']}  dim {m['dim']}  on {m.get('device') or '-'}" if loaded
+             else f"{m['name']}  (not loaded yet)")
+    lines += _wrap("model", model, cols)
+    hnsw = "HNSW built" if s["index_built"] else "no HNSW yet (exact search)"
+    lines += _wrap("generation", f"{gen.get('id', '-')} ({gen.get('state', '-')}), "
+                   f"{s['points']:,} points, {hnsw}", cols)
+    busy = [f"{name} {q[name]}" for name in ("scans", "settling", "planning", "embedding",
+                                             "writing") if q.get(name)]
+    lines += _wrap("queue", "  ".join([f"{q['pending']} pending", *busy]), cols)
+    lines.append(_rates_line(st))
+    lines += _wrap("totals", f"{t['files']:,} files  {t['chunks']:,} chunks  "
+                   f"{t['skipped']:,} skipped  {t['failed']:,} failed", cols)
+    lines += _wrap("this run", f"{t['embedded']:,} chunks embedded, {t['reused']:,} reused "
+                   f"(since the daemon started)", cols)
+    lines += ["", *_roots_table(st["roots"], cols)]
     broken = [c for c in st.get("components", []) if c["state"] != "ok" or c["restarts"]]
     for c in broken:
-        lines.append(f"component  {c['name']}: {c['state']}, {c['restarts']} restart(s)"
-                     + (f", last error: {c['last_error']}" if c.get("last_error") else ""))
+        text = f"{c['name']}: {c['state']}, {c['restarts']} restart(s)"
+        if c.get("last_error"):
+            text += f"; last error: {c['last_error']}"
+        lines += _wrap("component", text, cols)
     if st.get("last_error"):
-        lines += ["", f"last error: {st['last_error']}"]
+        lines += ["", *_wrap("last error", st["last_error"], cols)]
     return lines
+
+
+def _roots_table(roots: list[dict[str, Any]], cols: int) -> list[str]:
+    nums = f" {'FILES':>8} {'CHUNKS':>9} {'SKIP':>6} {'FAIL':>6}"
+    watch_w = 9
+    path_w = max(cols - len(nums) - watch_w - 1, 12)
+    out = [f"{'ROOT':<{path_w}} {'WATCH':<{watch_w}}{nums}"]
+    notes: list[str] = []
+    for root in roots:
+        path = _left_fit(printable(root["path"]), path_w)
+        watch = printable(root["watch"])
+        if len(watch) > watch_w:
+            notes += _wrap("watch", f"{path}: {watch}", cols)
+            watch = watch.split(":", 1)[0][:watch_w]
+        pad = path_w - text_width(path) + len(path)
+        out.append(f"{path:<{pad}} {watch:<{watch_w}} {root['files']:>8,} "
+                   f"{root['chunks']:>9,} {root['skipped']:>6,} {root['failed']:>6,}")
+    if not roots:
+        out.append("(no roots)")
+    return out + notes

@@ -6,7 +6,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from repd.settings import Settings
 
@@ -52,14 +52,15 @@ def count_dirs(root: Path, settings: Settings) -> int:
     return n
 
 
-def check_inotify(settings: Settings) -> Check:
+def check_inotify(settings: Settings, roots: list[Path] | None = None) -> Check:
     """Enough inotify watches for every folder under the roots?"""
+    roots = settings.roots if roots is None else roots
     limit = _read_int("/proc/sys/fs/inotify/max_user_watches")
     if limit is None:
         return Check("inotify", "warn", "no inotify on this system; roots will be polled")
-    if not settings.roots:
+    if not roots:
         return Check("inotify", "ok", f"max_user_watches={limit} (no roots configured)")
-    need = sum(count_dirs(r, settings) for r in settings.roots if r.is_dir())
+    need = sum(count_dirs(r, settings) for r in roots if r.is_dir())
     msg = f"{need} folders to watch, max_user_watches={limit}"
     if need > limit:
         return Check("inotify", "fail", msg + "; raise it: sudo sysctl "
@@ -69,14 +70,45 @@ def check_inotify(settings: Settings) -> Check:
     return Check("inotify", "ok", msg)
 
 
-def check_roots(settings: Settings) -> Check:
-    """Do the configured roots exist?"""
-    if not settings.roots:
-        return Check("roots", "warn", "no roots configured (pass folders to `repd run`)")
-    missing = [str(r) for r in settings.roots if not r.is_dir()]
+def check_roots(settings: Settings, daemon_roots: list[Path] | None = None) -> Check:
+    """Do the roots exist? A running daemon's roots are the ones that count (it may have
+    been given them on its command line); without one, the configured roots."""
+    roots = settings.roots if daemon_roots is None else daemon_roots
+    where = " (from the running daemon)" if daemon_roots is not None else ""
+    if not roots:
+        hint = ("the running daemon watches none" if daemon_roots is not None
+                else "pass folders to `repd run`, or set `roots` in the config")
+        return Check("roots", "warn", f"no roots configured ({hint})")
+    missing = [str(r) for r in roots if not r.is_dir()]
     if missing:
-        return Check("roots", "fail", "not folders: " + ", ".join(missing))
-    return Check("roots", "ok", ", ".join(str(r) for r in settings.roots))
+        return Check("roots", "fail", "not folders: " + ", ".join(missing) + where)
+    text = ", ".join(str(r) for r in roots) + where
+    if daemon_roots is not None and set(daemon_roots) != set(settings.roots):
+        if settings.roots:
+            text += ("; the config names " + ", ".join(str(r) for r in settings.roots)
+                     + " (a restart of `repd run` without folders would watch those)")
+        else:
+            text += ("; the config names none, so a restart of `repd run` without folders "
+                     "(or the service) would exit: `repd roots add PATH` keeps them")
+    return Check("roots", "ok", text)
+
+
+def daemon_status(settings: Settings) -> dict[str, Any] | None:
+    """The running daemon's status on the configured socket, or None."""
+    from repd.api.client import ApiClient, ApiClientError
+
+    try:
+        return ApiClient(settings.api.socket, timeout=5.0).status()
+    except (ApiClientError, OSError):
+        return None
+
+
+def roots_of(status: dict[str, Any] | None) -> list[Path] | None:
+    """The roots a daemon's status lists, or None without a usable status."""
+    if not status or not isinstance(status.get("roots"), list):
+        return None
+    return [Path(r["path"]) for r in status["roots"]
+            if isinstance(r, dict) and isinstance(r.get("path"), str)]
 
 
 def check_device(settings: Settings) -> Check:
@@ -190,7 +222,9 @@ def check_permissions(settings: Settings) -> Check:
 
 def run_checks(settings: Settings, load_model: bool = True) -> list[Check]:
     """Every check, in the order a person would fix things."""
-    checks = [check_roots(settings), check_inotify(settings), check_device(settings)]
+    daemon_roots = roots_of(daemon_status(settings))
+    checks = [check_roots(settings, daemon_roots), check_inotify(settings, daemon_roots),
+              check_device(settings)]
     if load_model:
         checks.append(check_model(settings))
     checks.extend(check_daemon_and_store(settings))

@@ -1,8 +1,16 @@
-"""The one place logging is configured: structlog, readable on a terminal, JSON otherwise."""
+"""The one place logging is configured: structlog, readable on a terminal, JSON otherwise.
+
+Everything the process logs goes through one renderer: repd's own structlog events, and
+the standard ``logging`` records of the libraries (transformers, huggingface_hub,
+uvicorn, ``warnings.warn``), so that a JSON log is JSON lines only. Progress bars
+(tqdm, as transformers draws "Loading weights") are turned off: they are for people
+at a terminal, and they would put carriage returns and block characters into the log.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -10,6 +18,55 @@ import structlog
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
+
+#: Libraries that log through the stdlib: warnings and errors only, unless debugging.
+_NOISY = ("httpx", "httpcore", "urllib3", "filelock", "sentence_transformers",
+          "transformers", "huggingface_hub", "watchdog", "uvicorn", "asyncio")
+
+#: Read by huggingface_hub (and through it transformers) when they are first imported.
+PROGRESS_BAR_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+
+_state: dict[str, Any] = {"json": False, "level": logging.INFO}
+
+
+def quiet_progress_bars() -> None:
+    """Turn off the libraries' progress bars, before or after they are imported.
+
+    Before: the environment variables they read at import. After (the model adapter
+    calls this again once they are loaded): their own switches, and their private log
+    handlers removed so that their records reach the one renderer.
+    """
+    os.environ.update(PROGRESS_BAR_ENV)
+    if "huggingface_hub" in sys.modules:
+        try:
+            from huggingface_hub import utils as hub_utils
+
+            hub_utils.disable_progress_bars()  # type: ignore[attr-defined]
+        except Exception:  # an older or newer hub without it: the variable still counts
+            pass
+    if "transformers" in sys.modules:
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+            # transformers prints "[transformers] ..." through a handler of its own and
+            # does not propagate; route it to the root handler (JSON or console) instead.
+            hf_logging.disable_default_handler()
+            hf_logging.enable_propagation()
+        except Exception:
+            pass
+    _set_library_levels(_state["level"])
+
+
+def _set_library_levels(lvl: int) -> None:
+    lib = lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING)
+    for noisy in _NOISY:
+        logging.getLogger(noisy).setLevel(lib)
+
+
+def json_logs() -> bool:
+    """Whether the last ``configure_logging`` chose JSON lines."""
+    return bool(_state["json"])
 
 
 def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
@@ -19,30 +76,48 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
     Logs go to stderr so that stdout stays clean for command output (``--json``).
     """
     out = stream if stream is not None else sys.stderr
-    use_console = fmt == "console" or (fmt == "auto" and out.isatty())
+    tty = bool(getattr(out, "isatty", lambda: False)())
+    use_console = fmt == "console" or (fmt == "auto" and tty)
     renderer: Any = (
-        structlog.dev.ConsoleRenderer(colors=out.isatty())
+        structlog.dev.ConsoleRenderer(colors=tty)
         if use_console
         else structlog.processors.JSONRenderer()
     )
     lvl = _LEVELS.get(level.lower(), logging.INFO)
+    _state.update(json=not use_console, level=lvl)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # One write per event (PrintLogger writes the newline separately, and a library
+        # record written in between would split a JSON line in two).
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
-    # Libraries log through the stdlib; keep them quiet unless we are debugging.
-    logging.basicConfig(level=max(lvl, logging.WARNING), stream=out, force=True)
-    for noisy in ("httpx", "urllib3", "sentence_transformers", "transformers", "watchdog"):
-        logging.getLogger(noisy).setLevel(max(lvl, logging.WARNING))
+    # Libraries log through the stdlib: their records are rendered like ours.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name,
+                           structlog.stdlib.ExtraAdder()],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                    structlog.processors.format_exc_info, renderer],
+    ))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(lvl if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
+    logging.captureWarnings(True)  # warnings.warn(...) becomes a record, not a raw line
+    quiet_progress_bars()
 
 
 def get_logger(name: str) -> Any:

@@ -5,14 +5,17 @@ Loaded once by the command that runs, then passed down; nothing else reads confi
 
 from __future__ import annotations
 
+import difflib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from repd import paths
 from repd.errors import ConfigError
@@ -35,11 +38,25 @@ class StoreSettings(_Section):
     api_key: SecretStr | None = None
     collection: str = Field(default="repd", description="alias / collection name prefix")
 
+    @field_validator("path")
+    @classmethod
+    def _expand_path(cls, v: Path) -> Path:
+        # "~/x" in a config file means the home folder, not a folder named "~" here.
+        return Path(os.path.abspath(v.expanduser()))
+
 
 class ApiSettings(_Section):
     """The local API the CLI and the dashboard talk to."""
 
     socket: Path = Field(default_factory=paths.default_socket)
+
+    @field_validator("socket")
+    @classmethod
+    def _expand_socket(cls, v: Path) -> Path:
+        return Path(os.path.abspath(v.expanduser()))
+    socket_group: str | None = Field(
+        default=None, description="a group whose members may use the socket: it becomes "
+        "0660 owned by that group, its folder 0750 with that group (unset: 0600, owner only)")
     tcp_port: int | None = Field(default=None, ge=1, le=65535,
                                  description="also listen on 127.0.0.1:PORT (needs token)")
     token: SecretStr | None = Field(default=None, description="bearer token for TCP")
@@ -144,18 +161,168 @@ class LoadedSettings:
     config_file: Path
     config_file_exists: bool
     sources: dict[str, str] = field(default_factory=dict)
+    #: Things that are probably mistakes but not errors (a misspelled ``REPD_`` name).
+    warnings: list[str] = field(default_factory=list)
 
 
-def _env_values() -> dict[str, Any]:
-    source = EnvSettingsSource(
-        Settings, env_prefix="REPD_", env_nested_delimiter="__", case_sensitive=False
-    )
-    try:
-        data = source()
-    except Exception as exc:  # pydantic-settings raises SettingsError for bad JSON values
-        raise ConfigError([f"environment: {exc}"]) from None
-    data.pop("config", None)
-    return data
+#: ``REPD_`` variables that are not settings: the config file's name, fault injection
+#: for the crash tests, the benchmarks' data. Names under a prefix listed in
+#: ``NON_SETTING_ENV_PREFIXES`` are free for tests and tools.
+NON_SETTING_ENV = frozenset({"REPD_CONFIG", "REPD_CRASH_AT", "REPD_FAULT", "REPD_SCIFACT"})
+NON_SETTING_ENV_PREFIXES = ("REPD_TEST_", "REPD_BENCH_")
+ENV_PREFIX = "REPD_"
+
+
+@dataclass
+class _EnvLayer:
+    """What the ``REPD_*`` environment sets: values, the variable behind each dotted key,
+    problems (errors) and warnings (variables that name no setting)."""
+
+    data: dict[str, Any] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_complex(annotation: Any) -> bool:
+    """A list, a mapping or a section: given in one variable as JSON."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType):
+        return any(_is_complex(a) for a in get_args(annotation) if a is not type(None))
+    if origin in (list, dict, set, tuple, frozenset):
+        return True
+    return isinstance(annotation, type) and issubclass(annotation, (BaseModel, list, dict))
+
+
+def _section_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def env_names(model: type[BaseModel] | None = None, prefix: str = ENV_PREFIX) -> list[str]:
+    """Every ``REPD_*`` variable that sets something, upper case (for suggestions)."""
+    model = model or Settings
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        var = f"{prefix}{name.upper()}"
+        out.append(var)
+        section = _section_of(info.annotation)
+        if section is not None:
+            out.extend(env_names(section, var + "__"))
+    return out
+
+
+def setting_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key the config file may set (``store``, ``store.kind``...)."""
+    model = model or Settings
+    out: list[str] = []
+    for name, info in model.model_fields.items():
+        out.append(prefix + name)
+        section = _section_of(info.annotation)
+        if section is not None:
+            out.extend(setting_keys(section, f"{prefix}{name}."))
+    return out
+
+
+def closest(word: str, choices: list[str]) -> str | None:
+    """The valid name ``word`` was most likely meant to be, if any is close."""
+    lowered = {c.lower(): c for c in choices}
+    found = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return lowered[found[0]] if found else None
+
+
+def _json_hint(var: str, annotation: Any, raw: str) -> str:
+    if _section_of(annotation) is not None:
+        return (f"{var}: not valid JSON; set one key with {var}__KEY=value, or the whole "
+                f"section as a JSON object ({var}='{{\"key\": ...}}')")
+    example = raw.strip() or "/path"
+    if "," in example and not example.startswith("["):
+        items = [part.strip() for part in example.split(",") if part.strip()]
+    else:
+        items = [example]
+    listed = ", ".join(json.dumps(i) for i in items)
+    return (f"{var}: lists are JSON in the environment: {var}='[{listed}]' "
+            f"(got {raw!r})")
+
+
+def _read_env(environ: Mapping[str, str] | None = None) -> _EnvLayer:
+    """The ``REPD_*`` variables as a settings tree, naming each variable in every message.
+
+    ``REPD_KEY`` sets a top-level key, ``REPD_SECTION__KEY`` a key in a section; lists
+    and whole sections are JSON. A variable that names no setting is a warning with the
+    closest valid name (it is ignored, as a stale one from another version would be).
+    """
+    env = os.environ if environ is None else environ
+    layer = _EnvLayer()
+    fields = Settings.model_fields
+    json_sections: dict[str, dict[str, Any]] = {}
+    nested: list[tuple[str, str, str, str]] = []
+    for raw_name in sorted(env):
+        var = raw_name.upper()
+        if not var.startswith(ENV_PREFIX):
+            continue
+        if var in NON_SETTING_ENV or var.startswith(NON_SETTING_ENV_PREFIXES):
+            continue
+        raw = env[raw_name]
+        parts = var[len(ENV_PREFIX):].lower().split("__")
+        top = parts[0]
+        info = fields.get(top)
+        section = _section_of(info.annotation) if info is not None else None
+        if info is None or len(parts) > 2 or (len(parts) == 2 and section is None):
+            _unknown_env(layer, var)
+            continue
+        if len(parts) == 2:
+            assert section is not None
+            sub = section.model_fields.get(parts[1])
+            if sub is None:
+                _unknown_env(layer, var)
+                continue
+            nested.append((var, top, parts[1], raw))
+            continue
+        if not _is_complex(info.annotation):
+            layer.data[top] = raw
+            layer.names[top] = var
+            continue
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            layer.problems.append(_json_hint(var, info.annotation, raw))
+            continue
+        if section is not None:
+            if not isinstance(value, dict):
+                layer.problems.append(f"{var}: must be a JSON object, like "
+                                      f"{var}='{{\"key\": ...}}'")
+                continue
+            json_sections[top] = value
+            for key in _flatten(value, top + "."):
+                layer.names[key] = var
+        else:
+            layer.data[top] = value
+            layer.names[top] = var
+    for top, value in json_sections.items():
+        layer.data[top] = dict(value)
+    for var, top, key, raw in nested:
+        sub_info = _section_of(fields[top].annotation).model_fields[key]  # type: ignore[union-attr]
+        item: Any = raw
+        if _is_complex(sub_info.annotation):
+            try:
+                item = json.loads(raw)
+            except ValueError:
+                layer.problems.append(_json_hint(var, sub_info.annotation, raw))
+                continue
+        target = layer.data.setdefault(top, {})
+        if not isinstance(target, dict):  # pragma: no cover - sections are dicts above
+            continue
+        target[key] = item  # a single key wins over the same key in REPD_SECTION JSON
+        layer.names[f"{top}.{key}"] = var
+    return layer
+
+
+def _unknown_env(layer: _EnvLayer, var: str) -> None:
+    guess = closest(var, env_names())
+    hint = f" (did you mean {guess}?)" if guess else ""
+    layer.warnings.append(f"{var} is not a repd setting{hint}; ignored")
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -190,29 +357,59 @@ def _origin(loc: tuple[Any, ...], layers: list[tuple[str, dict[str, Any]]]) -> s
 def load_settings(
     config: Path | None = None, overrides: Mapping[str, Any] | None = None
 ) -> LoadedSettings:
-    """Read file, environment and overrides; raise ConfigError listing every problem."""
+    """Read file, environment and overrides; raise ConfigError listing every problem.
+
+    Each problem names where its value came from: the config file's key, the
+    environment variable (``REPD_BATCH_TOKENS: ...``), or the command line.
+    """
     path, file_data = read_config_file(config)
-    env_data = _env_values()
+    env = _read_env()
     cli_data = dict(overrides or {})
     layers = [
         (f"file {path}", _flatten(file_data)),
-        ("environment", _flatten(env_data)),
+        ("environment", _flatten(env.data)),
         ("command line", _flatten(cli_data)),
     ]
-    merged = _merge(_merge(file_data, env_data), cli_data)
+    merged = _merge(_merge(file_data, env.data), cli_data)
+    problems = list(env.problems)
     try:
         settings = Settings(**merged)
     except ValidationError as exc:
-        problems = []
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = "unknown setting" if err["type"] == "extra_forbidden" else err["msg"]
-            problems.append(f"{loc}: {msg} (from {_origin(err['loc'], layers)})")
-        raise ConfigError(problems) from None
+            problems.append(_describe(err, layers, env, path))
+    if problems:
+        raise ConfigError(problems)
     sources: dict[str, str] = {}
     for key in _flatten(settings.model_dump()):
         sources[key] = _origin(tuple(key.split(".")), layers)
-    return LoadedSettings(settings, path, path.exists(), sources)
+    return LoadedSettings(settings, path, path.exists(), sources, list(env.warnings))
+
+
+def _describe(err: Any, layers: list[tuple[str, dict[str, Any]]], env: _EnvLayer,
+              path: Path) -> str:
+    """One line for one validation error, naming the variable or key it came from."""
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    origin = _origin(err["loc"], layers)
+    unknown = err["type"] == "extra_forbidden"
+    msg = "unknown setting" if unknown else err["msg"]
+    if unknown:
+        dotted = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        parent = dotted.rpartition(".")[0]
+        siblings = [k for k in setting_keys() if k.rpartition(".")[0] == parent]
+        guess = closest(dotted, siblings)
+        if guess:
+            msg += f" (did you mean {guess!r}?)"
+    if origin == "environment":
+        dotted = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+        var = env.names.get(dotted)
+        if var is not None:
+            own = var.lower() == (ENV_PREFIX + dotted.replace(".", "__")).lower()
+            return f"{var}: {msg} (" + ("" if own else f"{loc}, ") + "from environment)"
+        # A rule over a whole section: name every variable that set a key in it.
+        inner = sorted({v for k, v in env.names.items() if k.startswith(dotted + ".")})
+        if inner:
+            return f"{loc}: {msg} (from environment: {', '.join(inner)})"
+    return f"{loc}: {msg} (from {origin})"
 
 
 def effective_items(loaded: LoadedSettings) -> list[tuple[str, str, str]]:

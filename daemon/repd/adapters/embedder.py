@@ -251,6 +251,9 @@ def _load_sentence_transformer(model: str, source: str, device: str) -> Any:
     try:
         from sentence_transformers import SentenceTransformer
 
+        from repd.log import quiet_progress_bars
+
+        quiet_progress_bars()  # no "Loading weights" bar in a log or under a summary
         st_model = SentenceTransformer(source, device=device)
     except Exception as exc:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}

@@ -11,6 +11,8 @@ import http.client
 import json
 import os
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -24,6 +26,9 @@ from repd.errors import (
 )
 
 API_PREFIX = "/v1"
+#: Backoff while a starting daemon loads its model: 0.1 s, doubling, at most 1 s.
+STARTING_FIRST_DELAY_S = 0.1
+STARTING_MAX_DELAY_S = 1.0
 
 
 class ApiClientError(RepdError):
@@ -124,9 +129,15 @@ class ApiClient:
 
     def query(
         self, text: str, k: int = 10, path: str | None = None, root: str | None = None,
-        files: bool = False,
+        files: bool = False, *, wait_starting: float = 0.0,
+        on_wait: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        """Semantic search (``QueryResponse``); ``files``: one hit per file."""
+        """Semantic search (``QueryResponse``); ``files``: one hit per file.
+
+        ``wait_starting``: seconds to keep asking a daemon that answers 503 "starting"
+        (it is loading its model), with a short backoff; ``on_wait`` is called once,
+        when the first such answer comes. After that the 503 is raised as usual.
+        """
         body: dict[str, Any] = {"text": text, "k": k}
         if files:
             body["files"] = True
@@ -134,7 +145,21 @@ class ApiClient:
             body["path"] = path
         if root is not None:
             body["root"] = root
-        return self._json("POST", f"{API_PREFIX}/query", body)
+        deadline = time.monotonic() + wait_starting
+        delay = STARTING_FIRST_DELAY_S
+        waited = False
+        while True:
+            try:
+                return self._json("POST", f"{API_PREFIX}/query", body)
+            except ApiRequestError as exc:
+                left = deadline - time.monotonic()
+                if exc.code != "starting" or left <= 0:
+                    raise
+                if not waited and on_wait is not None:
+                    on_wait()
+                waited = True
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, STARTING_MAX_DELAY_S)
 
     def files(self, state: str | None = None, limit: int = 100, offset: int = 0) -> dict[str, Any]:
         """A page of skipped/failed files (``FilesResponse``)."""

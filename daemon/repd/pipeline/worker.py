@@ -166,6 +166,9 @@ class IndexWorker:
 
     def start(self) -> None:
         """Start the loop on its own thread (again, after a crash: the supervisor's restart)."""
+        if self._thread is not None:
+            # A restart after the loop died: whatever it was writing is undone first.
+            self._needs_recovery = True
         self._thread = threading.Thread(target=self._run, name="repd-indexer", daemon=True)
         self._thread.start()
 
@@ -220,6 +223,12 @@ class IndexWorker:
                 self._stop.wait(0.5)
                 continue
             changes = self.queue.get_ready(max_items=256, timeout=0.5)
+            if changes and self.paused.is_set():
+                # Paused while waiting for work: nothing may be indexed; put it back.
+                self._requeue([_Unit(ch.root, scan=ch.relpath) if ch.kind == "scan"
+                               else _Unit(ch.root, paths=(ch.relpath,)) for ch in changes])
+                self.queue.task_done(len(changes))
+                continue
             if not changes:
                 # Counts are refreshed when work was done since, or now and then anyway.
                 self._publish(busy=False, refresh=self._dirty or now - self._counts_at > 5.0)
@@ -319,12 +328,7 @@ class IndexWorker:
             log.warning("indexing_failed_again", error=text, failures=self._failures)
         self._needs_recovery = True
         self._recover()
-        for unit in pending:
-            if unit.scan is not None:
-                self.queue.put_scan(unit.root, unit.scan)
-            else:
-                for rel in unit.paths:
-                    self.queue.put_path(unit.root, rel)
+        self._requeue(pending)
         delay = min(MAX_BACKOFF_S, 2.0 ** min(self._failures - 1, 6))
         self._retry_at = time.monotonic() + delay
         if isinstance(exc, DiskFullError):
@@ -334,6 +338,14 @@ class IndexWorker:
             self._problem = ("failing", f"indexing is failing ({text}); retrying in "
                                         f"{delay:.0f} s, failure {self._failures} in a row")
         self._publish(busy=False, refresh=True)
+
+    def _requeue(self, units: list[_Unit]) -> None:
+        for unit in units:
+            if unit.scan is not None:
+                self.queue.put_scan(unit.root, unit.scan)
+            else:
+                for rel in unit.paths:
+                    self.queue.put_path(unit.root, rel)
 
     def _recover(self) -> bool:
         """Resolve open intents as at start-up; False (and a problem shown) if it fails."""
