@@ -25,7 +25,8 @@ def embedder() -> Any:
 def _remove_deep_trees(request: pytest.FixtureRequest) -> Iterator[None]:
     """Remove a ``deep_tree`` test's folders itself: pytest's own clean-up of old temp
     folders recurses (shutil.rmtree) and dies with RecursionError on a 1,200-deep tree."""
+    deep = request.node.get_closest_marker("deep_tree") is not None
+    tmp = request.getfixturevalue("tmp_path") if deep else None  # asked now: gone at teardown
     yield
-    if request.node.get_closest_marker("deep_tree") and "tmp_path" in request.fixturenames:
-        tmp = request.getfixturevalue("tmp_path")
+    if tmp is not None:
         subprocess.run(["rm", "-rf", str(tmp)], check=False)

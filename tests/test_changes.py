@@ -1,4 +1,5 @@
-"""ChangeQueue: coalescing, debounce, settling, created-then-gone, bounded storms, scans, close."""
+"""ChangeQueue: coalescing, debounce, settling, the close fast path, created-then-gone, bounded
+storms, scans, close."""
 
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def test_repeated_changes_coalesce_into_one_entry() -> None:
     for _ in range(100):
         q.put_path(ROOT, "a.md")
         clock.advance(1)
-    assert q.depth() == {"paths": 1, "scans": 0, "settling": 0}
+    assert q.depth() == {"paths": 1, "scans": 0, "settling": 0, "inflight": 0}
     clock.advance(100)
     assert ready(q) == [Change(ROOT, "a.md", "path")]
     assert ready(q) == []
@@ -116,6 +117,134 @@ def test_settle_with_real_time_and_a_real_file(tmp_path: Path) -> None:
     assert finished_first, "handed out while the file was still being written"
 
 
+def write_and_close(q: ChangeQueue, disk: FakeDisk, relpath: str, size: int,
+                    *, created: bool = False) -> None:
+    """The events of ``open(O_TRUNC)``, ``write``, ``close``: modify(s), then IN_CLOSE_WRITE."""
+    disk.write(relpath, size)
+    q.put_path(ROOT, relpath, created=created)
+    q.put_path(ROOT, relpath)
+    q.put_path(ROOT, relpath, closed=True)
+
+
+def test_close_after_write_is_ready_after_a_short_debounce_before_settle() -> None:
+    q, clock, disk = make(debounce=150, settle=300)
+    write_and_close(q, disk, "a.md", 10, created=True)
+    clock.advance(29)
+    assert ready(q) == [], "some debounce stays: one save's events must coalesce"
+    clock.advance(1)
+    assert ready(q) == [Change(ROOT, "a.md")]  # 30 ms, not 150 + 300
+    assert disk.probes == 1, "one stat, no settle sample"
+    assert q.depth() == {"paths": 0, "scans": 0, "settling": 0, "inflight": 1}
+    q.task_done(1)
+    assert q.depth()["inflight"] == 0
+
+
+def test_a_file_still_held_open_waits_for_settle() -> None:
+    q, clock, disk = make(debounce=150, settle=300)
+    disk.write("log.md", 1)
+    q.put_path(ROOT, "log.md", created=True)
+    q.put_path(ROOT, "log.md")  # written, flushed, never closed
+    clock.advance(150)
+    assert ready(q) == [] and q.depth()["settling"] == 1  # first sample
+    clock.advance(299)
+    assert ready(q) == []
+    clock.advance(1)
+    assert ready(q) == [Change(ROOT, "log.md")]
+
+
+def test_a_write_after_the_close_re_arms_the_settle() -> None:
+    q, clock, disk = make(debounce=150, settle=300)
+    write_and_close(q, disk, "a.md", 10)
+    clock.advance(10)
+    disk.write("a.md", 20)
+    q.put_path(ROOT, "a.md")  # another writer, which keeps the file open, goes on
+    clock.advance(100)
+    assert ready(q) == []
+    clock.advance(50)
+    assert ready(q) == [] and q.depth()["settling"] == 1
+    clock.advance(300)
+    assert ready(q) == [Change(ROOT, "a.md")]
+
+
+def test_a_close_while_settling_skips_the_rest_of_the_settle() -> None:
+    q, clock, disk = make(debounce=150, settle=300)
+    disk.write("big.md", 1)
+    q.put_path(ROOT, "big.md")
+    clock.advance(150)
+    assert ready(q) == [] and q.depth()["settling"] == 1
+    disk.write("big.md", 2)
+    q.put_path(ROOT, "big.md", closed=True)  # the writer is done
+    clock.advance(30)
+    assert ready(q) == [Change(ROOT, "big.md")]
+    assert q.depth()["paths"] == 0
+
+
+def test_temp_file_then_rename_yields_one_change_of_the_final_path() -> None:
+    q, clock, disk = make(debounce=150, settle=300)
+    disk.write("a.md", 5)
+    write_and_close(q, disk, ".a.md.tmp123", 9, created=True)
+    disk.files[ROOT / "a.md"] = disk.files.pop(ROOT / ".a.md.tmp123")
+    q.put_path(ROOT, ".a.md.tmp123")  # moved: the source side...
+    q.put_path(ROOT, "a.md", closed=True)  # ...and the destination, complete
+    clock.advance(30)
+    assert ready(q) == [Change(ROOT, "a.md")]
+    clock.advance(1000)
+    assert ready(q) == [], "the temp file was created and is gone: never handed out"
+    assert q.depth()["paths"] == 0
+
+
+def test_a_writer_closing_in_a_loop_takes_the_settle_path() -> None:
+    q, clock, disk = make(debounce=150, settle=300)
+    write_and_close(q, disk, "app.md", 1)
+    clock.advance(30)
+    assert ready(q) == [Change(ROOT, "app.md")]
+    q.task_done(1)
+    got: list[Change] = []
+    for size in range(2, 22):  # open, append, close every 100 ms for 2 s
+        clock.advance(100)
+        write_and_close(q, disk, "app.md", size)
+        got += ready(q)
+    assert got == [], "changed again right after a hand-out: no fast path for a busy writer"
+    clock.advance(150)
+    assert ready(q) == [] and q.depth()["settling"] == 1
+    clock.advance(300)
+    assert ready(q) == [Change(ROOT, "app.md")]
+    clock.advance(1000)
+    write_and_close(q, disk, "app.md", 50)  # a save a while later is fast again
+    clock.advance(30)
+    assert ready(q) == [Change(ROOT, "app.md")]
+
+
+def test_without_the_close_fast_path_every_file_settles() -> None:
+    clock, disk = FakeClock(), FakeDisk()
+    q = ChangeQueue(150, 300, close_debounce_ms=None, clock=clock, probe=disk)
+    write_and_close(q, disk, "a.md", 10)
+    clock.advance(150)
+    assert ready(q) == [] and q.depth()["settling"] == 1
+    clock.advance(300)
+    assert ready(q) == [Change(ROOT, "a.md")]
+
+
+def test_the_close_debounce_is_never_longer_than_the_debounce() -> None:
+    q, clock, disk = make(debounce=10, settle=300)
+    write_and_close(q, disk, "a.md", 10)
+    clock.advance(10)
+    assert ready(q) == [Change(ROOT, "a.md")]
+
+
+def test_a_consumer_waiting_wakes_for_a_closed_file_in_time(tmp_path: Path) -> None:
+    q = ChangeQueue(debounce_ms=150, settle_ms=5000)
+    (tmp_path / "a.md").write_text("x")
+    timer = threading.Timer(0.05, lambda: q.put_path(tmp_path, "a.md", closed=True))
+    timer.start()
+    start = time.monotonic()
+    got = q.get_ready(10, timeout=10.0)
+    took = time.monotonic() - start
+    timer.join()
+    assert got == [Change(tmp_path, "a.md")]
+    assert took < 4.0, f"waited {took:.2f} s: the settle was not skipped"
+
+
 def test_a_path_created_and_gone_again_is_dropped_but_a_deletion_is_not() -> None:
     q, clock, _ = make(settle=0)
     q.put_path(ROOT, ".x.tmp", created=True)
@@ -144,7 +273,7 @@ def test_a_change_during_settling_restarts_the_debounce() -> None:
     clock.advance(100)
     assert ready(q) == [] and q.depth()["settling"] == 1
     q.put_path(ROOT, "a.md")
-    assert q.depth() == {"paths": 1, "scans": 0, "settling": 0}
+    assert q.depth() == {"paths": 1, "scans": 0, "settling": 0, "inflight": 0}
     clock.advance(100)
     assert ready(q) == []
     clock.advance(200)
@@ -185,10 +314,10 @@ def test_scan_subsumes_paths_and_narrower_scans() -> None:
         q.put_path(ROOT, rel)
     q.put_scan(ROOT, "a/deep")
     q.put_scan(ROOT, "a")
-    assert q.depth() == {"paths": 2, "scans": 1, "settling": 0}
+    assert q.depth() == {"paths": 2, "scans": 1, "settling": 0, "inflight": 0}
     q.put_path(ROOT, "a/new.md")  # absorbed by the pending scan
     q.put_scan(ROOT, "a/deep/er")  # so is a narrower scan
-    assert q.depth() == {"paths": 2, "scans": 1, "settling": 0}
+    assert q.depth() == {"paths": 2, "scans": 1, "settling": 0, "inflight": 0}
     disk.write("ab/w.md", 1)
     clock.advance(100)
     got = ready(q)
@@ -229,7 +358,7 @@ def test_drop_root_forgets_its_entries() -> None:
     q.put_scan(ROOT, "d")
     q.put_path(OTHER, "b.md")
     q.drop_root(ROOT)
-    assert q.depth() == {"paths": 1, "scans": 0, "settling": 0}
+    assert q.depth() == {"paths": 1, "scans": 0, "settling": 0, "inflight": 0}
 
 
 def test_get_ready_times_out_and_wakes_up_for_a_new_change(tmp_path: Path) -> None:

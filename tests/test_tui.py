@@ -1,40 +1,95 @@
-"""The terminal dashboard, driven through Textual's Pilot against a fake daemon client."""
+"""The terminal dashboard, driven through Textual's Pilot against a fake daemon client.
+
+Layout snapshots: ``tests/snapshots/tui/*.svg`` hold the expected screens (SVG, as
+``App.export_screenshot`` writes them). After a deliberate change to the dashboard, or a
+Textual upgrade that redraws it, regenerate them and look at the difference::
+
+    REPD_UPDATE_SNAPSHOTS=1 .venv/bin/python -m pytest tests/test_tui.py -q -k snapshot
+
+A failing comparison writes the screen it got next to the expected one, as
+``NAME.actual.svg`` under pytest's temporary folder, and names both files.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import subprocess
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+from textual.binding import Binding
 from textual.message import Message
 from textual.notifications import Notification, Notify
 from textual.pilot import Pilot
+from textual.widget import Widget
 from textual.widgets import DataTable, Input, Sparkline, Static, TabbedContent
 
 from repd.api.client import ApiRequestError, DaemonNotRunning
 from repd.api.schema import ActionResponse, FilesResponse, QueryResponse, StatusResponse
-from repd_tui.app import RepdApp, create_app
-from repd_tui.widgets import ConfirmScreen, KeyValueGrid
+from repd_tui.app import KEYS_HELP, RepdApp, create_app
+from repd_tui.widgets import (
+    ChunkView,
+    ConfirmScreen,
+    FitTable,
+    HelpScreen,
+    KeyValueGrid,
+    editor_command,
+)
 
 ROOT = "/home/ada/notes"
 SIZE = (140, 44)
+SNAPSHOTS = Path(__file__).parent / "snapshots" / "tui"
+
+RAFT_LINES = [f"line {n} of the raft notes" for n in range(1, 12)] + [
+    "## Leader election",
+    "A follower becomes a candidate when its",
+    "election timeout fires.",
+    "It votes for itself and asks the others.",
+    *(f"Votes are counted per term; step {n} of the election." for n in range(1, 16)),
+    "after the chunk",
+]
+"""projects/raft.md as the fake reader has it: hit 1 is its lines 12 to 30."""
+
+FAKE_FILES = {
+    f"{ROOT}/projects/raft.md": RAFT_LINES,
+    f"{ROOT}/papers/paxos-made-simple.txt": [
+        "Paxos made simple: the proposer sends prepare(n) to a majority.",
+        *(f"Phase {n}: acceptors answer with the highest proposal they saw." for n in range(2, 23)),
+    ],
+}
+
+
+def fake_reader(path: str) -> list[str]:
+    """Reads FAKE_FILES as if they were on disk; anything else does not exist."""
+    if path not in FAKE_FILES:
+        raise FileNotFoundError(2, "No such file or directory", path)
+    return list(FAKE_FILES[path])
 
 
 class FakeClient:
     """Answers like a daemon with one root, a built index and a little work queued.
 
     ``up`` switches the daemon off and on; ``calls`` records every call but status.
+    ``state`` picks the picture: ``indexing`` (work queued), ``idle`` (nothing queued, with
+    the rates the daemon still remembers) or ``starting`` (loading its model).
     Every answer is validated against the API's pydantic models, so the fake cannot drift
     from the wire contract.
     """
 
     target = "/run/user/1000/repd/repd.sock"
 
-    def __init__(self, up: bool = True) -> None:
+    def __init__(self, up: bool = True, *, state: str = "indexing", root: str = ROOT,
+                 hits: int = 2) -> None:
         self.up = up
+        self.state = state
+        self.root = root
+        self.hits = hits
         self.paused = False
         self.refuse_actions = False
         self.problem: str | None = None  # set: the daemon reports itself degraded
@@ -50,10 +105,19 @@ class FakeClient:
         with self._lock:
             self.status_calls += 1
         self._check()
+        busy = self.state == "indexing"
+        problem = self.problem
+        if self.state == "starting" and not problem:
+            problem = "loading model and index"
+        state = (
+            "degraded" if self.problem
+            else "paused" if self.paused
+            else self.state
+        )
         data = {
             "version": "0.1.0",
             "api_version": 1,
-            "state": "degraded" if self.problem else "paused" if self.paused else "indexing",
+            "state": state,
             "paused": self.paused,
             "model": {
                 "name": "sentence-transformers/all-MiniLM-L6-v2",
@@ -63,18 +127,21 @@ class FakeClient:
             },
             "generation": {"id": "g0003-minilm", "state": "active", "points": 48213},
             "queue": {
-                "pending": 120,
-                "scans": 1,
-                "settling": 2,
-                "planning": 4,
-                "embedding": 256,
-                "writing": 3,
+                "pending": 120 if busy else 0,
+                "scans": 1 if busy else 0,
+                "settling": 2 if busy else 0,
+                "planning": 4 if busy else 0,
+                "embedding": 256 if busy else 0,
+                "writing": 3 if busy else 0,
             },
-            "rates": {"files_per_s": 37.5, "chunks_per_s": 410.2, "embeds_per_s": 398.0},
-            "eta_s": 95.0,
+            # Idle, the daemon's averages still remember the last burst of work.
+            "rates": {"files_per_s": 37.5, "chunks_per_s": 410.2, "embeds_per_s": 398.0}
+            if busy
+            else {"files_per_s": 2.3, "chunks_per_s": 11.0, "embeds_per_s": 9.5},
+            "eta_s": 95.0 if busy else None,
             "roots": [
                 {
-                    "path": ROOT,
+                    "path": self.root,
                     "watch": "inotify",
                     "files": 1532,
                     "chunks": 48213,
@@ -99,7 +166,7 @@ class FakeClient:
             "uptime_s": 3725.0,
             "last_scan_at": "2024-05-01T10:00:00Z",
             "last_error": None,
-            "problem": self.problem,
+            "problem": problem,
         }
         return StatusResponse.model_validate(data).model_dump(mode="json")
 
@@ -114,24 +181,35 @@ class FakeClient:
             {
                 "rank": 1,
                 "score": 0.8123,
-                "root": ROOT,
+                "root": self.root,
                 "path": "projects/raft.md",
                 "start_line": 12,
                 "end_line": 30,
-                "snippet": "## Leader election\nA follower becomes a candidate when its "
-                "election timeout fires.\nIt votes for itself and asks the others.",
+                "snippet": "## Leader election A follower becomes a candidate when its "
+                "election timeout fires. It votes for itself and asks the others. Votes are "
+                "counted per term; step 1 of the election. Votes...",
             },
             {
                 "rank": 2,
                 "score": 0.7011,
-                "root": ROOT,
+                "root": self.root,
                 "path": "papers/paxos-made-simple.txt",
                 "start_line": 1,
                 "end_line": 22,
                 "snippet": "Paxos made simple: the proposer sends prepare(n) to a majority.",
             },
         ]
-        data = {"hits": hits[:k], "took_ms": 7.4, "generation": "g0003-minilm"}
+        for rank in range(3, self.hits + 1):
+            hits.append({
+                "rank": rank,
+                "score": 0.7 - rank / 100,
+                "root": self.root,
+                "path": f"journal/2024/week-{rank:02d}.md",
+                "start_line": rank * 3,
+                "end_line": rank * 3 + 4,
+                "snippet": f"Week {rank}: notes on consensus, quorum sizes and log replication.",
+            })
+        data = {"hits": hits[: min(k, self.hits)], "took_ms": 7.4, "generation": "g0003-minilm"}
         return QueryResponse.model_validate(data).model_dump(mode="json")
 
     def files(self, state: str | None = None, limit: int = 100, offset: int = 0) -> dict[str, Any]:
@@ -139,7 +217,7 @@ class FakeClient:
         self._check()
         items = [
             {
-                "root": ROOT,
+                "root": self.root,
                 "path": "media/talk.mp4",
                 "state": "skipped",
                 "reason": "binary",
@@ -147,7 +225,7 @@ class FakeClient:
                 "at": "2024-05-01T10:02:03Z",
             },
             {
-                "root": ROOT,
+                "root": self.root,
                 "path": "scans/contract.pdf",
                 "state": "failed",
                 "reason": "extract_error",
@@ -188,10 +266,15 @@ def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
     asyncio.run(asyncio.wait_for(test(), timeout=60))
 
 
-def make_app(fake: FakeClient) -> RepdApp:
+def make_app(
+    fake: FakeClient,
+    *,
+    poll_interval: float = 0.25,
+    read_lines: Callable[[str], list[str]] = fake_reader,
+) -> RepdApp:
     # Faster than the production second, to keep the recovery test short; not much faster,
     # as Pilot waits for the app to go idle after every key.
-    return create_app(lambda: fake, poll_interval=0.25)
+    return create_app(lambda: fake, poll_interval=poll_interval, read_lines=read_lines)
 
 
 async def until(pilot: Pilot[Any], condition: Callable[[], bool], what: str) -> None:
@@ -212,6 +295,34 @@ def table_rows(app: RepdApp, selector: str) -> list[list[str]]:
     return [[str(c) for c in table.get_row_at(i)] for i in range(table.row_count)]
 
 
+def on_screen(app: RepdApp, widget: Widget) -> bool:
+    """True when all of ``widget`` is drawn on the screen, not scrolled away or covered."""
+    screen = app.screen
+    try:
+        geometry = screen.find_widget(widget)
+    except Exception:  # not in the screen's map: hidden or not laid out
+        return False
+    region = geometry.region
+    if not region.area or geometry.clip.intersection(region) != region:
+        return False
+    if not screen.region.contains_region(region):
+        return False
+    corners = [(region.x, region.y), (region.right - 1, region.bottom - 1)]
+    for x, y in corners:
+        hit, _ = screen.get_widget_at(x, y)
+        if hit is not widget and widget not in hit.ancestors:
+            return False
+    return True
+
+
+async def search(pilot: Pilot[Any], app: RepdApp, text: str, rows: int = 2) -> None:
+    """Type ``text`` into the query box, run it, and wait for the hits and the first chunk."""
+    await pilot.press("slash", *text, "enter")
+    await until(pilot, lambda: app.query_one("#results", DataTable).row_count == rows, "results")
+    await until(pilot, lambda: app.chunk_shown is not None, "the first hit's chunk")
+    await pilot.pause()
+
+
 def test_status_panels_show_the_daemon_state() -> None:
     fake = FakeClient()
 
@@ -221,7 +332,6 @@ def test_status_panels_show_the_daemon_state() -> None:
             await until(pilot, lambda: app.daemon_up is True, "the first status")
             status = app.query_one("#status", KeyValueGrid)
             assert status.value("state") == "indexing"
-            assert status.value("paused").startswith("no")
             assert status.value("model") == (
                 "sentence-transformers/all-MiniLM-L6-v2 on cuda:0, 384 dims"
             )
@@ -263,13 +373,23 @@ def test_query_fills_results_and_selecting_shows_the_chunk() -> None:
             assert ("query", "leader election") in fake.calls
             rows = table_rows(app, "#results")
             assert rows[0][:3] == ["1", "0.812", "projects/raft.md:12"]
-            assert rows[0][3] == "## Leader election"
+            # The snippet cut to the column, with an ellipsis; the table keeps it whole.
+            assert rows[0][3].startswith("## Leader election A follower")
+            assert rows[0][3].endswith("…")
+            full = app.query_one("#results", FitTable).row_values("1")[3]
+            assert full.endswith("step 1 of the election. Votes...")
             assert rows[1][2] == "papers/paxos-made-simple.txt:1"
-            # The first hit is previewed, and moving to the second shows its whole chunk.
-            assert "A follower becomes a candidate" in text_of(app, "#snippet")
+            # The first hit is previewed, whole, from its file, with its line numbers.
+            await until(pilot, lambda: app.chunk_shown is not None, "the first chunk")
+            view = app.query_one("#snippet", ChunkView)
+            assert view.first_line == 12 and view.note is None
+            assert view.lines == RAFT_LINES[11:30]
+            assert text_of(app, "#snippet").startswith("12 │ ## Leader election\n13 │ A follower")
+            # Moving to the second shows its chunk.
             await pilot.press("down", "enter")
-            await pilot.pause()
-            assert text_of(app, "#snippet").startswith("Paxos made simple")
+            await until(pilot, lambda: view.first_line == 1, "the second chunk")
+            assert text_of(app, "#snippet").startswith("1 │ Paxos made simple")
+            assert len(view.lines) == 22
             box_title = str(app.query_one("#snippet-box").border_title)
             assert box_title.startswith(f"{ROOT}/papers/paxos-made-simple.txt:1-22")
 
@@ -315,7 +435,6 @@ def test_p_pauses_then_resumes() -> None:
             await until(pilot, lambda: fake.actions() == ["pause"], "pause()")
             status = app.query_one("#status", KeyValueGrid)
             await until(pilot, lambda: status.value("state") == "paused", "paused state")
-            assert status.value("paused").startswith("yes")
             await pilot.press("p")
             await until(pilot, lambda: fake.actions() == ["pause", "resume"], "resume()")
             await until(pilot, lambda: status.value("state") == "indexing", "indexing again")
@@ -358,14 +477,23 @@ def test_f_shows_skipped_and_failed_files_with_reasons() -> None:
                 "the files list",
             )
             rows = table_rows(app, "#files-table")
-            assert rows[0][:3] == ["skipped", f"{ROOT}/media/talk.mp4", "binary"]
+            # One root: paths relative to it, the root named once above.
+            assert rows[0][:3] == ["skipped", "media/talk.mp4", "binary"]
             assert rows[1][:4] == [
                 "failed",
-                f"{ROOT}/scans/contract.pdf",
+                "scans/contract.pdf",
                 "extract_error",
                 "pypdf: EOF marker not found",
             ]
-            assert "1 skipped on purpose, 1 failed" in text_of(app, "#files-summary")
+            summary = text_of(app, "#files-summary")
+            assert f"2 files under {ROOT} are not in the index" in summary
+            assert "1 skipped on purpose, 1 failed" in summary
+            # The highlighted file in full below the table.
+            detail = text_of(app, "#files-detail")
+            assert detail == (
+                f"{ROOT}/media/talk.mp4\n"
+                "skipped: binary — looks binary (NUL bytes in the first 8 KiB)"
+            )
             await pilot.press("f")
             assert tabs.active == "dashboard"
 
@@ -406,10 +534,7 @@ def test_screenshot_contains_the_key_labels(tmp_path: Path) -> None:
         app = make_app(fake)
         async with app.run_test(size=SIZE) as pilot:
             await until(pilot, lambda: app.daemon_up is True, "the first status")
-            await pilot.press("slash", *"raft", "enter")
-            await until(
-                pilot, lambda: app.query_one("#results", DataTable).row_count == 2, "the results"
-            )
+            await search(pilot, app, "raft")
             saved = Path(app.save_screenshot("dashboard.svg", str(tmp_path)))
         # Rich writes spaces in SVG text as &#160;.
         svg = saved.read_text(encoding="utf-8").replace("&#160;", " ")
@@ -422,8 +547,9 @@ def test_screenshot_contains_the_key_labels(tmp_path: Path) -> None:
             "g0003-minilm",
             "inotify",
             "projects/raft.md:12",
-            "Pause/resume",
+            "Pause",
             "Files",
+            "Keys",
         ):
             assert label in svg, label
 
@@ -447,3 +573,425 @@ def test_a_degraded_daemon_is_shown_in_red_until_it_recovers() -> None:
             assert status.value("state") == "indexing"
 
     run(body)
+
+
+# -- 80x24: every panel within reach ---------------------------------------------------------
+
+SMALL = (80, 24)
+
+
+def test_at_80x24_the_search_fills_the_view_and_d_brings_the_daemon_panel() -> None:
+    fake = FakeClient(hits=8)
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SMALL) as pilot:
+            await until(pilot, lambda: app.daemon_up is True, "the first status")
+            await pilot.pause()
+            state = app.query_one("#status-state")
+            results = app.query_one("#results", DataTable)
+            # The summary line stands in for the panels; the search has the rest.
+            assert on_screen(app, app.query_one("#summary-bar"))
+            assert text_of(app, "#summary-state") == "indexing"
+            assert "ETA 1m 35s" in text_of(app, "#summary")
+            assert on_screen(app, results) and on_screen(app, app.query_one("#snippet-box"))
+            assert on_screen(app, app.query_one("#query"))
+            assert not on_screen(app, state)
+            await pilot.press("d")
+            assert app.focused is app.query_one("#status-panel")
+            assert on_screen(app, state)
+            for key in ("model", "generation", "error"):
+                assert on_screen(app, app.query_one(f"#status-{key}")), key
+            # Tab goes on through the queue and the roots, each scrolled into view.
+            await pilot.press("tab")
+            assert app.focused is app.query_one("#queue-panel")
+            assert on_screen(app, app.query_one("#queue-eta"))
+            await pilot.press("tab")
+            assert app.focused is app.query_one("#roots")
+            assert on_screen(app, app.query_one("#roots"))
+            # Escape: back to the results, and the whole search is in view again.
+            await pilot.press("escape")
+            assert app.focused is results
+            assert on_screen(app, results) and on_screen(app, app.query_one("#query"))
+            assert not on_screen(app, state)
+            # Status that changes the panels' height above does not push the search away.
+            fake.problem = "the watcher died (inotify limit reached); rescanning every 60 s"
+            await until(pilot, lambda: app.query_one("#status-problem").display, "problem row")
+            await pilot.pause()
+            assert on_screen(app, results) and on_screen(app, app.query_one("#query"))
+
+    run(body)
+
+
+def test_at_80x24_results_show_several_rows_with_their_snippet() -> None:
+    fake = FakeClient(hits=8)
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SMALL) as pilot:
+            await until(pilot, lambda: app.daemon_up is True, "the first status")
+            await search(pilot, app, "raft", rows=8)
+            table = app.query_one("#results", FitTable)
+            assert on_screen(app, table)
+            visible_rows = table.scrollable_content_region.height - 1  # less the header
+            assert visible_rows >= 6, visible_rows
+            widths = [c.width for c in table.columns.values()]
+            padding = 2 * table.cell_padding * len(widths)
+            assert sum(widths) + padding == table.scrollable_content_region.width  # no waste
+            rows = table_rows(app, "#results")
+            assert rows[0][2] == "projects/raft.md:12"  # the location whole
+            assert len(rows[0][3]) >= 20 and rows[0][3].startswith("## Leader election")
+            # The chunk below: whole, numbered, on screen.
+            view = app.query_one("#snippet", ChunkView)
+            assert on_screen(app, app.query_one("#snippet-box"))
+            assert view.first_line == 12 and len(view.lines) == 19
+            # Tab reaches the chunk, and the arrows scroll it.
+            await pilot.press("tab")
+            box = app.query_one("#snippet-box")
+            assert app.focused is box
+            assert box.max_scroll_y > 0
+            await pilot.press("down", "down")
+            assert box.scroll_y == 2
+
+    run(body)
+
+
+def test_files_columns_fit_the_width() -> None:
+    fake = FakeClient()
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.press("f")
+            table = app.query_one("#files-table", FitTable)
+            await until(pilot, lambda: table.row_count == 2, "the files list")
+            await pilot.pause()
+            widths = {str(k.value): c.width for k, c in table.columns.items()}
+            padding = 2 * table.cell_padding * len(widths)
+            assert sum(widths.values()) + padding <= table.size.width
+            rows = table_rows(app, "#files-table")
+            # Short cells whole: no "skipp", "2024-", "/tmp".
+            assert [r[0] for r in rows] == ["skipped", "failed"]
+            assert [r[1] for r in rows] == ["media/talk.mp4", "scans/contract.pdf"]
+            assert [r[2] for r in rows] == ["binary", "extract_error"]
+            assert [r[4] for r in rows] == ["2024-05-01 10:02", "2024-05-01 10:02"]
+            assert rows[0][3].startswith("looks binary") and rows[0][3].endswith("…")
+            assert on_screen(app, app.query_one("#files-detail"))
+            assert "(NUL bytes in the first 8 KiB)" in text_of(app, "#files-detail")
+            # Wider, the same table shows every cell whole.
+            await pilot.resize_terminal(160, 30)
+            await pilot.pause()
+            rows = table_rows(app, "#files-table")
+            assert rows[0][3] == "looks binary (NUL bytes in the first 8 KiB)"
+
+    os.environ["TZ"] = "UTC"
+    time.tzset()
+    run(body)
+
+
+# -- the Chunk pane --------------------------------------------------------------------------
+
+
+def test_the_chunk_is_read_from_its_file_with_line_numbers_and_no_control_characters(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "notes"
+    (root / "projects").mkdir(parents=True)
+    lines = list(RAFT_LINES)
+    lines[13] = "election timeout \x1b]0;pwned\x07fires.\tTabbed\r"
+    (root / "projects" / "raft.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    fake = FakeClient(root=str(root))
+
+    async def body() -> None:
+        # The real reader: the file on disk, as the daemon extracts it.
+        app = create_app(lambda: fake, poll_interval=0.25)
+        async with app.run_test(size=SIZE) as pilot:
+            await search(pilot, app, "raft")
+            view = app.query_one("#snippet", ChunkView)
+            assert view.first_line == 12 and view.note is None
+            assert view.lines[0] == "## Leader election"
+            # Escapes shown, the tab as spaces to the next stop of 4 on the line as shown.
+            assert view.lines[2] == "election timeout \\x1b]0;pwned\\x07fires. Tabbed"
+            assert view.lines[-1] == "Votes are counted per term; step 15 of the election."
+            shown = text_of(app, "#snippet")
+            assert "14 │ election timeout \\x1b]0;pwned" in shown
+            assert not any(ord(c) < 32 and c != "\n" for c in shown)
+            # The second hit's file is not there: the indexed snippet, and why.
+            await pilot.press("down")
+            await until(pilot, lambda: view.note is not None, "the fallback")
+            assert view.first_line is None
+            assert view.note is not None and view.note.startswith("cannot read the file")
+            assert view.lines == ["Paxos made simple: the proposer sends prepare(n) to a majority."]
+            # A file edited since it was indexed: not lines that are no longer the hit.
+            (root / "projects" / "raft.md").write_text("rewritten\n" * 40, encoding="utf-8")
+            await pilot.press("up")
+            await until(pilot, lambda: view.note is not None and "changed" in view.note,
+                        "the changed-file note")
+            assert view.lines[0].startswith("## Leader election A follower")
+
+    run(body)
+
+
+# -- keys: o, y, ? ---------------------------------------------------------------------------
+
+
+def test_editor_command_uses_each_editors_line_syntax() -> None:
+    path = "/home/ada/notes/a b.md"
+    assert editor_command("vim", path, 12).argv == ["vim", "+12", path]
+    assert editor_command("/usr/bin/nvim", path, 3).argv == ["/usr/bin/nvim", "+3", path]
+    assert editor_command("emacs -nw", path, 7).argv == ["emacs", "-nw", "+7", path]
+    for name in ("nano", "micro", "kak", "hx", "emacsclient -t"):
+        cmd = editor_command(name, path, 9)
+        assert cmd.argv[-2:] == ["+9", path] and cmd.terminal, name
+    code = editor_command("code --wait", path, 12)
+    assert code.argv == ["code", "--wait", "-g", f"{path}:12"] and not code.terminal
+    assert editor_command("subl", path, 5).argv == ["subl", f"{path}:5"]
+    assert editor_command("someeditor", path, 5).argv == ["someeditor", path]
+    opener = editor_command(None, path, 5)
+    assert opener.argv == ["xdg-open", path] and not opener.terminal
+    assert editor_command("  ", path, 5).argv == ["xdg-open", path]
+
+
+def test_o_opens_the_result_in_the_editor_at_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "notes"
+    (root / "projects").mkdir(parents=True)
+    target = root / "projects" / "raft.md"
+    target.write_text("\n".join(RAFT_LINES) + "\n", encoding="utf-8")
+    fake = FakeClient(root=str(root))
+    ran: list[list[str]] = []
+    spawned: list[list[str]] = []
+    suspended: list[bool] = []
+
+    def fake_run(argv: list[str], **_: Any) -> subprocess.CompletedProcess[bytes]:
+        assert suspended and suspended[-1], "the editor ran without the app suspended"
+        ran.append(list(argv))
+        return subprocess.CompletedProcess(argv, 0)
+
+    class FakePopen:
+        def __init__(self, argv: list[str], **kwargs: Any) -> None:
+            assert kwargs.get("start_new_session") is True
+            spawned.append(list(argv))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "Popen", FakePopen)
+    monkeypatch.delenv("VISUAL", raising=False)
+
+    @contextlib.contextmanager
+    def fake_suspend() -> Iterator[None]:
+        suspended.append(True)
+        try:
+            yield
+        finally:
+            suspended.append(False)
+
+    async def body() -> None:
+        app = make_app(fake)
+        app.suspend = fake_suspend  # type: ignore[method-assign]
+        async with app.run_test(size=SMALL) as pilot:
+            monkeypatch.setenv("EDITOR", "vim")
+            await pilot.press("o")  # nothing selected yet: a warning, no editor
+            assert ran == []
+            await search(pilot, app, "raft")
+            await pilot.press("o")
+            assert ran == [["vim", "+12", str(target)]]
+            assert suspended == [True, False]
+            monkeypatch.setenv("EDITOR", "code")
+            await pilot.press("o")
+            assert spawned == [["code", "-g", f"{target}:12"]]
+            monkeypatch.delenv("EDITOR")
+            await pilot.press("o")
+            assert spawned[-1] == ["xdg-open", str(target)]
+            assert len(ran) == 1 and suspended == [True, False]
+            assert app.is_running
+
+    run(body)
+
+
+def test_y_copies_path_and_line() -> None:
+    fake = FakeClient()
+    notes: list[Notification] = []
+
+    def hook(message: Message) -> None:
+        if isinstance(message, Notify):
+            notes.append(message.notification)
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SMALL, message_hook=hook) as pilot:
+            await search(pilot, app, "raft")
+            await pilot.press("down", "y")
+            where = f"{ROOT}/papers/paxos-made-simple.txt:1"
+            assert app.clipboard == where
+            await until(pilot, lambda: any(n.message == where for n in notes), "the notice")
+            await pilot.press("up", "y")
+            assert app.clipboard == f"{ROOT}/projects/raft.md:12"
+
+    run(body)
+
+
+def test_question_mark_lists_every_key() -> None:
+    fake = FakeClient()
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SMALL) as pilot:
+            await pilot.press("question_mark")
+            await until(pilot, lambda: isinstance(app.screen, HelpScreen), "the list of keys")
+            help_screen = app.screen
+            assert isinstance(help_screen, HelpScreen)
+            listed = {key for key, _ in KEYS_HELP}
+            names = {"slash": "/", "question_mark": "?", "escape": "Esc"}
+            for binding in RepdApp.BINDINGS:
+                assert not isinstance(binding, tuple)
+                key = names.get(binding.key, binding.key)
+                assert key in listed or key in help_screen.text, key
+            # The whole list fits in 80x24.
+            assert on_screen(app, app.screen.query_one("#help-keys"))
+            await pilot.press("escape")
+            await until(pilot, lambda: not isinstance(app.screen, HelpScreen), "closing")
+
+    run(body)
+
+
+# -- status that reads right -----------------------------------------------------------------
+
+
+def test_status_while_paused_idle_and_starting_reads_right() -> None:
+    fake = FakeClient()
+    fake.paused = True  # the daemon still sends its last ETA
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SIZE) as pilot:
+            status = app.query_one("#status", KeyValueGrid)
+            queue = app.query_one("#queue", KeyValueGrid)
+            await until(pilot, lambda: status.value("state") == "paused", "paused")
+            assert queue.value("eta") == "paused"
+            assert [queue.value(r) for r in ("files_per_s", "chunks_per_s")] == ["0", "0"]
+            assert app.sub_title.endswith("· paused")
+            assert "(paused)" not in app.sub_title
+            assert "385 in flight" in text_of(app, "#summary")
+            assert "ETA" not in text_of(app, "#summary")
+            # Idle: rates the daemon still averages over a past burst show as 0, no ETA.
+            fake.paused = False
+            fake.state = "idle"
+            await until(pilot, lambda: status.value("state") == "idle", "idle")
+            assert [queue.value(r) for r in ("files_per_s", "chunks_per_s", "embeds_per_s")] == [
+                "0", "0", "0"
+            ]
+            assert queue.value("eta") == "idle"
+            assert "ETA" not in text_of(app, "#summary")
+            assert not app.query_one("#status-problem").display
+            # Starting: the daemon says what it is doing, in the panel and the summary.
+            fake.state = "starting"
+            await until(pilot, lambda: status.value("state") == "starting", "starting")
+            assert app.query_one("#status-problem").display
+            assert status.value("problem") == "loading model and index"
+            assert text_of(app, "#summary") == "loading model and index"
+            assert not app.query_one("#banner").has_class("-visible")
+            # Back to work: the problem row goes again.
+            fake.state = "indexing"
+            await until(pilot, lambda: status.value("state") == "indexing", "indexing")
+            assert not app.query_one("#status-problem").display
+
+    run(body)
+
+
+# -- layout snapshots ------------------------------------------------------------------------
+
+
+def _svg_text_lines(svg: str) -> list[str]:
+    """The characters of an SVG screenshot, row by row (for a readable failure)."""
+    import html
+    import re
+
+    rows: dict[int, list[tuple[float, str]]] = {}
+    for x, row, text in re.findall(
+        r'<text class="[^"]*" x="([\d.]+)" y="[\d.]+" textLength="[\d.]+" '
+        r'clip-path="url\(#[^)]*-line-(\d+)\)">(.*?)</text>',
+        svg,
+    ):
+        rows.setdefault(int(row), []).append((float(x), html.unescape(text)))
+    lines = []
+    for row in sorted(rows):
+        line = ""
+        for x, text in sorted(rows[row]):
+            column = round(x / 12.2)
+            line = line.ljust(column) + text
+        lines.append(line.rstrip())
+    return lines
+
+
+def check_snapshot(name: str, svg: str, tmp_path: Path) -> None:
+    """Compare ``svg`` with the stored ``name``.svg; REPD_UPDATE_SNAPSHOTS=1 stores it."""
+    expected = SNAPSHOTS / f"{name}.svg"
+    if os.environ.get("REPD_UPDATE_SNAPSHOTS") == "1":
+        SNAPSHOTS.mkdir(parents=True, exist_ok=True)
+        expected.write_text(svg, encoding="utf-8")
+        return
+    assert expected.exists(), (
+        f"no snapshot {expected}: run with REPD_UPDATE_SNAPSHOTS=1 and look at it"
+    )
+    want = expected.read_text(encoding="utf-8")
+    if want == svg:
+        return
+    actual = tmp_path / f"{name}.actual.svg"
+    actual.write_text(svg, encoding="utf-8")
+    import difflib
+
+    diff = "\n".join(
+        difflib.unified_diff(_svg_text_lines(want), _svg_text_lines(svg), "expected", "actual",
+                             lineterm="")
+    ) or "(same characters: colours or styles differ)"
+    pytest.fail(
+        f"{name}: the screen differs from {expected} (got {actual}; "
+        f"REPD_UPDATE_SNAPSHOTS=1 accepts it)\n{diff}"
+    )
+
+
+SCENARIOS = ("idle", "indexing", "query", "files", "down")
+
+
+@pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
+@pytest.mark.parametrize("scenario", SCENARIOS)
+def test_snapshot(
+    scenario: str, size: tuple[int, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fixed data, frozen clocks: the fake's uptime and times are constants, times print in
+    # UTC, and one status poll only (the sparkline draws one sample, whatever the speed).
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+    fake = FakeClient(
+        up=scenario != "down",
+        state="indexing" if scenario == "indexing" else "idle",
+        hits=12,
+    )
+
+    async def body() -> None:
+        app = make_app(fake, poll_interval=600)
+        async with app.run_test(size=size) as pilot:
+            if scenario == "down":
+                banner = app.query_one("#banner")
+                await until(pilot, lambda: banner.has_class("-visible"), "the banner")
+            else:
+                await until(pilot, lambda: app.daemon_up is True, "the first status")
+            if scenario == "query":
+                await search(pilot, app, "leader election", rows=12)
+                await until(pilot, lambda: not app.query_one("#results").loading, "loaded")
+            elif scenario == "files":
+                await pilot.press("f")
+                table = app.query_one("#files-table", DataTable)
+                await until(pilot, lambda: table.row_count == 2, "the files list")
+            app.query_one("#query", Input).cursor_blink = False
+            # The footer draws its keys a moment after the bindings settle.
+            shown = sum(1 for b in RepdApp.BINDINGS if isinstance(b, Binding) and b.show)
+            await until(pilot, lambda: len(app.screen.query("FooterKey")) == shown, "the footer")
+            await pilot.pause(0.1)
+            svg = app.export_screenshot(title=f"repd {scenario}", simplify=True)
+        check_snapshot(f"{scenario}-{size[0]}x{size[1]}", svg, tmp_path)
+
+    run(body)
+    monkeypatch.undo()
+    time.tzset()

@@ -25,12 +25,12 @@ class Harness:
     """A started Watcher over ``root`` plus helpers that wait with deadlines."""
 
     def __init__(self, tmp_path: Path, settings: WatchSettings | None = None,
-                 poll_interval: float = 2.0) -> None:
+                 poll_interval: float = 2.0, queue: ChangeQueue | None = None) -> None:
         self.root = tmp_path / "root"
         self.root.mkdir(exist_ok=True)
         self.outside = tmp_path / "outside"
         self.outside.mkdir(exist_ok=True)
-        self.queue = ChangeQueue(debounce_ms=40, settle_ms=80)
+        self.queue = queue or ChangeQueue(debounce_ms=40, settle_ms=80)
         self.settings = settings or WatchSettings()
         self.watcher = Watcher([self.root], {self.root: self.rules(self.root)}, self.queue,
                                self.settings, poll_interval=poll_interval)
@@ -44,11 +44,15 @@ class Harness:
         """Everything enqueued before a fresh sentinel file's change comes out.
 
         Events arrive in order, so once the sentinel (written last) is handed out, every
-        earlier event has reached the queue and, being older, has been handed out too.
+        earlier event has reached the queue and, being older, has been handed out too. That
+        holds because the sentinel takes the slowest path, debounce and settle: it appears
+        by a hard link of a file written outside the root, so the root sees no ``close()``
+        of it (a file closed after writing takes the fast path and would overtake others).
         """
         root = root or self.root
         name = f"zz-sentinel-{next(_counter)}.txt"
-        (root / name).write_text("s")
+        (self.outside / name).write_text("s")
+        os.link(self.outside / name, root / name)
         got: list[Change] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -204,6 +208,76 @@ def test_a_file_written_in_bursts_yields_one_change_after_it_settles(h: Harness)
     assert h.changes_until_sentinel() == [path(h, "growing.md")]
 
 
+# The close fast path, with a settle long enough that the two paths cannot be confused.
+LONG_SETTLE_MS = 1500
+
+
+@pytest.fixture
+def slow(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path, queue=ChangeQueue(debounce_ms=40, settle_ms=LONG_SETTLE_MS))
+    (harness.root / "sub").mkdir()
+    (harness.root / "sub" / "a.md").write_text("a")
+    harness.watcher.start()
+    yield harness
+    harness.watcher.stop(5.0)
+
+
+def timed(h: Harness, save: Callable[[], None]) -> tuple[list[Change], float]:
+    """Every change ``save`` makes, and the seconds until ``sub/a.md`` was handed out."""
+    start = time.monotonic()
+    save()
+    got = h.changes_until(lambda g: path(h, "sub/a.md") in g)
+    took = time.monotonic() - start
+    return got + h.changes_until_sentinel(), took
+
+
+def test_a_file_closed_after_writing_is_handed_out_before_settle(slow: Harness) -> None:
+    got, took = timed(slow, lambda: (slow.root / "sub" / "a.md").write_text("saved"))
+    assert got == [path(slow, "sub/a.md")]
+    assert took < 1.0, f"{took:.2f} s: the close did not skip the settle"
+
+
+def test_a_file_held_open_waits_for_settle(slow: Harness) -> None:
+    target = slow.root / "held.md"
+    with target.open("w") as fh:
+        fh.write("still writing")
+        fh.flush()
+        start = time.monotonic()
+        got = slow.changes_until(lambda g: bool(g), timeout=LONG_SETTLE_MS / 1000 + 10)
+        took = time.monotonic() - start
+        assert got == [path(slow, "held.md")]
+        assert took >= LONG_SETTLE_MS / 1000, f"handed out after {took:.2f} s, before settle"
+
+
+def _temp_then_rename(h: Harness) -> None:
+    temp = h.root / "sub" / "a.md.XK3J9q"  # not an ignored name: only the debounce hides it
+    temp.write_text("atomic")
+    os.replace(temp, h.root / "sub" / "a.md")
+
+
+def _vim_save(h: Harness) -> None:
+    target, backup = h.root / "sub" / "a.md", h.root / "sub" / "a.md~"
+    (h.root / "sub" / "4913").write_text("")
+    (h.root / "sub" / "4913").unlink()
+    target.rename(backup)
+    target.write_text("vim")
+    backup.unlink()
+
+
+def _truncate_and_write(h: Harness) -> None:
+    with (h.root / "sub" / "a.md").open("r+") as fh:
+        fh.truncate(0)
+        fh.write("rewritten in place")
+
+
+@pytest.mark.parametrize("save", [_temp_then_rename, _vim_save, _truncate_and_write])
+def test_editor_saves_are_one_fast_change_of_the_final_path(
+        slow: Harness, save: Callable[[Harness], None]) -> None:
+    got, took = timed(slow, lambda: save(slow))
+    assert got == [path(slow, "sub/a.md")]
+    assert took < 1.0, f"{took:.2f} s: the save waited for settle"
+
+
 def test_ignored_paths_produce_nothing(tmp_path: Path) -> None:
     h = Harness(tmp_path)
     (h.root / ".gitignore").write_text("*.log\nscratch/\n")
@@ -216,7 +290,8 @@ def test_ignored_paths_produce_nothing(tmp_path: Path) -> None:
         (h.root / "scratch" / "a.md").write_text("x")
         (h.root / "node_modules" / "pkg" / "index.js").write_text("x")
         (h.root / ".git" / "index").write_text("x")
-        (h.root / ".env").write_text("SECRET=1")
+        (h.root / ".ssh").mkdir()  # a secret folder is never walked nor watched
+        (h.root / ".ssh" / "config").write_text("Host x")
         (h.root / "build").mkdir()
         (h.root / "build" / "out.md").write_text("x")
         assert h.changes_until_sentinel() == []

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
-from collections import deque
+import threading
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-from rich.text import Text
-from textual import on, work
-from textual.app import App, ComposeResult
+from textual import events, on, work
+from textual.app import App, ComposeResult, SuspendNotSupported
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Container, Horizontal, Vertical, VerticalScroll
 from textual.content import Content
 from textual.widgets import (
     DataTable,
@@ -31,15 +33,19 @@ from textual.worker import Worker, WorkerState
 from repd.api.client import ApiClientError, DaemonNotRunning, DaemonUnresponsive
 from repd.textsafe import printable
 from repd_tui.widgets import (
+    ChunkView,
+    Col,
     ConfirmScreen,
+    FitTable,
+    HelpScreen,
     KeyValueGrid,
-    cell,
+    Panel,
+    editor_command,
     fmt_count,
     fmt_duration,
     fmt_rate,
     fmt_when,
     one_line,
-    sync_rows,
 )
 
 QUERY_K = 20
@@ -51,7 +57,52 @@ FILES_LIMIT = 500
 HISTORY = 60
 """Status samples kept for the work-in-flight sparkline: a minute at the default rate."""
 
+MAX_READ_BYTES = 32 * 1024 * 1024
+"""Largest file the Chunk pane reads to show a hit's lines; bigger ones show the snippet."""
+
+MAX_CHUNK_LINES = 400
+"""Most lines the Chunk pane shows of one hit."""
+
 START_HINT = "start it with `repd run` or `systemctl --user start repd`"
+
+ROOT_COLUMNS = (
+    Col("path", "path", min=12, share=0.6, shrink=2, keep_end=True),
+    Col("watch", "watch", min=5, shrink=1),
+    Col("files", "files", right=True),
+    Col("chunks", "chunks", right=True),
+    Col("skipped", "skipped", right=True),
+    Col("failed", "failed", right=True),
+)
+RESULT_COLUMNS = (
+    Col("rank", "#", right=True),
+    Col("score", "score", right=True),
+    # The location matters most (the chunk pane shows the snippet whole): it may take most
+    # of the width, and gives way only once the snippet is down to its minimum.
+    Col("location", "location", min=14, share=0.7, shrink=1, keep_end=True),
+    Col("snippet", "snippet", min=16, shrink=2, fill=True),
+)
+FILE_COLUMNS = (
+    Col("state", "state"),
+    Col("path", "path", min=14, share=0.45, shrink=2, keep_end=True),
+    Col("reason", "reason", min=6, share=0.2, shrink=1),
+    Col("detail", "detail", min=12, shrink=3, fill=True),
+    Col("tried", "tried", min=16),
+)
+
+# What ``?`` lists; every key binding of the app is here (a test checks).
+KEYS_HELP: tuple[tuple[str, str], ...] = (
+    ("/", "search: type words, Enter runs the query, Esc goes back to the results"),
+    ("↑ ↓", "move through the results; the Chunk pane shows the whole chunk"),
+    ("o", "open the result (or file) in $VISUAL/$EDITOR at its line; xdg-open without one"),
+    ("y", "copy path:line of the result (or the file's path) to the clipboard"),
+    ("d", "the Daemon panel: state, model, generation, problem, last error"),
+    ("f", "the files that are skipped or failed, with why; f again goes back"),
+    ("p", "pause indexing, or resume it"),
+    ("r", "re-index every root (asks first)"),
+    ("Tab", "the next panel (Shift+Tab: the previous); arrows scroll it"),
+    ("?", "this list"),
+    ("q", "quit"),
+)
 
 
 class ClientLike(Protocol):
@@ -93,6 +144,77 @@ class ClientLike(Protocol):
         ...
 
 
+LineReader = Callable[[str], list[str]]
+"""Reads a file's text lines as the daemon indexed them; raises when it cannot."""
+
+
+def read_document_lines(path: str) -> list[str]:
+    """The lines of the file at ``path`` as the daemon sees them: decoded, newlines unified,
+    a PDF's text or an HTML page's visible text, so that a hit's line numbers point into it.
+
+    Raises ``SkipFile`` (binary, too large, unreadable...) or ``OSError``. The dashboard
+    runs on the daemon's machine, so the file is right there.
+    """
+    from repd.adapters.extract import extract_bytes, read_file
+
+    data = read_file(Path(path), MAX_READ_BYTES)
+    return extract_bytes(data, Path(path).name).text.split("\n")
+
+
+class _DocumentCache:
+    """The last few files read for the Chunk pane, by path, size and mtime (thread-safe)."""
+
+    def __init__(self, reader: LineReader, size: int = 16) -> None:
+        self._reader = reader
+        self._size = size
+        self._docs: OrderedDict[str, tuple[tuple[int, int], list[str]]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lines(self, path: str) -> list[str]:
+        try:
+            st = Path(path).stat()
+            stamp: tuple[int, int] | None = (st.st_mtime_ns, st.st_size)
+        except OSError:
+            stamp = None  # let the reader say why (or a test's reader answer)
+        with self._lock:
+            cached = self._docs.get(path)
+            if cached is not None and stamp is not None and cached[0] == stamp:
+                self._docs.move_to_end(path)
+                return cached[1]
+        lines = self._reader(path)
+        if stamp is not None:
+            with self._lock:
+                self._docs[path] = (stamp, lines)
+                while len(self._docs) > self._size:
+                    self._docs.popitem(last=False)
+        return lines
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def chunk_lines(hit: dict[str, Any], lines: Sequence[str]) -> tuple[int | None, list[str], str]:
+    """What the Chunk pane shows for ``hit`` given its file's ``lines``: (first line number
+    or None, lines, note). The note is empty when the lines are the chunk as indexed;
+    otherwise it says why the snippet is shown instead."""
+    start, end = int(hit["start_line"]), int(hit["end_line"])
+    snippet = str(hit["snippet"])
+    fallback = snippet.splitlines() or [snippet]
+    if start < 1 or end < start or end > len(lines):
+        return None, fallback, "the file is shorter than it was when indexed; the indexed snippet:"
+    part = list(lines[start - 1 : end])
+    # The snippet is the chunk's text flattened and cut (after a heading breadcrumb); its
+    # tail must be in these lines, or the file has changed since it was indexed.
+    tail = _flat(snippet).removesuffix("...").removesuffix("…")[-32:]
+    if tail and tail not in _flat("\n".join(part)):
+        return None, fallback, "the file has changed since it was indexed; the indexed snippet:"
+    if len(part) > MAX_CHUNK_LINES:
+        return start, part[:MAX_CHUNK_LINES], (
+            f"the first {MAX_CHUNK_LINES} of the chunk's {len(part)} lines")
+    return start, part, ""
+
+
 # -- what workers hand back to the UI thread -----------------------------------------------
 # Workers return these instead of touching widgets: the UI thread applies them when the
 # worker's SUCCESS event arrives, so no thread ever blocks on (or races with) the UI.
@@ -131,6 +253,16 @@ class ActionOutcome(Outcome):
     action: str = ""
 
 
+@dataclass(frozen=True)
+class ChunkOutcome:
+    """The lines of one hit, read from its file (or the snippet, and why)."""
+
+    token: tuple[int, str]
+    first: int | None
+    lines: list[str]
+    note: str
+
+
 def _call(fn: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | None, Exception | None]:
     # Any exception, not only ApiClientError: a worker that raises would take the app down
     # with a traceback, and one odd answer must not end the dashboard.
@@ -158,16 +290,27 @@ class RepdApp(App[int]):
     VERTICAL_BREAKPOINTS = [(0, "-short"), (40, "-tall")]  # noqa: RUF012 - Textual's API
 
     BINDINGS: ClassVar[list[BindingType]] = [
-        Binding("p", "toggle_pause", "Pause/resume"),
-        Binding("r", "reindex", "Reindex all"),
         Binding("slash", "focus_query", "Search"),
+        Binding("o", "open_result", "Open"),
+        Binding("y", "copy_location", "Copy"),
+        Binding("d", "show_daemon", "Daemon"),
         Binding("f", "toggle_files", "Files"),
+        Binding("p", "toggle_pause", "Pause"),
+        Binding("r", "reindex", "Reindex"),
+        Binding("question_mark", "show_keys", "Keys"),
         Binding("q", "quit", "Quit"),
-        Binding("escape", "leave_query", "Leave search", show=False),
+        Binding("escape", "to_results", "Back to the results", show=False),
     ]
 
-    def __init__(self, client: ClientLike, *, poll_interval: float = 1.0) -> None:
-        """Use ``client`` for every call; poll status every ``poll_interval`` seconds."""
+    def __init__(
+        self,
+        client: ClientLike,
+        *,
+        poll_interval: float = 1.0,
+        read_lines: LineReader = read_document_lines,
+    ) -> None:
+        """Use ``client`` for every call; poll status every ``poll_interval`` seconds; read
+        files for the Chunk pane with ``read_lines``."""
         super().__init__()
         self.client = client
         self.poll_interval = poll_interval
@@ -178,23 +321,32 @@ class RepdApp(App[int]):
         self._status_in_flight = False
         self._query_seq = 0
         self._hits: dict[str, dict[str, Any]] = {}
+        self._chunk_token: tuple[int, str] | None = None
+        self.chunk_shown: tuple[int, str] | None = None
+        """(query number, rank) of the hit whose lines the Chunk pane shows, once read."""
+        self._documents = _DocumentCache(read_lines)
+        self._files: dict[str, dict[str, Any]] = {}
         self._issue_counts: tuple[int, int] | None = None
         self._history: deque[float] = deque(maxlen=HISTORY)
 
     # -- layout
 
     def compose(self) -> ComposeResult:
-        """Header, banner, the dashboard and files tabs, footer."""
+        """Header, banner, summary line, the dashboard and files tabs, footer."""
         yield Header()
         yield Static("", id="banner", markup=False)
+        # Short terminals: the daemon in one line, in place of the header (d shows the rest).
+        with Horizontal(id="summary-bar"):
+            yield Static("…", id="summary-state", markup=False)
+            yield Static(f"connecting to {self.client.target}", id="summary", markup=False)
         with TabbedContent(initial="dashboard", id="tabs"):
             with TabPane("Dashboard", id="dashboard"):
                 with Horizontal(id="panels"):
-                    with Vertical(id="status-panel", classes="panel"):
+                    with Panel(id="status-panel", classes="panel"):
                         yield KeyValueGrid(
                             [
                                 ("state", "state"),
-                                ("paused", "paused"),
+                                ("problem", "problem"),
                                 ("model", "model"),
                                 ("generation", "generation"),
                                 ("points", "points"),
@@ -202,8 +354,9 @@ class RepdApp(App[int]):
                                 ("error", "last error"),
                             ],
                             id="status",
+                            hidden=["problem"],
                         )
-                    with Vertical(id="queue-panel", classes="panel"):
+                    with Panel(id="queue-panel", classes="panel"):
                         yield KeyValueGrid(
                             [
                                 ("pending", "pending"),
@@ -222,46 +375,47 @@ class RepdApp(App[int]):
                         )
                         yield Static("in flight (1 min)", id="spark-label", markup=False)
                         yield Sparkline([], id="spark")
-                yield DataTable[str | Text](id="roots", cursor_type="row", zebra_stripes=True)
-                yield Input(placeholder="search the index: type, then Enter", id="query")
-                with Horizontal(id="results-row"):
-                    yield DataTable[str | Text](id="results", cursor_type="row")
-                    with VerticalScroll(id="snippet-box"):
-                        yield Static(
-                            "select a result to read its chunk", id="snippet", markup=False
-                        )
+                yield FitTable(ROOT_COLUMNS, id="roots", cursor_type="row", zebra_stripes=True)
+                with Vertical(id="search"):
+                    yield Input(placeholder="search the index: type, then Enter", id="query")
+                    with Container(id="results-row"):
+                        yield FitTable(RESULT_COLUMNS, id="results", cursor_type="row")
+                        with VerticalScroll(id="snippet-box"):
+                            yield ChunkView("select a result to read its chunk", id="snippet")
             with TabPane("Files", id="files"):
                 yield Static("", id="files-summary", markup=False)
-                yield DataTable[str | Text](id="files-table", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+                yield FitTable(
+                    FILE_COLUMNS, id="files-table", cursor_type="row", zebra_stripes=True
+                )
+                yield Static("", id="files-detail", markup=False)
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
-        """Set titles and table columns, then start polling."""
+        """Set titles, then start polling."""
         self.sub_title = self.client.target
         self.query_one("#status-panel").border_title = "Daemon"
         self.query_one("#queue-panel").border_title = "Queue"
-        roots = self._table("#roots")
-        roots.border_title = "Roots"
-        roots.add_column("path", key="path")
-        roots.add_column("watch", key="watch")
-        for name in ("files", "chunks", "skipped", "failed"):
-            roots.add_column(name, key=name)
-        results = self._table("#results")
-        results.border_title = "Results"
-        results.add_column("#", key="rank")
-        results.add_column("score", key="score")
-        results.add_column("location", key="location")
-        results.add_column("snippet", key="snippet")
+        self._table("#roots").border_title = "Roots"
+        self._table("#results").border_title = "Results"
         self.query_one("#snippet-box").border_title = "Chunk"
-        files = self._table("#files-table")
-        for name in ("state", "path", "reason", "detail", "tried"):
-            files.add_column(name, key=name)
+        # Where the dashboard is taller than the terminal, the search (query, results,
+        # chunk) fills the view, and stays there as the panels above grow or shrink; the
+        # panels are a key (d), Tab or a scroll away.
+        self.query_one("#dashboard").anchor()
         self._poll_status()
         self.set_interval(self.poll_interval, self._poll_status)
 
-    def _table(self, selector: str) -> DataTable[str | Text]:
-        table: DataTable[str | Text] = self.query_one(selector, DataTable)
-        return table
+    def _table(self, selector: str) -> FitTable:
+        return self.query_one(selector, FitTable)
+
+    def _reveal_search(self) -> None:
+        # The search is the last part of the dashboard: its end, anchored there again.
+        self.query_one("#dashboard").scroll_end(animate=False)
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        """Focus in the search (Tab, a click, a key): show all of it, not just that widget."""
+        if self.query_one("#search") in event.widget.ancestors_with_self:
+            self._reveal_search()
 
     # -- status polling
 
@@ -312,6 +466,7 @@ class RepdApp(App[int]):
         self.sub_title = (
             f"{self.client.target} · no answer, retrying every {self.poll_interval:g} s"
         )
+        self._set_summary("down", "down", f"no answer on {self.client.target}")
 
     def _show_banner(self, text: str | None) -> None:
         banner = self.query_one("#banner", Static)
@@ -319,21 +474,33 @@ class RepdApp(App[int]):
         banner.set_class(text is not None, "-visible")
         self.query_one("#tabs").set_class(text is not None, "-stale")
 
+    def _set_summary(self, state: str, flag: str, text: str) -> None:
+        word = self.query_one("#summary-state", Static)
+        word.update(printable(state))
+        for old in [c for c in word.classes if c.startswith("-flag-")]:
+            word.remove_class(old)
+        word.add_class(f"-flag-{flag}")
+        self.query_one("#summary", Static).update(printable(text))
+
     def _render_status(self, st: dict[str, Any]) -> None:
         model, store, queue, rates = st["model"], st["store"], st["queue"], st["rates"]
         generation = st.get("generation")
         state, paused = str(st["state"]), bool(st["paused"])
+        # "paused" says it all; another state while paused (starting, stopping) says both.
+        state_text = f"{state} (paused)" if paused and state != "paused" else state
+        flag = "paused" if paused else state
 
         status = self.query_one("#status", KeyValueGrid)
-        status.set("state", state, flag="paused" if paused else state)
-        status.set("paused", "yes (p resumes)" if paused else "no (p pauses)")
-        device = model.get("device") or "not loaded yet"
+        status.set("state", state_text, flag=flag)
+        problem = st.get("problem")
+        status.show_row("problem", bool(problem))
+        status.set("problem", problem or "", flag="error" if state in (
+            "degraded", "disk_full") else "busy")
         dim = f", {model['dim']} dims" if model.get("dim") else ""
-        status.set("model", f"{model['name']} on {device}{dim}")
-        status.set(
-            "generation",
-            f"{generation['id']} ({generation['state']})" if generation else "none yet",
-        )
+        where = f" on {model['device']}" if model.get("device") else " (not loaded yet)"
+        status.set("model", f"{model['name']}{where}{dim}")
+        gen_text = f"{generation['id']} ({generation['state']})" if generation else "none yet"
+        status.set("generation", gen_text)
         hnsw = (
             "HNSW built"
             if store["index_built"]
@@ -347,15 +514,16 @@ class RepdApp(App[int]):
         grid = self.query_one("#queue", KeyValueGrid)
         for stage in ("pending", "scans", "settling", "planning", "embedding", "writing"):
             grid.set(stage, fmt_count(queue[stage]), flag="busy" if queue[stage] else None)
-        for rate in ("files_per_s", "chunks_per_s", "embeds_per_s"):
-            grid.set(rate, fmt_rate(rates[rate]))
-        eta = st.get("eta_s")
         in_flight = sum(
             queue[s] for s in ("pending", "settling", "planning", "embedding", "writing")
         )
-        grid.set(
-            "eta", fmt_duration(eta) if eta is not None else "idle" if not in_flight else "unknown"
-        )
+        # Nothing moves while paused or with nothing to do, whatever the averages remember.
+        busy = bool(in_flight or queue["scans"])
+        moving = busy and not paused and state not in ("idle", "paused")
+        for rate in ("files_per_s", "chunks_per_s", "embeds_per_s"):
+            grid.set(rate, fmt_rate(rates[rate] if moving else 0.0))
+        eta_text = self._eta_text(st.get("eta_s"), paused, in_flight)
+        grid.set("eta", eta_text, flag="paused" if paused and in_flight else None)
         self._history.append(float(in_flight))
         # The sparkline scales between the window's min and max; a leading 0 anchors the
         # bottom at zero, so a steady backlog of thousands does not draw as an empty line.
@@ -365,23 +533,34 @@ class RepdApp(App[int]):
             f"peak {fmt_count(round(max(self._history)))}"
         )
 
-        sync_rows(
-            self._table("#roots"),
+        self._table("#roots").set_rows(
             {
                 root["path"]: (
-                    cell(root["path"]),
-                    cell(root["watch"]),
-                    cell(fmt_count(root["files"]), right=True),
-                    cell(fmt_count(root["chunks"]), right=True),
-                    cell(fmt_count(root["skipped"]), right=True),
-                    cell(fmt_count(root["failed"]), right=True),
+                    root["path"],
+                    root["watch"],
+                    fmt_count(root["files"]),
+                    fmt_count(root["chunks"]),
+                    fmt_count(root["skipped"]),
+                    fmt_count(root["failed"]),
                 )
                 for root in st["roots"]
-            },
+            }
         )
 
         self._paused = paused
-        self.sub_title = f"{self.client.target} · {state}{' (paused)' if paused else ''}"
+        self.sub_title = f"{self.client.target} · {state_text}"
+        parts = [problem] if problem else []
+        if in_flight:
+            parts.append(f"{fmt_count(in_flight)} in flight")
+        if moving:
+            parts.append(f"{fmt_rate(rates['files_per_s'])} files/s")
+        if in_flight and not paused:
+            parts.append(f"ETA {eta_text}")
+        if state != "starting":  # nothing is loaded yet: no numbers that only look like news
+            parts.append(f"{fmt_count(store['points'])} points")
+            parts.append(f"generation {generation['id']}" if generation else "no generation yet")
+        self._set_summary(state_text, flag, " · ".join(parts))
+
         totals = st["totals"]
         counts = (int(totals["skipped"]), int(totals["failed"]))
         if counts != self._issue_counts:
@@ -390,6 +569,16 @@ class RepdApp(App[int]):
             self._issue_counts = counts
             if changed and self._files_open():
                 self._fetch_files()
+
+    @staticmethod
+    def _eta_text(eta: float | None, paused: bool, in_flight: int) -> str:
+        if paused:
+            return "paused" if in_flight else "idle"
+        if not in_flight:
+            return "idle"
+        if eta is None:
+            return "unknown"
+        return fmt_duration(eta) if eta >= 1 else "< 1s"
 
     # -- query
 
@@ -418,43 +607,71 @@ class RepdApp(App[int]):
             self._notify_error("query failed", outcome.error)
             return
         hits: list[dict[str, Any]] = outcome.data["hits"]
-        results.clear()
-        self._hits = {}
-        for hit in hits:
-            key = str(hit["rank"])
-            self._hits[key] = hit
-            results.add_row(
-                cell(hit["rank"], right=True),
-                cell(f"{hit['score']:.3f}", right=True),
-                cell(f"{hit['path']}:{hit['start_line']}"),
-                cell(one_line(hit["snippet"], 60)),
-                key=key,
-            )
+        self._hits = {str(hit["rank"]): hit for hit in hits}
+        self._chunk_token = None
+        results.set_rows(
+            {
+                str(hit["rank"]): (
+                    hit["rank"],
+                    f"{hit['score']:.3f}",
+                    f"{hit['path']}:{hit['start_line']}",
+                    one_line(hit["snippet"], 200),
+                )
+                for hit in hits
+            }
+        )
         results.border_subtitle = Content(
-            f"{len(hits)} hits for {outcome.text!r} in {outcome.data['took_ms']:.0f} ms"
+            printable(f"{len(hits)} hits for {outcome.text!r} in {outcome.data['took_ms']:.0f} ms")
         )
         if hits:
+            results.move_cursor(row=0, animate=False)
             self._show_hit(str(hits[0]["rank"]))
             results.focus()
+            self._reveal_search()
         else:
-            self.query_one("#snippet", Static).update(f"no hits for {outcome.text!r}")
+            self.query_one("#snippet-box").border_title = "Chunk"
+            self.query_one("#snippet", ChunkView).show_text(f"no hits for {outcome.text!r}")
 
     @on(DataTable.RowHighlighted, "#results")
     @on(DataTable.RowSelected, "#results")
     def _result_chosen(self, event: DataTable.RowHighlighted | DataTable.RowSelected) -> None:
         if event.row_key.value is not None:
-            self._show_hit(event.row_key.value)
+            self._show_hit(str(event.row_key.value))
 
     def _show_hit(self, key: str) -> None:
         hit = self._hits.get(key)
-        if hit is None:
+        token = (self._query_seq, key)
+        if hit is None or token == self._chunk_token:
             return
+        self._chunk_token = token
         full = str(Path(hit["root"]) / hit["path"])
         where = f"{full}:{hit['start_line']}-{hit['end_line']}"
         # Content, not a str: a border title is read as markup, and a path may hold "[".
         self.query_one("#snippet-box").border_title = Content(
-            printable(f"{where}  score {hit['score']:.3f}"))
-        self.query_one("#snippet", Static).update(printable(hit["snippet"]))
+            printable(f"{where}  score {hit['score']:.3f}")
+        )
+        self._read_chunk(token, full, hit)
+
+    @work(thread=True, group="chunk", exclusive=True, exit_on_error=False)
+    def _read_chunk(self, token: tuple[int, str], full: str, hit: dict[str, Any]) -> ChunkOutcome:
+        try:
+            lines = self._documents.lines(full)
+        except Exception as exc:  # SkipFile, OSError, a PDF that no longer parses...
+            reason = (exc.strerror if isinstance(exc, OSError) else None) or exc
+            snippet = str(hit["snippet"])
+            return ChunkOutcome(
+                token, None, snippet.splitlines() or [snippet],
+                f"cannot read the file ({reason}); the indexed snippet:",
+            )
+        return ChunkOutcome(token, *chunk_lines(hit, lines))
+
+    def _apply_chunk(self, outcome: ChunkOutcome) -> None:
+        if outcome.token != self._chunk_token:
+            return  # the cursor has moved on
+        view = self.query_one("#snippet", ChunkView)
+        view.show_lines(outcome.first, outcome.lines, outcome.note or None)
+        self.query_one("#snippet-box", VerticalScroll).scroll_home(animate=False)
+        self.chunk_shown = outcome.token
 
     # -- files view
 
@@ -481,25 +698,49 @@ class RepdApp(App[int]):
         total = int(outcome.data["total"])
         skipped = sum(1 for i in items if i["state"] == "skipped")
         failed = len(items) - skipped
+        # One root (the usual case): paths relative to it, which leaves room for the rest.
+        roots = {item["root"] for item in items}
+        under = f" under {printable(next(iter(roots)))}" if len(roots) == 1 else ""
         if not items:
             summary.update("no skipped or failed files: everything that matches is indexed")
         else:
             shown = "" if total <= len(items) else f" (showing the first {len(items)})"
+            files = "1 file" if total == 1 else f"{fmt_count(total)} files"
+            verb = "is" if total == 1 else "are"
             summary.update(
-                f"{fmt_count(total)} files are not in the index{shown}: "
+                f"{files}{under} {verb} not in the index{shown}: "
                 f"{fmt_count(skipped)} skipped on purpose, {fmt_count(failed)} failed"
             )
-        rows: dict[str, tuple[Text, ...]] = {}
-        for item in items:
-            full = str(Path(item["root"]) / item["path"])
-            rows[full] = (
-                cell(item["state"]),
-                cell(full),
-                cell(item["reason"]),
-                cell(item.get("detail") or ""),
-                cell(fmt_when(item["at"])),
-            )
-        sync_rows(self._table("#files-table"), rows)
+        self._files = {str(Path(item["root"]) / item["path"]): item for item in items}
+        table = self._table("#files-table")
+        table.set_rows(
+            {
+                full: (
+                    item["state"],
+                    item["path"] if under else full,
+                    item["reason"],
+                    item.get("detail") or "",
+                    fmt_when(item["at"]),
+                )
+                for full, item in self._files.items()
+            }
+        )
+        self._show_file(table.highlighted_key)
+
+    @on(DataTable.RowHighlighted, "#files-table")
+    def _file_chosen(self, event: DataTable.RowHighlighted) -> None:
+        self._show_file(None if event.row_key.value is None else str(event.row_key.value))
+
+    def _show_file(self, key: str | None) -> None:
+        # The whole of the highlighted row, which the table's columns may have cut.
+        item = self._files.get(key) if key is not None else None
+        detail = self.query_one("#files-detail", Static)
+        detail.display = item is not None
+        if item is not None:
+            why = f"{item['state']}: {item['reason']}"
+            if item.get("detail"):
+                why += f" — {item['detail']}"
+            detail.update(f"{printable(key)}\n{printable(why)}")
 
     # -- actions (key bindings)
 
@@ -537,11 +778,23 @@ class RepdApp(App[int]):
         """``/``: jump to the query box."""
         self.query_one("#tabs", TabbedContent).active = "dashboard"
         self.query_one("#query", Input).focus()
+        self._reveal_search()
 
-    def action_leave_query(self) -> None:
-        """``escape`` in the query box: back to the results, where the keys work again."""
-        if self.focused is self.query_one("#query", Input):
-            self._table("#results").focus()
+    def action_to_results(self) -> None:
+        """``escape``: from the query box or a panel back to the results, keys work there."""
+        if self._files_open():
+            return
+        results = self._table("#results")
+        if self.focused is not results:
+            results.focus()
+        self._reveal_search()
+
+    def action_show_daemon(self) -> None:
+        """``d``: the Daemon panel, in view and focused (Tab goes on to Queue and Roots)."""
+        self.query_one("#tabs", TabbedContent).active = "dashboard"
+        panel = self.query_one("#status-panel", Panel)
+        panel.focus(scroll_visible=False)
+        panel.scroll_visible(top=True, animate=False, immediate=True)
 
     def action_toggle_files(self) -> None:
         """``f``: show the skipped and failed files; again to go back."""
@@ -552,6 +805,82 @@ class RepdApp(App[int]):
         else:
             # TabActivated then loads the list.
             tabs.active = "files"
+
+    def action_show_keys(self) -> None:
+        """``?``: the list of keys."""
+        self.push_screen(HelpScreen(KEYS_HELP))
+
+    def _chosen_location(self) -> tuple[str, int] | None:
+        """The file and line that o and y act on: the highlighted file on the files tab,
+        else the highlighted result."""
+        if self._files_open():
+            key = self._table("#files-table").highlighted_key
+            return (key, 1) if key in self._files else None
+        key = self._table("#results").highlighted_key
+        hit = self._hits.get(key) if key is not None else None
+        if hit is None:
+            return None
+        return str(Path(hit["root"]) / hit["path"]), int(hit["start_line"])
+
+    def _nothing_chosen(self) -> None:
+        what = "no file selected" if self._files_open() else "no result selected: search first (/)"
+        self.notify(what, severity="warning", markup=False)
+
+    def action_copy_location(self) -> None:
+        """``y``: copy ``path:line`` (OSC 52: the terminal, and tmux, must allow it)."""
+        chosen = self._chosen_location()
+        if chosen is None:
+            self._nothing_chosen()
+            return
+        path, line = chosen
+        text = path if self._files_open() else f"{path}:{line}"
+        self.copy_to_clipboard(text)
+        self.notify(printable(text), title="copied", markup=False)
+
+    def action_open_result(self) -> None:
+        """``o``: open the result in ``$VISUAL``/``$EDITOR`` at its line (the dashboard gives
+        the terminal to a terminal editor until it exits), or ``xdg-open`` without one."""
+        chosen = self._chosen_location()
+        if chosen is None:
+            self._nothing_chosen()
+            return
+        path, line = chosen
+        if not Path(path).exists():
+            self.notify(f"cannot open {printable(path)}: it no longer exists",
+                        severity="error", markup=False)
+            return
+        editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+        try:
+            command = editor_command(editor, path, line)
+        except ValueError as exc:  # shlex: unbalanced quotes in $EDITOR
+            self.notify(f"cannot read $EDITOR: {exc}", severity="error", markup=False)
+            return
+        program = command.argv[0]
+        try:
+            if command.terminal:
+                with self.suspend():
+                    code = subprocess.run(command.argv, check=False).returncode
+                if code:
+                    self.notify(f"{printable(program)} exited with status {code}",
+                                severity="warning", markup=False)
+            else:
+                # A window of its own: no need to give up the terminal, nor to wait.
+                subprocess.Popen(
+                    command.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    start_new_session=True,
+                )
+                self.notify(f"opening {printable(path)} with {printable(program)}",
+                            markup=False)
+        except SuspendNotSupported:
+            self.notify(f"cannot hand this terminal to {printable(program)}",
+                        severity="error", markup=False)
+        except OSError as exc:
+            hint = "" if editor else " (set $EDITOR)"
+            self.notify(f"cannot run {printable(program)}: {exc.strerror or exc}{hint}",
+                        severity="error", markup=False)
 
     def _run_action(self, action: str) -> None:
         calls: dict[str, Callable[[], dict[str, Any]]] = {
@@ -600,6 +929,8 @@ class RepdApp(App[int]):
                 self._apply_files(result)
             elif isinstance(result, ActionOutcome):
                 self._apply_action(result)
+            elif isinstance(result, ChunkOutcome):
+                self._apply_chunk(result)
         elif event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
             if worker.group == "status":
                 self._status_in_flight = False
@@ -609,9 +940,14 @@ class RepdApp(App[int]):
                 self._notify_error(worker.group, worker.error)
 
 
-def create_app(client_factory: Callable[[], ClientLike], *, poll_interval: float = 1.0) -> RepdApp:
+def create_app(
+    client_factory: Callable[[], ClientLike],
+    *,
+    poll_interval: float = 1.0,
+    read_lines: LineReader = read_document_lines,
+) -> RepdApp:
     """The dashboard, talking to the client ``client_factory`` returns (called once, now)."""
-    return RepdApp(client_factory(), poll_interval=poll_interval)
+    return RepdApp(client_factory(), poll_interval=poll_interval, read_lines=read_lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

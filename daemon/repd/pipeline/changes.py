@@ -4,7 +4,20 @@ Producers (watchdog's threads) only record that a path or a subtree changed; the
 consumer asks for what is ready. An entry is ready once no change has touched it for
 ``debounce_ms`` and, for a file, once its size, mtime and inode stayed the same for
 ``settle_ms`` (the consumer stats inside :meth:`ChangeQueue.get_ready`, outside the
-lock, never in a producer). A path that was *created* and is gone again when checked
+lock, never in a producer).
+
+The fast path: when the last event of a path says its writer is done (a ``close()``
+after writing, inotify's ``IN_CLOSE_WRITE``, or a rename into place), waiting for the
+file to stop changing is pointless: the entry is ready after a short ``close_debounce_ms``
+(30 ms, so that the events of one editor save still coalesce into one change) and needs
+no settle. Any later event without that mark (a write by a writer that keeps the file
+open) puts the entry back on the slow path, debounce and settle. A path changed again
+within ``settle_ms`` of its last hand-out is likely a writer that opens, appends and
+closes in a loop (a log): that entry takes the slow path until it is handed out, so such
+a file is not indexed at every close.
+Polling sees no ``close()``: it always takes the slow path.
+
+A path that was *created* and is gone again when checked
 (a temp file renamed away, vim's ``4913`` probe) was never seen by the index and is
 dropped. Memory is bounded: past ``max_pending`` distinct paths, the busiest root's
 entries collapse into one reconcile scan of that root.
@@ -36,6 +49,7 @@ _GONE: Literal["gone"] = "gone"
 _NOW: Literal["now"] = "now"  # not a regular file, or unreadable: the indexer decides now
 _RECENT_WINDOW_S = 30.0
 _RECENT_MAX = 8192
+CLOSE_DEBOUNCE_MS = 30  # after a writer's close(): editor saves still collapse into one change
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +70,8 @@ class _Entry:
     first_seen: float
     last_seen: float
     created: bool = False  # the first event created the path: vanishing again is a no-op
+    quick: bool = False  # the last event closed the file after writing: no settle wait
+    busy: bool = False  # first seen within settle of the path's last hand-out: no fast path
     version: int = 0
     sample: _Sample | None = None
     sampled_at: float = 0.0
@@ -81,20 +97,25 @@ class ChangeQueue:
     """Thread-safe, bounded, coalescing and debouncing queue of :class:`Change`.
 
     ``clock`` and ``probe`` exist for tests; ``max_delay_ms`` caps how long a scan
-    request can be postponed by a stream of changes under it.
+    request can be postponed by a stream of changes under it; ``close_debounce_ms`` is the
+    debounce of a path whose last event was a close after writing (``None``: no fast
+    path, every file settles; never longer than ``debounce_ms``).
     """
 
     def __init__(self, debounce_ms: int = 150, settle_ms: int = 300, max_pending: int = 20_000,
-                 *, max_delay_ms: int = 5_000, clock: Callable[[], float] = time.monotonic,
+                 *, max_delay_ms: int = 5_000, close_debounce_ms: int | None = CLOSE_DEBOUNCE_MS,
+                 clock: Callable[[], float] = time.monotonic,
                  probe: Callable[[Path], _Sample | Literal["gone", "now"]] = _probe) -> None:
         self.debounce = debounce_ms / 1000
         self.settle = settle_ms / 1000
+        self.close_debounce = None if close_debounce_ms is None else close_debounce_ms / 1000
         self.max_pending = max(1, max_pending)
         self.max_delay = max_delay_ms / 1000
         self._clock = clock
         self._probe = probe
         self._cond = threading.Condition(threading.Lock())
         self._paths: OrderedDict[_Key, _Entry] = OrderedDict()  # debouncing, by last_seen
+        self._quick: OrderedDict[_Key, _Entry] = OrderedDict()  # closed after writing, ditto
         self._settling: OrderedDict[_Key, _Entry] = OrderedDict()  # by sampled_at
         self._scans: dict[_Key, _Entry] = {}
         self._by_dir: dict[_Key, set[str]] = {}  # (root, parent dir) -> pending relpaths
@@ -123,8 +144,11 @@ class ChangeQueue:
             self._cond.notify_all()
 
     # --- producers ---------------------------------------------------------------------
-    def put_path(self, root: Path, relpath: str, *, created: bool = False) -> None:
-        """Note that ``relpath`` changed; ``created``: the event says it did not exist before."""
+    def put_path(self, root: Path, relpath: str, *, created: bool = False,
+                 closed: bool = False) -> None:
+        """Note that ``relpath`` changed; ``created``: the event says it did not exist before;
+        ``closed``: its writer is done with it (a close after writing, a rename into place),
+        so it needs no settle wait unless a later event says otherwise."""
         now = self._clock()
         key = (root, relpath)
         with self._cond:
@@ -134,25 +158,29 @@ class ChangeQueue:
             if scan is not None:
                 scan.last_seen = now
                 return
-            entry = self._paths.get(key)
-            if entry is not None:
-                self._paths.move_to_end(key)
-            else:
+            recent = self._recent.get(key)
+            entry = self._paths.pop(key, None)
+            if entry is None:
+                entry = self._quick.pop(key, None)
+            if entry is None:
                 entry = self._settling.pop(key, None)
                 if entry is None:
-                    recent = self._recent.get(key)
                     # A change of this path may still be in the indexer's hands; dropping a
                     # "created then gone" entry could then leave what it indexed behind.
                     fresh = recent is None or now - recent > _RECENT_WINDOW_S
-                    entry = _Entry(now, now, created=created and fresh)
+                    # Changed again soon after its last hand-out: a writer that opens,
+                    # appends and closes in a loop, which settles until it pauses.
+                    busy = recent is not None and now - recent < self.settle
+                    entry = _Entry(now, now, created=created and fresh, busy=busy)
                     self._index_add(key)
                 else:
                     entry.sample = None
-                self._paths[key] = entry
+            entry.quick = closed and self.close_debounce is not None and not entry.busy
+            (self._quick if entry.quick else self._paths)[key] = entry  # last: by last_seen
             entry.last_seen = now
             entry.version += 1
             self._bound(now)
-            self._wake(now + self.debounce)
+            self._wake(now + (self._quick_debounce() if entry.quick else self.debounce))
 
     def put_scan(self, root: Path, rel_dir: str = "") -> None:
         """Ask for a reconcile of ``rel_dir`` (``""``: whole root); subsumes entries under it."""
@@ -181,8 +209,9 @@ class ChangeQueue:
         """Pending path entries (settling ones included), pending scans, settling files, and
         changes handed out but not yet done (``inflight``)."""
         with self._cond:
-            return {"paths": len(self._paths) + len(self._settling), "scans": len(self._scans),
-                    "settling": len(self._settling), "inflight": self._inflight}
+            return {"paths": len(self._paths) + len(self._quick) + len(self._settling),
+                    "scans": len(self._scans), "settling": len(self._settling),
+                    "inflight": self._inflight}
 
     def task_done(self, n: int) -> None:
         """The consumer finished ``n`` changes it got from :meth:`get_ready`."""
@@ -225,6 +254,9 @@ class ChangeQueue:
                 return out
 
     # --- internals (lock held) ---------------------------------------------------------
+    def _quick_debounce(self) -> float:
+        return min(self.debounce, self.close_debounce or 0.0)
+
     def _wake(self, due: float) -> None:
         # Waking a consumer for nothing costs a context switch per event during a storm,
         # so a lone waiter is only woken when this change is due before it would wake anyway.
@@ -266,7 +298,8 @@ class ChangeQueue:
         keys = [(root, rel) for d in dirs for rel in self._by_dir[d]]
         keys.append((root, rel_dir))  # a path entry for the directory itself
         for key in keys:
-            if self._paths.pop(key, None) is not None or self._settling.pop(key, None) is not None:
+            if (self._paths.pop(key, None) is not None or self._quick.pop(key, None) is not None
+                    or self._settling.pop(key, None) is not None):
                 self._index_remove(key)
 
     def _index_add(self, key: _Key) -> None:
@@ -289,7 +322,8 @@ class ChangeQueue:
 
     def _bound(self, now: float) -> None:
         """Past max_pending entries, the busiest root's entries become one scan of that root."""
-        if len(self._paths) + len(self._settling) + len(self._scans) <= self.max_pending:
+        pending = len(self._paths) + len(self._quick) + len(self._settling) + len(self._scans)
+        if pending <= self.max_pending:
             return
         root, count = self._per_root.most_common(1)[0]
         self.overflows += 1
@@ -310,6 +344,11 @@ class ChangeQueue:
     def _due(self, now: float, room: int) -> list[tuple[_Key, _Entry, int]]:
         limit = max(room, 64)  # some due entries only move on to settling
         due: list[tuple[_Key, _Entry, int]] = []
+        quick = self._quick_debounce()
+        for key, e in self._quick.items():
+            if len(due) >= limit or e.last_seen + quick > now:
+                break
+            due.append((key, e, e.version))
         for key, e in self._paths.items():
             if len(due) >= limit or e.last_seen + self.debounce > now:
                 break
@@ -324,6 +363,8 @@ class ChangeQueue:
         nxt = math.inf
         if self._paths:
             nxt = next(iter(self._paths.values())).last_seen + self.debounce
+        if self._quick:
+            nxt = min(nxt, next(iter(self._quick.values())).last_seen + self._quick_debounce())
         if self._settling:
             nxt = min(nxt, next(iter(self._settling.values())).sampled_at + self.settle)
         for e in self._scans.values():
@@ -333,13 +374,15 @@ class ChangeQueue:
     def _apply(self, probed: list[tuple[_Key, _Entry, int, _Sample | Literal["gone", "now"]]],
                now: float, out: list[Change], max_items: int) -> None:
         for key, entry, version, result in probed:
-            home = self._paths if entry.sample is None else self._settling
+            home = (self._settling if entry.sample is not None
+                    else self._quick if entry.quick else self._paths)
             if home.get(key) is not entry or entry.version != version:
                 continue  # changed, subsumed or collapsed while we were looking
             if result == _GONE and entry.created:
                 del home[key]
                 self._index_remove(key)
-            elif result in (_GONE, _NOW) or not self.settle or entry.sample == result:
+            elif (result in (_GONE, _NOW) or not self.settle or entry.quick
+                  or entry.sample == result):
                 if len(out) >= max_items:
                     continue  # stays due; handed out by the next call
                 del home[key]

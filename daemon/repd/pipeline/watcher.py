@@ -1,12 +1,14 @@
 """Watches the roots (one inotify observer, polling where inotify cannot) and feeds the ChangeQueue.
 
 The event handler only maps an event to ``put_path``/``put_scan`` after a cached ignore
-check. Three things watchdog 7.1 does not do are added by subclassing its inotify
-classes (Linux only): ignored directories (``.git``, ``node_modules``...) get no inotify
-watch at all, so they cost neither watches nor events; a kernel queue overflow
-(``IN_Q_OVERFLOW``), which watchdog only logs, calls :meth:`Watcher.on_lost_events`;
-and running out of watches, which watchdog swallows for subdirectories, moves the root
-to polling instead of leaving part of it silently unwatched.
+check; a writer's ``close()`` (``IN_CLOSE_WRITE``) and a rename into place are marked
+``closed``, the queue's fast path past the settle wait. Three things watchdog 7.1 does
+not do are added by subclassing its inotify classes (Linux only): ignored directories
+(``.git``, ``node_modules``...) get no inotify watch at all, so they cost neither
+watches nor events; a kernel queue overflow (``IN_Q_OVERFLOW``), which watchdog only
+logs, calls :meth:`Watcher.on_lost_events`; and running out of watches, which watchdog
+swallows for subdirectories, moves the root to polling instead of leaving part of it
+silently unwatched.
 
 Nothing about one event or one root may stop the watching of the others: the handler and
 the inotify callbacks never raise (an error is logged, counted, and becomes a rescan of
@@ -405,13 +407,16 @@ class _Handler(FileSystemEventHandler):
     def _dispatch(self, event: FileSystemEvent) -> None:
         kind = event.event_type
         if kind == "moved":
-            for side in (event.src_path, event.dest_path):
-                if side:
-                    self._one(os.fsdecode(side), event.is_directory, kind)
+            if event.src_path:
+                self._one(os.fsdecode(event.src_path), event.is_directory, kind)
+            if event.dest_path:  # renamed into place: complete, like a file closed after writing
+                self._one(os.fsdecode(event.dest_path), event.is_directory, kind, closed=True)
         elif kind not in ("opened", "closed_no_write"):
-            self._one(os.fsdecode(event.src_path), event.is_directory, kind)
+            # "closed" is inotify's IN_CLOSE_WRITE: the writer is done, no settle wait needed.
+            self._one(os.fsdecode(event.src_path), event.is_directory, kind,
+                      closed=kind == "closed")
 
-    def _one(self, path: str, is_dir: bool, kind: str) -> None:
+    def _one(self, path: str, is_dir: bool, kind: str, *, closed: bool = False) -> None:
         root, rules = self._root, self._root.rules
         rel = root.rel(path)
         if rel is None:
@@ -430,7 +435,7 @@ class _Handler(FileSystemEventHandler):
             self._queue.put_scan(root.path, parent)
             root.watcher._request(root.path, f"rearm:{parent}")
         elif not rules.is_ignored(rel, False):
-            self._queue.put_path(root.path, rel, created=kind == "created")
+            self._queue.put_path(root.path, rel, created=kind == "created", closed=closed)
 
 
 class Watcher:
