@@ -1,9 +1,11 @@
 """The indexing engine: finds what changed, embeds only new chunk texts, writes crash-safely.
 
-Write order for a group of files (the invariant of the design notes):
-  1. one transaction: cache the new vectors and record an intent per file naming every
-     point id the write may touch (old and new);
-  2. upsert the new points and flush; delete the points no longer wanted and flush;
+Write order for a group of files (the crash-safety invariant, docs/architecture.md):
+  0. embed the texts no cached vector covers, in slices, each slice's vectors committed
+     to the vector cache as soon as it is done;
+  1. one transaction: record an intent per file naming every point id the write may
+     touch (old and new);
+  2. upsert the new points; delete the points no longer wanted; flush once;
   3. one transaction: commit the files' rows and chunk rows and clear their intents.
 A crash anywhere leaves intents; ``recover`` deletes every point they name, forgets the
 files' chunks and marks them dirty, and the next scan rebuilds them from the vector
