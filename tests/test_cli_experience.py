@@ -289,7 +289,7 @@ def test_status_while_starting_reads_right() -> None:
     text = render_status(_status(state="starting", problem="loading model and index",
                                  model={"name": "m", "id": None, "dim": None, "device": None},
                                  generation=None, roots=[]))
-    assert "state: starting" in text and "PROBLEM    loading model and index" in text
+    assert "state: starting" in text and "phase      loading model and index" in text
     assert "None" not in text and "(not loaded yet)" in text
 
 

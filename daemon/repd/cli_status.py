@@ -89,7 +89,9 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
     gen = st.get("generation") or {}
     lines = [printable(_header(st))]
     if st.get("problem"):
-        lines += _wrap("PROBLEM", st["problem"], cols)
+        # While starting, the field says what start-up is doing: not a problem.
+        label = "phase" if st.get("state") == "starting" else "PROBLEM"
+        lines += _wrap(label, st["problem"], cols)
     loaded = m.get("dim") is not None
     model = (f"{m['name']}  dim {m['dim']}  on {m.get('device') or '-'}" if loaded
              else f"{m['name']}  (not loaded yet)")
