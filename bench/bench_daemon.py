@@ -13,6 +13,7 @@
     python bench/bench_daemon.py [--scifact DIR] [--docs N] [--out bench/out-daemon]
 
     python bench/bench_daemon.py --only save [--files 300] [--edits 50]
+    python bench/bench_daemon.py --only load [--files 300]
 
 SciFact (BEIR) comes from --scifact DIR or $REPD_SCIFACT: see bench_engine.py.
 """
@@ -216,6 +217,25 @@ def save_only(args: argparse.Namespace) -> None:
     print_table(rows)
 
 
+def load_only(args: argparse.Namespace) -> None:
+    """``--only load``: status and query latency while indexing, on generated notes."""
+    out = args.out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    root, home = out / "root", out / "home"
+    write_small_corpus(root / "notes", args.files)
+    d = DaemonProc(home, [root])
+    d.start(wait_idle=True, timeout=3600)
+    queries = [f"observation about {w} and {v}" for w, v in
+               zip(("tides", "glaciers", "orchards", "harbors", "lanterns"),
+                   ("winds", "rivers", "meadows", "cobalt", "timber"), strict=True)]
+    try:
+        wait_quiet(d.pid)
+        rows = latency_under_load(d, root, queries, f"{time.time_ns():x}")
+    finally:
+        d.stop()
+    print_table(rows)
+
+
 def print_table(rows: list[tuple[str, str]]) -> None:
     width = max(len(r[0]) for r in rows)
     print()
@@ -230,8 +250,10 @@ def main() -> None:
     ap.add_argument("--reuse", type=Path, default=None,
                     help="an out folder of bench_engine.py: start on its SciFact index "
                     "(corpus/ and home/) instead of indexing the corpus again")
-    ap.add_argument("--only", choices=["save"], default=None,
-                    help="save: only save-to-searchable, on --files generated notes")
+    ap.add_argument("--only", choices=["save", "load"], default=None,
+                    help="save: only save-to-searchable; load: only status and query "
+                    "latency while 1,500 new files are indexed; both on --files generated "
+                    "notes, no SciFact needed")
     ap.add_argument("--files", type=int, default=300,
                     help="notes generated for --only save (default 300)")
     ap.add_argument("--edits", type=int, default=50,
@@ -240,6 +262,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.only == "save":
         save_only(args)
+        return
+    if args.only == "load":
+        load_only(args)
         return
     # --reuse starts from an indexed corpus: only the queries are read then.
     data = find_scifact(args.scifact, ("queries.jsonl",) if args.reuse else

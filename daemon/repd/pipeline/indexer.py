@@ -133,6 +133,7 @@ class Indexer:
         self.should_stop: Callable[[], bool] = lambda: False
         self.check_space: Callable[[], None] = lambda: None
         self.on_stage: Callable[[str], None] = lambda stage: None
+        self.before_flush: Callable[[], None] = lambda: None
         self._embed_rate = 0.0  # chunks/s, smoothed: sizes groups by time
         self._lock = threading.Lock()  # one group is written at a time
 
@@ -584,6 +585,10 @@ class Indexer:
             self.store.delete(stale)
         crashpoint("delete")
         if points or stale:
+            # The new points already answer queries; the flush's disk syncs hold the GIL
+            # (100-200 ms here), freezing every API thread. Readers first: a query in
+            # flight gets a moment to finish before the freeze.
+            self.before_flush()
             # One flush for the group: the intents cover upserts and deletes alike, and
             # nothing is marked done before this returns.
             self.store.flush()

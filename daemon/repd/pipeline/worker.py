@@ -43,6 +43,9 @@ MAX_BACKOFF_S = 60.0
 # How often the per-root counts (GROUP BYs over the manifest) are refreshed while busy.
 COUNTS_EVERY_S = 1.0
 SPACE_EVERY_S = 2.0
+# Before each group's flush (which holds the GIL), the API threads get this long to finish
+# a query in flight: edits show up in results without waiting for the disk syncs.
+FLUSH_YIELD_S = 0.02
 
 
 @dataclass
@@ -161,6 +164,7 @@ class IndexWorker:
         indexer.on_embedded = lambda n: self._beat()
         indexer.on_stage = self._on_stage
         indexer.check_space = self._check_space
+        indexer.before_flush = lambda: time.sleep(FLUSH_YIELD_S)
 
     # -- lifecycle -----------------------------------------------------------------------
 
