@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -200,8 +201,9 @@ def save_to_searchable(d: DaemonProc, folder: Path, edits: int) -> list[tuple[st
              f"{pct(closed, 0.95) / pct(held, 0.95):.2f}")]
 
 
-def save_only(args: argparse.Namespace) -> None:
-    """``--only save``: save-to-searchable alone, on ``--files`` generated notes."""
+def on_small_corpus(args: argparse.Namespace,
+                    measure: Callable[[DaemonProc, Path], list[tuple[str, str]]]) -> None:
+    """Index ``--files`` generated notes with a fresh daemon, run ``measure``, print it."""
     out = args.out.resolve()
     shutil.rmtree(out, ignore_errors=True)
     root, home = out / "root", out / "home"
@@ -211,29 +213,28 @@ def save_only(args: argparse.Namespace) -> None:
     d.start(wait_idle=True, timeout=3600)
     rows = [(f"initial index of {args.files} notes", f"{time.monotonic() - t0:.1f} s")]
     try:
-        rows += save_to_searchable(d, root / "edits", args.edits)
+        rows += measure(d, root)
     finally:
         d.stop()
     print_table(rows)
+
+
+def save_only(args: argparse.Namespace) -> None:
+    """``--only save``: save-to-searchable alone, on ``--files`` generated notes."""
+    on_small_corpus(args, lambda d, root: save_to_searchable(d, root / "edits", args.edits))
 
 
 def load_only(args: argparse.Namespace) -> None:
     """``--only load``: status and query latency while indexing, on generated notes."""
-    out = args.out.resolve()
-    shutil.rmtree(out, ignore_errors=True)
-    root, home = out / "root", out / "home"
-    write_small_corpus(root / "notes", args.files)
-    d = DaemonProc(home, [root])
-    d.start(wait_idle=True, timeout=3600)
     queries = [f"observation about {w} and {v}" for w, v in
                zip(("tides", "glaciers", "orchards", "harbors", "lanterns"),
                    ("winds", "rivers", "meadows", "cobalt", "timber"), strict=True)]
-    try:
+
+    def measure(d: DaemonProc, root: Path) -> list[tuple[str, str]]:
         wait_quiet(d.pid)
-        rows = latency_under_load(d, root, queries, f"{time.time_ns():x}")
-    finally:
-        d.stop()
-    print_table(rows)
+        return latency_under_load(d, root, queries, f"{time.time_ns():x}")
+
+    on_small_corpus(args, measure)
 
 
 def print_table(rows: list[tuple[str, str]]) -> None:
