@@ -135,7 +135,7 @@ def test_kill_at_random_moments(tmp_path: Path) -> None:
     root = tmp_path / "root"
     make_corpus(root, 1400, seed=4)  # three write groups of 512 files
     home = tmp_path / "home"
-    env = cli_env(home)
+    env = cli_env(home, REPD_LOG_LEVEL="info")  # the kill is timed from the model_loaded line
     rng = random.Random(5)
     partial_kills = more = 0
     for attempt in range(16):

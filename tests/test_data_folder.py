@@ -230,7 +230,8 @@ def test_a_read_only_data_folder_is_one_line_exit_2(tmp_path: Path, command: str
     data = tmp_path / "data"
     data.mkdir()
     data.chmod(0o555)
-    env = cli_env(tmp_path / "home", REPD_STORE__PATH=str(data))
+    # Info level, so that a model load would show in stderr (one-shot commands are quiet).
+    env = cli_env(tmp_path / "home", REPD_STORE__PATH=str(data), REPD_LOG_LEVEL="info")
     proc = subprocess.run(_unprivileged([sys.executable, "-m", "repd.cli", command, str(root)]),
                           env=env, capture_output=True, text=True, timeout=120)
     data.chmod(0o755)

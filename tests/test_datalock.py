@@ -113,7 +113,8 @@ def test_query_while_repd_index_writes_is_refused_without_touching_the_store(
     lock = DataLock.writer(data)  # stands in for a `repd index` in progress
     try:
         args = ["query", "copper lantern"] + (["--local"] if local else [])
-        proc = run_cli(args, env, check=False)
+        # Info level, so that a model load would show in stderr (one-shot commands are quiet).
+        proc = run_cli(args, {**env, "REPD_LOG_LEVEL": "info"}, check=False)
     finally:
         lock.release()
     assert proc.returncode == EXIT_TEMPFAIL, proc.stderr

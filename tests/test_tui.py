@@ -988,8 +988,16 @@ def test_snapshot(
             # The footer draws its keys a moment after the bindings settle.
             shown = sum(1 for b in RepdApp.BINDINGS if isinstance(b, Binding) and b.show)
             await until(pilot, lambda: len(app.screen.query("FooterKey")) == shown, "the footer")
-            await pilot.pause(0.1)
-            svg = app.export_screenshot(title=f"repd {scenario}", simplify=True)
+            # Layout and scroll anchoring may still move for a moment on a loaded machine:
+            # take the screen once two exports in a row agree.
+            svg = ""
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                await pilot.pause(0.15)
+                again = app.export_screenshot(title=f"repd {scenario}", simplify=True)
+                if again == svg:
+                    break
+                svg = again
         check_snapshot(f"{scenario}-{size[0]}x{size[1]}", svg, tmp_path)
 
     run(body)

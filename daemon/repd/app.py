@@ -116,6 +116,13 @@ class Daemon:
                                   beat=lambda: self.gate.beat("indexer"),
                                   on_idle=self._on_idle, data_dir=self.settings.store.path,
                                   reserve_bytes=self.settings.disk_reserve_mb * 2**20)
+        # Registered before the threads start: a crash in their first instant is pinned
+        # on the right component, not lost as an unowned error. (The supervisor checks
+        # only once start() has returned, so a worker not started yet is not "dead".)
+        self.supervisor.add("indexer", self.worker.alive, self._restart_worker,
+                            ("repd-indexer",))
+        self.supervisor.add("watcher", self._watcher_alive, self._restart_watcher,
+                            ("repd-watch", "Thread-"))
         # Watch first, then scan: a change made during the scan is caught by one or the
         # other, never by neither.
         self._start_watcher()
@@ -123,10 +130,6 @@ class Daemon:
             self.queue.put_scan(root, "")
         self.gate.register("indexer")
         self.worker.start()
-        self.supervisor.add("indexer", self.worker.alive, self._restart_worker,
-                            ("repd-indexer",))
-        self.supervisor.add("watcher", self._watcher_alive, self._restart_watcher,
-                            ("repd-watch", "Thread-"))
         self.gate.start()
         self.ready = True
         self.phase = "ready"

@@ -112,6 +112,7 @@ class Supervisor:
             while comp.restarts and comp.restarts[0] < now - self._window:
                 comp.restarts.popleft()
             why = comp.last_error or "its thread stopped"
+            comp.last_error = why
             if len(comp.restarts) >= self._max:
                 comp.dead = True
                 log.error("component_dead", component=comp.name, error=why,
