@@ -319,3 +319,26 @@ def test_status_never_waits_for_the_manifest(harness: Harness, corpus: Path) -> 
         assert done.wait(5), "status blocked on the manifest lock"
     st = result["status"]
     assert st.state == "idle" and st.totals.files == 12 and st.totals.chunks > 0
+
+
+def test_every_file_failing_makes_the_worker_loud(harness: Harness, corpus: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model that fails on every input is not ten bad files: each gets its failed row,
+    and the snapshot says the daemon is degraded until a file indexes again."""
+    def broken(texts: Any) -> Any:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(harness.indexer.embedder, "embed", broken)
+    harness.scan()
+    snap = _wait(lambda: harness.worker.snapshot
+                 if harness.worker.snapshot.problem_kind == "failing_files" else None,
+                 120, "the failing files to be reported")
+    assert "files in a row failed to index" in (snap.problem or "")
+    assert "illegal memory access" in (snap.problem or "")
+    assert set(_files(harness).values()) == {"failed"}
+    monkeypatch.undo()  # the model works again: the next file clears the problem
+    (corpus / "note00.md").write_text(_text(500))
+    harness.queue.put_path(corpus, "note00.md")
+    harness.idle()
+    assert _files(harness)["note00.md"] == "indexed"
+    assert harness.worker.snapshot.problem is None

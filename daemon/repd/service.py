@@ -77,7 +77,7 @@ class DaemonService:
             return "stopping"
         if not d.ready or snap is None:
             return "disk_full" if d.phase.startswith("disk full") else "starting"
-        if dead or snap.problem_kind == "failing":
+        if dead or snap.problem_kind in ("failing", "failing_files"):
             return "degraded"
         if snap.problem_kind == "disk_full":
             return "disk_full"

@@ -135,6 +135,10 @@ class Indexer:
         self.on_stage: Callable[[str], None] = lambda stage: None
         self.before_flush: Callable[[], None] = lambda: None
         self._embed_rate = 0.0  # chunks/s, smoothed: sizes groups by time
+        # Files that failed (``index_error``) since one last indexed: many in a row means
+        # the model or the store is broken, not the files (the worker then says so).
+        self.failed_in_a_row = 0
+        self.last_failure: str | None = None
         self._lock = threading.Lock()  # one group is written at a time
 
     @property
@@ -436,7 +440,7 @@ class Indexer:
                 raise
             log.exception("file_failed", root=str(root), path=rel)
             return FilePlan(str(root), rel, ZERO_SIG, time.time_ns(), "fail",
-                            reason="index_error", detail=f"{type(exc).__name__}: {exc}"[:500])
+                            reason="index_error", detail=self._note_failure(exc))
 
     def _group_chunk_cap(self) -> int:
         # Size groups by time once the embedding rate is known: a group then commits
@@ -480,8 +484,14 @@ class Indexer:
             log.exception("file_failed", root=plan.root, path=plan.relpath)
             failed = FilePlan(plan.root, plan.relpath, plan.sig, plan.started_ns, "fail",
                               content_hash=None, reason="index_error",
-                              detail=f"{type(exc).__name__}: {exc}"[:500])
+                              detail=self._note_failure(exc))
             stats.add(self._apply([failed]))
+
+    def _note_failure(self, exc: Exception) -> str:
+        text = f"{type(exc).__name__}: {exc}"[:500]
+        self.failed_in_a_row += 1
+        self.last_failure = text
+        return text
 
     # -- writing -------------------------------------------------------------------------
 
@@ -615,6 +625,7 @@ class Indexer:
                         for c, pid in zip(p.chunks, p.point_ids, strict=True)])
                     if p.action == "index":
                         stats.indexed += 1
+                        self.failed_in_a_row = 0
                     elif p.action == "skip":
                         stats.skipped[p.reason or "unknown"] += 1
                     else:

@@ -43,6 +43,9 @@ MAX_BACKOFF_S = 60.0
 # How often the per-root counts (GROUP BYs over the manifest) are refreshed while busy.
 COUNTS_EVERY_S = 1.0
 SPACE_EVERY_S = 2.0
+# Files failing one after another with none indexed between: past this many, status says
+# the daemon is degraded (a broken model or store), while each file keeps its failed row.
+FAILED_IN_A_ROW = 10
 # Before each group's flush (which holds the GIL), the API threads get this long to finish
 # a query in flight: edits show up in results without waiting for the disk syncs.
 FLUSH_YIELD_S = 0.02
@@ -107,7 +110,8 @@ class WorkerSnapshot:
     paused: bool = False
     #: One line when indexing cannot make progress; None when it can.
     problem: str | None = None
-    #: ``disk_full`` or ``failing`` (see ``problem``), None when healthy.
+    #: ``disk_full``, ``failing`` (units fail and are retried) or ``failing_files`` (every
+    #: file fails), see ``problem``; None when healthy.
     problem_kind: str | None = None
     failures: int = 0
     counts_by_root: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
@@ -277,6 +281,7 @@ class IndexWorker:
                 self._failed(exc, units[i:])
                 return
             self._succeeded()
+            self._check_failing_files()
             self._publish(busy=True, refresh=time.monotonic() - self._counts_at > COUNTS_EVERY_S)
 
     def _scan(self, root: Path, subdir: str) -> None:
@@ -318,6 +323,18 @@ class IndexWorker:
             log.info("indexing_recovered", after_failures=self._failures)
         self._failures = 0
         if self._problem is not None and self._problem[0] == "failing":
+            self._problem = None
+
+    def _check_failing_files(self) -> None:
+        """Loud when every file fails: a broken model or store is not the files' fault,
+        even though each failure was recorded against its file."""
+        n = self.indexer.failed_in_a_row
+        if n >= FAILED_IN_A_ROW:
+            if self._problem is None or self._problem[0] == "failing_files":
+                self._problem = ("failing_files", f"{n} files in a row failed to index, the "
+                                 f"last with {self.indexer.last_failure}; the model or the "
+                                 "store may be broken (`repd files --state failed` lists them)")
+        elif self._problem is not None and self._problem[0] == "failing_files":
             self._problem = None
 
     def _failed(self, exc: Exception, pending: list[_Unit]) -> None:
