@@ -33,10 +33,8 @@ SCIFACT_HOWTO = ("get SciFact from the BEIR benchmark (scifact.zip, linked from 
                  "https://github.com/beir-cellar/beir, or the Hugging Face datasets "
                  "BeIR/scifact and BeIR/scifact-qrels) and pass --scifact DIR or set "
                  "REPD_SCIFACT=DIR")
-# Looked at only when neither names a folder: a checkout next to a shared data folder.
-SCIFACT_CONVENIENCE = HERE.parent.parent / "shared" / "data" / "scifact"
 #: The SciFact folder in use; set by ``find_scifact`` (main() calls it first).
-DATA = SCIFACT_CONVENIENCE
+DATA = Path("scifact-not-set")
 
 
 def add_scifact_argument(ap: argparse.ArgumentParser) -> None:
@@ -47,7 +45,7 @@ def add_scifact_argument(ap: argparse.ArgumentParser) -> None:
 
 
 def find_scifact(given: Path | None, need: tuple[str, ...] = SCIFACT_FILES) -> Path:
-    """The SciFact folder: ``--scifact``, else ``$REPD_SCIFACT``, else the convenience copy.
+    """The SciFact folder: ``--scifact``, else ``$REPD_SCIFACT``.
 
     Exits with one line saying how to get it when the folder or a file is missing.
     """
@@ -58,10 +56,8 @@ def find_scifact(given: Path | None, need: tuple[str, ...] = SCIFACT_FILES) -> P
     elif env:
         folder, source = Path(env).expanduser(), "REPD_SCIFACT"
     else:
-        folder, source = SCIFACT_CONVENIENCE, ""
+        sys.exit(f"SciFact not named: {SCIFACT_HOWTO}, a folder holding {', '.join(need)}")
     missing = [f for f in need if not (folder / f).is_file()]
-    if missing and not source:
-        sys.exit(f"SciFact not found: {SCIFACT_HOWTO}, a folder holding {', '.join(need)}")
     if missing:
         sys.exit(f"SciFact not found: {folder} (from {source}) has no {', '.join(missing)}; "
                  f"{SCIFACT_HOWTO}")
