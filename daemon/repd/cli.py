@@ -7,10 +7,11 @@ them, so ``repd --help``, ``repd status`` and ``repd query`` (through the daemon
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -281,30 +282,46 @@ def _query_without_api(settings: Any, text: str, args: argparse.Namespace) -> di
         ) from None
 
 
-def _query_local(settings: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
-    from repd.adapters.store import StoreError
+@contextlib.contextmanager
+def local_index(settings: Any) -> Iterator[Any]:
+    """The index opened in this process for queries (``--local``, or no daemon answering).
+
+    Refuses at once, before the model loads (seconds), when nothing is indexed or a
+    writer holds the index; closes the engine (and the store's lock) on the way out.
+    """
     from repd.engine import Engine
     from repd.errors import EngineError
-    from repd.pipeline.search import search
 
     engine = Engine(settings, writer=False)
     try:
         if engine.generation is None:
             raise EngineError("nothing is indexed yet: run `repd index PATH` first")
-        # Before the model loads (seconds): a busy index is reported at once.
         engine.check_no_writer()
-        # Embed first, then open the store: the store (and its lock, which a starting
-        # daemon waits for) is held only for the search itself.
-        vector = engine.embed_query(text)
-        root = str(Path(os.path.abspath(args.root))) if args.root else None
-        try:
-            hits, took = search(engine.store, lambda _text: vector, text, args.k, args.path,
-                                root, per_file=args.files)
-        except StoreError as exc:
-            raise EngineError(str(exc)) from None
-        gen = engine.generation.id
+        yield engine
     finally:
         engine.close()
+
+
+def search_local(engine: Any, vector: list[float], text: str, k: int, path: str | None,
+                 root: str | None, files: bool) -> tuple[list[Any], float]:
+    """One search with a vector embedded beforehand: the store (and its lock, which a
+    starting daemon waits for) is opened only for the searches, after the embedding."""
+    from repd.adapters.store import StoreError
+    from repd.errors import EngineError
+    from repd.pipeline.search import search
+
+    try:
+        return search(engine.store, lambda _text: vector, text, k, path, root, per_file=files)
+    except StoreError as exc:
+        raise EngineError(str(exc)) from None
+
+
+def _query_local(settings: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    with local_index(settings) as engine:
+        vector = engine.embed_query(text)
+        root = str(Path(os.path.abspath(args.root))) if args.root else None
+        hits, took = search_local(engine, vector, text, args.k, args.path, root, args.files)
+        gen = engine.generation.id
     return {"hits": [h.as_dict() for h in hits], "took_ms": round(took, 2), "generation": gen}
 
 

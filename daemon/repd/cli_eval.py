@@ -183,16 +183,9 @@ def _local(settings: Any, texts: list[str], args: argparse.Namespace) -> list[An
     As there, every query is embedded first and the store (whose lock a starting daemon
     waits for) is opened only for the searches.
     """
-    from repd.adapters.store import StoreError
-    from repd.engine import Engine
-    from repd.errors import EngineError
-    from repd.pipeline.search import search
+    from repd.cli import local_index, search_local
 
-    engine = Engine(settings, writer=False)
-    try:
-        if engine.generation is None:
-            raise EngineError("nothing is indexed yet: run `repd index PATH` first")
-        engine.check_no_writer()
+    with local_index(settings) as engine:
         gen = str(engine.generation.id)
         _check_generation(args.generation, gen)
         progress = _progress(2 * len(texts))
@@ -202,21 +195,11 @@ def _local(settings: Any, texts: list[str], args: argparse.Namespace) -> list[An
             progress(i)
         answers: list[Answer] = []
         for i, (text, vector) in enumerate(zip(texts, vectors, strict=True), len(texts) + 1):
-            try:
-                hits, _ = search(engine.store, _fixed(vector), text, args.k, per_file=True)
-            except StoreError as exc:
-                raise EngineError(str(exc)) from None
+            hits, _ = search_local(engine, vector, text, args.k, None, None, files=True)
             answers.append(([h.as_dict() for h in hits], gen))
             progress(i)
         progress(0)
         return answers
-    finally:
-        engine.close()
-
-
-def _fixed(vector: list[float]) -> Callable[[str], list[float]]:
-    """An "embedder" that returns the vector already computed for the query."""
-    return lambda _text: vector
 
 
 def _check_generation(wanted: str | None, active: str) -> None:
