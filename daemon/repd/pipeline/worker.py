@@ -104,16 +104,13 @@ class WorkerSnapshot:
     and read only that object, so they never touch the manifest or the worker's fields.
     """
 
-    at: float
     stage: str = "starting"
     busy: bool = False
-    paused: bool = False
     #: One line when indexing cannot make progress; None when it can.
     problem: str | None = None
     #: ``disk_full``, ``failing`` (units fail and are retried) or ``failing_files`` (every
     #: file fails), see ``problem``; None when healthy.
     problem_kind: str | None = None
-    failures: int = 0
     counts_by_root: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     chunks_by_root: Mapping[str, int] = field(default_factory=dict)
     store: Mapping[str, object] = field(default_factory=dict)
@@ -160,7 +157,7 @@ class IndexWorker:
         self._dirty = False
         self._space_at = 0.0
         self._space_ok = True
-        self.snapshot = WorkerSnapshot(at=time.monotonic())
+        self.snapshot = WorkerSnapshot()
         indexer.group_chunks = DAEMON_GROUP_CHUNKS
         indexer.group_seconds = DAEMON_GROUP_SECONDS
         indexer.build_index_inline = False
@@ -203,11 +200,6 @@ class IndexWorker:
         """Forget a root's files (it left the config)."""
         self.submit("drop_root", lambda: self.indexer.drop_root(root))
 
-    @property
-    def busy(self) -> bool:
-        """True while a unit of work is being processed."""
-        return self.snapshot.busy
-
     # -- loop ----------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -224,7 +216,7 @@ class IndexWorker:
             if self._needs_recovery and not self._recover():
                 continue
             if self.paused.is_set():
-                self._publish(busy=False, paused=True)
+                self._publish(busy=False)
                 self._stop.wait(0.2)
                 continue
             if not self._has_space():
@@ -431,10 +423,9 @@ class IndexWorker:
     def _on_stage(self, stage: str) -> None:
         snap = self.snapshot
         if snap.stage != stage:
-            self.snapshot = replace(snap, stage=stage, at=time.monotonic())
+            self.snapshot = replace(snap, stage=stage)
 
-    def _publish(self, *, busy: bool | None = None, paused: bool | None = None,
-                 refresh: bool = False) -> None:
+    def _publish(self, *, busy: bool | None = None, refresh: bool = False) -> None:
         old = self.snapshot
         counts, chunks, store = old.counts_by_root, old.chunks_by_root, old.store
         if refresh:
@@ -448,12 +439,11 @@ class IndexWorker:
             self._dirty = False
         problem = self._problem
         self.snapshot = WorkerSnapshot(
-            at=time.monotonic(), stage=self.indexer.stage,
+            stage=self.indexer.stage,
             busy=old.busy if busy is None else busy,
-            paused=self.paused.is_set() if paused is None else paused,
             problem=problem[1] if problem else None,
             problem_kind=problem[0] if problem else None,
-            failures=self._failures, counts_by_root=counts, chunks_by_root=chunks,
+            counts_by_root=counts, chunks_by_root=chunks,
             store=store, totals=self.counters.totals(), rates=self.counters.rates(),
             last_error=self.counters.last_error, last_scan_at=self.counters.last_scan_at)
 
