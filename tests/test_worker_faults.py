@@ -342,3 +342,15 @@ def test_every_file_failing_makes_the_worker_loud(harness: Harness, corpus: Path
     harness.idle()
     assert _files(harness)["note00.md"] == "indexed"
     assert harness.worker.snapshot.problem is None
+
+
+def test_repd_index_honours_max_chunks_per_file(tmp_path: Path) -> None:
+    """The one-shot command reads the setting too (it used to keep the built-in limit)."""
+    from tests.helpers import cli_env, index_json
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "long.md").write_text("\n\n".join(_text(i, 1) for i in range(12)))
+    (root / "short.md").write_text(_text(1, 1))
+    out = index_json(root, cli_env(tmp_path / "home", REPD_MAX_CHUNKS_PER_FILE="2"))
+    assert out["skipped"] == {"too_many_chunks": 1} and out["indexed"] == 1

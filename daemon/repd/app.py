@@ -22,7 +22,6 @@ from typing import Any
 from repd.adapters.sdnotify import Notifier, WatchdogGate
 from repd.adapters.store import Store
 from repd.api.server import ApiServer
-from repd.core.secrets import SecretPolicy
 from repd.engine import Engine
 from repd.errors import ConfigError
 from repd.log import configure_logging, get_logger
@@ -106,7 +105,6 @@ class Daemon:
         self.engine.embedder()  # READY means the model is loaded, not merely configured
         indexer.embed_slice = DAEMON_EMBED_SLICE
         indexer.allow_roots(self.roots)  # with follow_symlinks, links may lead into these
-        indexer.max_chunks_per_file = self.settings.max_chunks_per_file
         self.store: Store = self.engine.store
         self.phase = "recovering interrupted writes"
         recovered = indexer.recover()
@@ -291,9 +289,7 @@ class Daemon:
         """Runs on the worker thread, between two units of work."""
         assert self.engine is not None and self.worker is not None
         worker, indexer = self.worker, self.worker.indexer
-        indexer.planner.max_file_bytes = new.max_file_bytes
-        indexer.max_chunks_per_file = new.max_chunks_per_file
-        indexer.planner.secrets = SecretPolicy(tuple(new.allow_secrets))
+        indexer.configure(new)
         worker.reserve_bytes = new.disk_reserve_mb * 2**20
         embedder = self.engine.loaded_embedder
         if embedder is not None and new.batch_tokens != old.batch_tokens:
@@ -306,7 +302,6 @@ class Daemon:
                          or new.watch.gitignore != old.watch.gitignore
                          or new.watch.follow_symlinks != old.watch.follow_symlinks)
         self.engine.update_settings(new)
-        indexer.follow_symlinks = new.watch.follow_symlinks
         rewatch = (new.watch.force_polling != old.watch.force_polling
                    or new.watch.follow_symlinks != old.watch.follow_symlinks)
         for root in removed:

@@ -34,7 +34,6 @@ from repd.adapters.manifest import (
 )
 from repd.adapters.store import Store, StoreError
 from repd.core.ignore import IgnoreRules
-from repd.core.secrets import SecretPolicy
 from repd.errors import ConfigError, EngineError
 from repd.log import get_logger
 from repd.pipeline.indexer import Indexer
@@ -277,9 +276,8 @@ class Engine:
         self.check_model_setting()
         gen = self.ensure_generation()
         indexer = Indexer(self.manifest, self.store, gen, self.embedder,
-                          self.settings.max_file_bytes,
-                          follow_symlinks=self.settings.watch.follow_symlinks)
-        indexer.planner.secrets = SecretPolicy(tuple(self.settings.allow_secrets))
+                          self.settings.max_file_bytes)
+        indexer.configure(self.settings)
         return indexer
 
     def rules(self, root: Path) -> IgnoreRules:

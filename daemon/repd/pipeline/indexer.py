@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -30,11 +30,15 @@ from repd.adapters.store import Store
 from repd.core.faults import crashpoint
 from repd.core.identity import StatSig, is_racy, stored_path
 from repd.core.ignore import IgnoreRules
+from repd.core.secrets import SecretPolicy
 from repd.core.types import PointRecord
 from repd.errors import TransientError, is_transient
 from repd.log import get_logger
 from repd.pipeline.plan import ZERO_SIG, FilePlan, Planner
 from repd.pipeline.scanner import contained, walk
+
+if TYPE_CHECKING:
+    from repd.settings import Settings
 
 log = get_logger("indexer")
 
@@ -150,6 +154,13 @@ class Indexer:
     def follow_symlinks(self, value: bool) -> None:
         self._follow = value
         self.planner.follow_symlinks = value  # the planner decides what a read may open
+
+    def configure(self, settings: Settings) -> None:
+        """Apply every setting the indexer reads; the same call at start and on reload."""
+        self.planner.max_file_bytes = settings.max_file_bytes
+        self.planner.secrets = SecretPolicy(tuple(settings.allow_secrets))
+        self.max_chunks_per_file = settings.max_chunks_per_file
+        self.follow_symlinks = settings.watch.follow_symlinks
 
     def _set_stage(self, stage: str) -> None:
         self.stage = stage
