@@ -300,8 +300,7 @@ class Indexer:
         gone = [FilePlan(root_s, p, ZERO_SIG, time.time_ns(), "delete")
                 for p in known if p not in seen and not _below_any(p, unlisted)]
         total = len(todo)
-        if skips or gone:
-            stats.add(self._apply(skips + gone))
+        stats.add(self._apply_in_groups(skips + gone))
         if progress:
             progress(0, total, stats)
         self._run_paths(root, todo, known, stats, progress, should_stop)
@@ -379,8 +378,8 @@ class Indexer:
         gone = self.manifest.files_under(root_s, key)
         if not gone:
             return RunStats()
-        return self._apply([FilePlan(root_s, p, ZERO_SIG, time.time_ns(), "delete")
-                            for p in gone])
+        return self._apply_in_groups([FilePlan(root_s, p, ZERO_SIG, time.time_ns(), "delete")
+                                      for p in gone])
 
     def prune_vector_cache(self, keep_unreferenced: int = VECTOR_CACHE_SPARE) -> int:
         """Bound the cache of vectors no chunk uses any more (kept for undo and moves)."""
@@ -389,7 +388,12 @@ class Indexer:
     def drop_root(self, root: Path) -> RunStats:
         """Remove every file of a root from the index (the root left the config)."""
         rows = self.manifest.files_under(str(root))
-        plans = [FilePlan(str(root), p, ZERO_SIG, time.time_ns(), "delete") for p in rows]
+        return self._apply_in_groups(
+            [FilePlan(str(root), p, ZERO_SIG, time.time_ns(), "delete") for p in rows])
+
+    def _apply_in_groups(self, plans: list[FilePlan]) -> RunStats:
+        """Skips and deletions (nothing to embed), written ``group_files`` at a time, so a
+        folder of 100,000 deleted files is many bounded writes, not one huge one."""
         stats = RunStats()
         for i in range(0, len(plans), self.group_files):
             stats.add(self._apply(plans[i:i + self.group_files]))
