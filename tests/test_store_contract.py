@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,8 +20,8 @@ import pytest
 from qdrant_client import QdrantClient, models
 
 from repd.adapters.store import Store, StoreError
-from repd.adapters.store_edge import EdgeStore
-from repd.adapters.store_server import ServerStore, resolve_alias, set_alias
+from repd.adapters.store_edge import DROPPING_SUFFIX, EdgeStore
+from repd.adapters.store_server import ServerStore, alias_target, resolve_alias, set_alias
 from repd.core.types import Hit, PointRecord
 
 DIM = 8
@@ -68,6 +69,8 @@ class Backend:
 
     name: str
     open: Callable[..., Store]
+    #: Whether the location holds data: the shard folder, or the server collection.
+    exists: Callable[[], bool]
 
 
 @pytest.fixture(params=["edge", "server"])
@@ -85,7 +88,12 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
         opened.append(store)
         return store
 
-    yield Backend(request.param, open_store)
+    def exists() -> bool:
+        if client is None:
+            return (tmp_path / "shard").exists()
+        return client.collection_exists("gen-1")
+
+    yield Backend(request.param, open_store, exists)
     for store in opened:
         store.close()
     if client is not None:
@@ -285,6 +293,48 @@ def test_reopening_with_another_vector_size_is_a_store_error(backend: Backend) -
     assert backend.open().count() == 3  # the failed attempt left the index as it was
 
 
+def test_drop_deletes_the_data_for_good(backend: Backend) -> None:
+    store = backend.open()
+    points = random_points(30, seed=14)
+    store.upsert(points)
+    store.flush()
+    assert backend.exists()
+
+    store.drop()
+
+    assert not backend.exists()
+    with pytest.raises(StoreError, match="dropped"):
+        store.count()
+    with pytest.raises(StoreError, match="dropped"):
+        store.upsert(points[:1])
+    with pytest.raises(StoreError, match="dropped"):
+        store.search(points[0].vector, 3)
+    store.drop()  # dropping twice is harmless
+    store.close()  # and so is closing a dropped store
+
+    again = backend.open()  # the same location starts empty
+
+    assert again.count() == 0
+    assert list(again.iter_ids()) == []
+    assert again.retrieve([p.id for p in points]) == []
+    assert again.search(points[0].vector, 5) == []
+    again.upsert(points[:3])
+    store.drop()  # the old store's second drop leaves the new data alone
+    assert again.count() == 3
+
+
+def test_drop_refuses_a_closed_store(backend: Backend) -> None:
+    store = backend.open()
+    store.upsert(random_points(5, seed=15))
+    store.close()
+
+    with pytest.raises(StoreError, match="closed"):
+        store.drop()
+
+    assert backend.exists()
+    assert backend.open().count() == 5
+
+
 def test_backends_give_the_same_answers(tmp_path: Path) -> None:
     client = QdrantClient(":memory:")
     edge = EdgeStore.open(tmp_path / "shard", 16)
@@ -433,6 +483,60 @@ def test_edge_maybe_build_index_builds_hnsw_above_the_threshold(tmp_path: Path) 
         store.close()
 
 
+def test_edge_drop_frees_the_disk_and_finishes_an_interrupted_drop(tmp_path: Path) -> None:
+    shard = tmp_path / "shards" / "gen-1"
+    store = EdgeStore.open(shard, DIM, index_threshold=64)
+    store.upsert(random_points(200, seed=16))
+    assert store.maybe_build_index()  # HNSW files too
+    store.flush()
+    # What a drop that crashed between its rename and its delete leaves behind.
+    tomb = shard.with_name("gen-1" + DROPPING_SUFFIX)
+    (tomb / "segments").mkdir(parents=True)
+    (tomb / "segments" / "left-over").write_bytes(b"x" * 4096)
+
+    store.drop()
+
+    assert sorted(os.listdir(tmp_path / "shards")) == []
+    reopened = EdgeStore.open(shard, DIM)  # no lock is left behind either
+    try:
+        assert reopened.count() == 0
+    finally:
+        reopened.close()
+
+
+def test_edge_drop_after_a_failed_delete_retries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    shard = tmp_path / "shard"
+    store = EdgeStore.open(shard, DIM)
+    store.upsert(random_points(5, seed=17))
+    real_rmtree = shutil.rmtree
+    calls: list[str] = []
+
+    def failing_rmtree(path: Any, *args: Any, **kwargs: Any) -> None:
+        calls.append(str(path))
+        if len(calls) == 1:
+            raise PermissionError(13, "Permission denied", str(path))
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", failing_rmtree)
+    with pytest.raises(StoreError, match="deleting the index"):
+        store.drop()
+    assert not shard.exists()  # already out of the way: a reopen starts empty
+    with pytest.raises(StoreError, match="dropped"):
+        store.count()
+    newer = EdgeStore.open(shard, DIM)
+    newer.upsert(random_points(2, seed=18))
+
+    store.drop()
+
+    assert os.listdir(tmp_path) == ["shard"]  # the retry deleted only what was its own
+    try:
+        assert newer.count() == 2
+    finally:
+        newer.close()
+
+
 # -- server only -------------------------------------------------------------------------
 
 
@@ -441,21 +545,117 @@ def test_alias_switches_between_generations() -> None:
     try:
         ServerStore(client, "repd-gen-1", DIM).upsert([rec(1, axis(0))])
         ServerStore(client, "repd-gen-2", DIM)
-        assert resolve_alias(client, "repd") is None
+        assert resolve_alias is alias_target  # the old name still works
+        assert alias_target(client, "repd") is None
 
         set_alias(client, "repd", "repd-gen-1")
-        assert resolve_alias(client, "repd") == "repd-gen-1"
+        assert alias_target(client, "repd") == "repd-gen-1"
         assert client.count("repd").count == 1  # readers use the alias
 
         set_alias(client, "repd", "repd-gen-2")
         set_alias(client, "repd", "repd-gen-2")  # already there: nothing to do
-        assert resolve_alias(client, "repd") == "repd-gen-2"
+        assert alias_target(client, "repd") == "repd-gen-2"
         assert client.count("repd").count == 0
         assert [a.alias_name for a in client.get_aliases().aliases] == ["repd"]
 
         with pytest.raises(StoreError, match="missing collection"):
             set_alias(client, "repd", "repd-gen-3")
-        assert resolve_alias(client, "repd") == "repd-gen-2"
+        assert alias_target(client, "repd") == "repd-gen-2"
+    finally:
+        client.close()
+
+
+def test_set_alias_moves_the_alias_in_one_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = QdrantClient(":memory:")
+    real_update = client.update_collection_aliases
+    requests: list[list[Any]] = []
+
+    def spy(change_aliases_operations: Sequence[Any], **kwargs: Any) -> bool:
+        requests.append(list(change_aliases_operations))
+        return real_update(change_aliases_operations=change_aliases_operations, **kwargs)
+
+    monkeypatch.setattr(client, "update_collection_aliases", spy)
+    try:
+        ServerStore(client, "repd-gen-1", DIM)
+        ServerStore(client, "repd-gen-2", DIM)
+        set_alias(client, "repd", "repd-gen-1")
+        set_alias(client, "repd", "repd-gen-2")
+        set_alias(client, "repd", "repd-gen-2")
+
+        first, move = requests  # the no-op sends nothing
+        assert [type(op) for op in first] == [models.CreateAliasOperation]
+        assert [type(op) for op in move] == [models.DeleteAliasOperation,
+                                             models.CreateAliasOperation]
+        assert move[0].delete_alias.alias_name == "repd"
+        assert (move[1].create_alias.alias_name,
+                move[1].create_alias.collection_name) == ("repd", "repd-gen-2")
+    finally:
+        client.close()
+
+
+def test_server_drop_leaves_other_generations_and_the_alias_alone() -> None:
+    client = QdrantClient(":memory:")
+    try:
+        old = ServerStore(client, "repd-gen-1", DIM)
+        new = ServerStore(client, "repd-gen-2", DIM)
+        old.upsert([rec(1, axis(0))])
+        new.upsert([rec(2, axis(1)), rec(3, axis(2))])
+        set_alias(client, "repd", "repd-gen-1")
+        set_alias(client, "repd", "repd-gen-2")  # switch first, then drop the old one
+
+        old.drop()
+
+        assert client.collection_exists("repd-gen-1") is False
+        assert client.collection_exists("repd-gen-2") is True
+        assert alias_target(client, "repd") == "repd-gen-2"
+        assert client.count("repd").count == 2
+        assert new.count() == 2
+    finally:
+        client.close()
+
+
+def test_server_drop_of_the_aliased_collection_takes_the_alias() -> None:
+    # What the server does too: deleting a collection deletes its aliases.
+    client = QdrantClient(":memory:")
+    try:
+        store = ServerStore(client, "repd-gen-1", DIM)
+        set_alias(client, "repd", "repd-gen-1")
+        store.drop()
+        assert alias_target(client, "repd") is None
+    finally:
+        client.close()
+
+
+def test_server_drop_closes_an_owned_client_and_tolerates_a_gone_collection() -> None:
+    client = QdrantClient(":memory:")
+    store = ServerStore(client, "gen-1", DIM, owns_client=True)
+    client.delete_collection("gen-1")  # someone else was first: still a drop
+
+    store.drop()
+    store.drop()
+
+    with pytest.raises(RuntimeError, match="closed"):
+        client.get_collections()
+
+
+def test_server_drop_that_fails_can_be_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = QdrantClient(":memory:")
+    real_delete = client.delete_collection
+    try:
+        store = ServerStore(client, "gen-1", DIM)
+        store.upsert([rec(1, axis(0))])
+
+        def refuse(collection_name: str, **kwargs: Any) -> bool:
+            raise ConnectionError("server went away")
+
+        monkeypatch.setattr(client, "delete_collection", refuse)
+        with pytest.raises(StoreError, match="drop failed on collection 'gen-1'"):
+            store.drop()
+        assert store.count() == 1  # still open and whole
+
+        monkeypatch.setattr(client, "delete_collection", real_delete)
+        store.drop()
+        assert client.collection_exists("gen-1") is False
     finally:
         client.close()
 

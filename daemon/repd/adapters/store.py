@@ -63,3 +63,14 @@ class Store(Protocol):
 
     def close(self) -> None:
         """Release files and locks."""
+
+    def drop(self) -> None:
+        """Delete this generation's data for good: every point, index and file.
+
+        The store is unusable afterwards (every call but ``close`` and ``drop`` raises
+        ``StoreError``); a second ``drop`` does nothing. A store already closed with
+        ``close`` cannot be dropped (``StoreError``): open it again first, so that no
+        other process holds it while its data goes. Raises ``StoreError`` when the
+        backend refuses; the data may then be partly gone, and ``drop`` on a freshly
+        opened store at the same location finishes the job.
+        """

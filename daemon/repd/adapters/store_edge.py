@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +29,8 @@ DEFAULT_PAGE_SIZE = 1024
 # one (by reading payloads), so the option is a speed-up, not a requirement.
 _KEYWORD_FIELDS = ("root", "path", "chunk_hash")
 _EDGE_CONFIG_FILE = "edge_config.json"
+#: Suffix of the name a dropped shard folder is renamed to before it is deleted.
+DROPPING_SUFFIX = ".dropping"
 _FLOAT_BYTES = 4
 
 
@@ -67,6 +71,9 @@ class EdgeStore:
         self.index_threshold = index_threshold
         self.page_size = page_size
         self._shard: qe.EdgeShard | None = shard
+        self._deleting = False  # closed by drop(), folder not yet (all) deleted
+        self._moved = False  # drop() renamed the folder out of the way
+        self._dropped = False
 
     @classmethod
     def open(
@@ -325,11 +332,52 @@ class EdgeStore:
         if failure is not None:
             raise failure
 
+    def drop(self) -> None:
+        """Close the shard and delete its folder from disk; a second call does nothing.
+
+        The folder is first renamed to a sibling ``<name>.dropping`` (one atomic step)
+        and then deleted, so ``path`` is either the whole shard or absent, never a
+        half-deleted one that a later ``open`` would fail to load. A ``.dropping``
+        folder left by a crash is removed by the next ``drop`` of a store at the same
+        path. Raises ``StoreError`` when the store was closed with ``close`` (another
+        process may hold the shard by now) or when the folder cannot be renamed or
+        deleted; calling ``drop`` again then retries the deletion.
+        """
+        if self._dropped:
+            # Never delete again: a new shard may have been created at this path since.
+            return
+        if self._shard is not None:
+            shard, self._shard = self._shard, None
+            self._deleting = True
+            # No flush: the data is going. Closing releases the WAL lock and the maps.
+            # A close failure is ignored: the files go anyway (Linux deletes open and
+            # mapped files fine, and the lock goes with them), so the disk is freed.
+            with contextlib.suppress(Exception):
+                shard.close()
+        elif not self._deleting:
+            raise StoreError(f"index at {self.path} is closed; open it again to drop it")
+        tomb = self.path.with_name(self.path.name + DROPPING_SUFFIX)
+        try:
+            # On a retry after the rename, whatever is at ``path`` now is someone
+            # else's new shard: only the tomb is still ours to delete.
+            if not self._moved:
+                if tomb.exists():
+                    shutil.rmtree(tomb)  # an earlier drop at this path did not finish
+                if self.path.exists():
+                    self.path.rename(tomb)
+                self._moved = True
+            if tomb.exists():
+                shutil.rmtree(tomb)
+        except OSError as exc:
+            raise StoreError(f"deleting the index at {self.path} failed: {exc}") from exc
+        self._dropped = True
+
     # -- helpers -----------------------------------------------------------------------
 
     def _open_shard(self) -> qe.EdgeShard:
         if self._shard is None:
-            raise StoreError(f"index at {self.path} is closed")
+            state = "dropped" if self._deleting else "closed"
+            raise StoreError(f"index at {self.path} is {state}")
         return self._shard
 
     def _check_dim(self, vector: Sequence[float], what: str) -> None:

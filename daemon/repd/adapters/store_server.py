@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+import unicodedata
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -21,6 +24,12 @@ UPSERT_CHUNK = 512
 _FALLBACK_SCAN_LIMIT = 20_000
 
 _KEYWORD_FIELDS = ("root", "path", "chunk_hash")
+#: Longest name ``collection_for`` gives (Qdrant allows 255).
+MAX_COLLECTION_NAME = 200
+_MAX_BASE = 100
+_MAX_SLUG = 48
+_NOT_NAME_CHARS = re.compile(r"[^a-z0-9_-]+")
+_HEX8 = re.compile(r"[0-9a-f]{8}")
 _LOCAL_INDEX_WARNING = "Payload indexes have no effect in the local Qdrant"
 
 
@@ -36,7 +45,8 @@ class ServerStore:
     ``root``-filtered results, best first, keeping matching paths, and reads at most
     20,000 candidates, so a very rare prefix may then come back with fewer hits.
 
-    ``collection`` must be a collection's own name, not an alias (see ``resolve_alias``).
+    ``collection`` must be a collection's own name, not an alias (see ``alias_target``;
+    ``collection_for`` names a generation's collection).
     The client belongs to the caller unless ``owns_client`` is set, in which case
     ``close`` closes it.
     """
@@ -64,6 +74,7 @@ class ServerStore:
         self._client: QdrantClient | None = client
         self._owns_client = owns_client
         self._prefix_in_engine = True
+        self._dropped = False
         self._ensure_collection(client)
         self._ensure_payload_indexes(client)
 
@@ -220,11 +231,39 @@ class ServerStore:
         except Exception as exc:
             raise self._error("close", exc) from exc
 
+    def drop(self) -> None:
+        """Delete the collection on the server, then close the client if this store
+        owns it; a second call does nothing.
+
+        The server also deletes every alias that points at the collection, so move
+        the generation alias elsewhere first (``set_alias``) unless it is meant to go.
+        A collection that is already gone counts as dropped. Raises ``StoreError`` when
+        the store was closed with ``close`` or the server refuses; the store stays open
+        then, and ``drop`` may be called again.
+        """
+        if self._dropped:
+            return
+        client = self._open_client()
+        try:
+            client.delete_collection(self.collection)
+        except Exception as exc:
+            # A timeout may hide a deletion that went through: only then is it fine.
+            if _collection_exists(client, self.collection) is not False:
+                raise self._error("drop", exc) from exc
+        self._dropped = True
+        self._client = None
+        if self._owns_client:
+            try:
+                client.close()
+            except Exception as exc:
+                raise self._error("close after drop", exc) from exc
+
     # -- helpers -----------------------------------------------------------------------
 
     def _open_client(self) -> QdrantClient:
         if self._client is None:
-            raise StoreError(f"collection {self.collection!r} is closed")
+            state = "dropped" if self._dropped else "closed"
+            raise StoreError(f"collection {self.collection!r} is {state}")
         return self._client
 
     def _check_dim(self, vector: Sequence[float], what: str) -> None:
@@ -333,6 +372,46 @@ class ServerStore:
             raise self._error(f"creating the payload index on {name!r}", exc) from exc
 
 
+def collection_for(base: str, model_name: str, model_id: str, gen_id: int) -> str:
+    """The collection name of generation ``gen_id``: ``{base}-{slug}-{digest8}-g{gen_id}``.
+
+    ``slug`` is the last path component of ``model_name`` in lowercase ASCII
+    (``sentence-transformers/all-MiniLM-L6-v2`` gives ``all-minilm-l6-v2``); ``digest8``
+    is the first 8 hex digits after the ``@`` of ``model_id`` (``name@0123456789abcdef``),
+    or of a BLAKE2b hash of the whole ``model_id`` when it has no hex digest. The
+    result is deterministic, holds only ``[a-z0-9_-]`` and has at most
+    ``MAX_COLLECTION_NAME`` characters, so it is a valid name on any Qdrant server.
+    ``base`` (the alias, usually) is cleaned the same way and cut to 100 characters;
+    the name always differs from ``base`` itself, so it never clashes with an alias
+    called ``base`` (the server refuses a collection and an alias of one name).
+    Raises ``ValueError`` for a negative ``gen_id`` (or one of over 40 digits).
+    """
+    if gen_id < 0:
+        raise ValueError(f"generation id must not be negative, not {gen_id}")
+    head = _slug(base, _MAX_BASE) or "repd"
+    slug = _slug(model_name.replace("\\", "/").rstrip("/").rpartition("/")[2], _MAX_SLUG)
+    name = f"{head}-{slug or 'model'}-{_digest8(model_id)}-g{gen_id}"
+    # The parts are cut so that only a gen_id of over 40 digits can pass the bound.
+    if len(name) > MAX_COLLECTION_NAME:
+        raise ValueError(f"generation id {gen_id} makes a collection name too long")
+    return name
+
+
+def _slug(text: str, limit: int) -> str:
+    # NFKD splits accented letters into letter + mark, so "é" keeps its "e"; what is
+    # still not ASCII goes, and each run of other characters becomes one dash.
+    ascii_text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    slug = _NOT_NAME_CHARS.sub("-", ascii_text.lower()).strip("-_")
+    return slug[:limit].rstrip("-_")
+
+
+def _digest8(model_id: str) -> str:
+    tail = model_id.rpartition("@")[2].strip().lower()
+    if _HEX8.match(tail):
+        return tail[:8]
+    return hashlib.blake2b(model_id.encode("utf-8"), digest_size=4).hexdigest()
+
+
 def set_alias(client: QdrantClient, alias: str, collection: str) -> None:
     """Point ``alias`` at ``collection`` in one atomic ``update_collection_aliases`` call.
 
@@ -342,7 +421,7 @@ def set_alias(client: QdrantClient, alias: str, collection: str) -> None:
     try:
         if not client.collection_exists(collection):
             raise StoreError(f"cannot point alias {alias!r} at missing collection {collection!r}")
-        current = resolve_alias(client, alias)
+        current = alias_target(client, alias)
         if current == collection:
             return
         ops: list[models.CreateAliasOperation | models.DeleteAliasOperation] = []
@@ -360,8 +439,11 @@ def set_alias(client: QdrantClient, alias: str, collection: str) -> None:
         raise StoreError(f"switching alias {alias!r} to {collection!r} failed: {exc}") from exc
 
 
-def resolve_alias(client: QdrantClient, alias: str) -> str | None:
-    """The collection ``alias`` points at, or None if there is no such alias."""
+def alias_target(client: QdrantClient, alias: str) -> str | None:
+    """The collection ``alias`` points at, or None if there is no such alias.
+
+    Raises ``StoreError`` when the server cannot be asked.
+    """
     try:
         aliases = client.get_aliases().aliases
     except Exception as exc:
@@ -370,6 +452,18 @@ def resolve_alias(client: QdrantClient, alias: str) -> str | None:
         if a.alias_name == alias:
             return a.collection_name
     return None
+
+
+#: The old name of ``alias_target``.
+resolve_alias = alias_target
+
+
+def _collection_exists(client: QdrantClient, collection: str) -> bool | None:
+    # None when the server cannot tell (it is unreachable, say).
+    try:
+        return bool(client.collection_exists(collection))
+    except Exception:
+        return None
 
 
 def _filter(root: str | None, path_prefix: str | None) -> models.Filter | None:
