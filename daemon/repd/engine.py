@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from repd.adapters.store import Store, StoreError
 from repd.core.ignore import IgnoreRules
 from repd.errors import ConfigError, EngineError
 from repd.log import get_logger
+from repd.pipeline.generations import GenerationHandle, Generations
 from repd.pipeline.indexer import Indexer
 from repd.settings import Settings
 
@@ -66,6 +68,12 @@ class Engine:
         self.generation: Generation | None = None
         # Tests (and the daemon on reload) may hand in an already loaded model.
         self._embedder: Any = embedder
+        #: Set when the weights behind the active generation's model path changed.
+        self.model_changed: str | None = None
+        # One-shot commands refuse changed weights; the daemon migrates to them.
+        self._strict_identity = True
+        #: The generations this process has open (the active one, a building one, ...).
+        self.generations = Generations()
         self._rules: dict[Path, IgnoreRules] = {}
         self._announced = False
         # Everything this process creates from here on (manifest, shard files, locks) is
@@ -192,63 +200,138 @@ class Engine:
 
     @property
     def model_name(self) -> str:
-        """The model the index is (or will be) built with."""
+        """The model the active index is (or will be) built with."""
         return self.generation.model_name if self.generation else self.settings.model
 
-    def embedder(self) -> Any:
-        """Load the model once (this is where torch gets imported)."""
-        if self._embedder is None:
-            from repd.adapters.embedder import Embedder, EmbedderError
+    def load_model(self, name: str) -> Any:
+        """Load a model (this is where torch gets imported); EngineError if it cannot be."""
+        from repd.adapters.embedder import Embedder, EmbedderError
 
-            log.info("loading_model", model=self.model_name, device=self.settings.device)
-            try:
-                self._embedder = Embedder.load(
-                    self.model_name, device=self.settings.device,
-                    token_budget=self.settings.batch_tokens, cache_dir=paths.cache_dir())
-            except EmbedderError as exc:
-                raise EngineError(str(exc)) from None
+        log.info("loading_model", model=name, device=self.settings.device)
+        try:
+            return Embedder.load(name, device=self.settings.device,
+                                 token_budget=self.settings.batch_tokens,
+                                 cache_dir=paths.cache_dir())
+        except EmbedderError as exc:
+            raise EngineError(str(exc)) from None
+
+    def embedder(self) -> Any:
+        """The active generation's model, loaded once.
+
+        When the weights behind the generation's model path changed since it was built,
+        the identity differs: a one-shot command refuses, the daemon serves the old
+        index with the new weights (saying so) and migrates to them.
+        """
+        if self._embedder is None:
+            emb = self.load_model(self.model_name)
             gen = self.generation
-            if gen is not None and gen.model_id != self._embedder.model_id:
-                raise EngineError(
-                    f"the model at {self.model_name} is not the one the index was built with "
-                    f"(weights changed: {gen.model_id.rpartition('@')[2]} -> "
-                    f"{self._embedder.model_id.rpartition('@')[2]})")
+            if gen is not None and gen.model_id != emb.model_id:
+                self.model_changed = (
+                    f"the model at {self.model_name} is not the one generation {gen.id} was "
+                    f"built with (weights changed: {gen.model_id.rpartition('@')[2]} -> "
+                    f"{emb.model_id.rpartition('@')[2]})")
+                log.warning("model_weights_changed", message=self.model_changed)
+                if self._strict_identity:
+                    raise EngineError(
+                        f"{self.model_changed}; `repd run` migrates the index to the new "
+                        "weights while the old index keeps answering")
+            self._embedder = emb
         return self._embedder
 
     def check_model_setting(self) -> None:
-        """Refuse to index with a model other than the active generation's."""
+        """Refuse a one-shot index with a model other than the active generation's: moving
+        to another model is a migration, which the daemon carries out."""
         gen = self.generation
         if gen is not None and gen.model_name != self.settings.model:
             raise EngineError(
                 f"the index was built with {gen.model_name!r} but the config names "
-                f"{self.settings.model!r}; switching models needs a new generation "
-                "(not supported yet): set model back, or use a new store.path")
+                f"{self.settings.model!r}: moving to another model re-embeds every file while "
+                "the old index keeps answering; `repd run` does it (or `repd model use "
+                "NAME` on a running daemon)")
 
-    # -- store ---------------------------------------------------------------------------
+    # -- generations and their stores ----------------------------------------------------
 
     def ensure_generation(self) -> Generation:
         """The active generation, created (with the model's identity) if there is none."""
         if self.generation is None:
             emb = self.embedder()
-            location = ("shards/gen-{id}" if self.settings.store.kind == "embedded"
-                        else f"{self.settings.store.collection}-gen-{{id}}")
-            gen = self.manifest.create_generation(
-                emb.model_name, emb.model_id, emb.dim, location, "active")
-            self.generation = gen
+            self.generation = self.manifest.create_generation(
+                emb.model_name, emb.model_id, emb.dim, self._location(emb), "active")
+            self.manifest.set_meta("config_model", self.settings.model)
         return self.generation
+
+    def _location(self, emb: Any) -> str | Callable[[int], str]:
+        if self.settings.store.kind == "embedded":
+            return "shards/gen-{id}"
+        from repd.adapters.store_server import collection_for
+
+        base = self.settings.store.collection
+        return lambda gen_id: collection_for(base, emb.model_name, emb.model_id, gen_id)
+
+    def create_generation(self, emb: Any) -> GenerationHandle:
+        """A new building generation for ``emb``'s model, its store created empty."""
+        row = self.manifest.create_generation(emb.model_name, emb.model_id, emb.dim,
+                                              self._location(emb), "building")
+        try:
+            store = self._open_store(row, alias=False)
+        except BaseException:
+            self.manifest.delete_generation(row.id)
+            raise
+        return GenerationHandle(row, store, lambda: emb)
+
+    def open_generation(self, row: Generation, embedder: Any = None) -> GenerationHandle:
+        """A handle on an existing generation; its model loads on first use."""
+        store = self._open_store(row, alias=row.state == "active")
+
+        def load() -> Any:
+            return embedder if embedder is not None else self.load_model(row.model_name)
+        return GenerationHandle(row, store, load)
+
+    def drop_generation(self, handle: GenerationHandle) -> None:
+        """Delete a generation for good: its store's data, then its manifest rows."""
+        try:
+            handle.store.drop()
+        except StoreError as exc:
+            raise EngineError(f"could not delete generation {handle.id}'s store: {exc}") from None
+        self.manifest.delete_generation(handle.id)
+
+    def point_alias(self, handle: GenerationHandle) -> None:
+        """On a Qdrant server: move the collection alias to ``handle`` (at a switch)."""
+        if self.settings.store.kind != "server":
+            return
+        from repd.adapters.store_server import set_alias
+
+        client = getattr(handle.store, "_client", None)
+        if client is None:
+            return
+        try:
+            set_alias(client, self.settings.store.collection, self._resolved(handle.row))
+        except StoreError as exc:
+            raise EngineError(str(exc)) from None
 
     @property
     def store(self) -> Store:
         """The active generation's store, opened on first use."""
-        if self._store is None:
+        return self._active_handle().store
+
+    def _active_handle(self) -> GenerationHandle:
+        handle = self.generations.active
+        if handle is None:
             gen = self.generation
             if gen is None:
                 raise EngineError("nothing is indexed yet: run `repd index PATH` first")
-            self._store = self._open_store(gen)
-        return self._store
+            store = self._store if self._store is not None else self._open_store(gen)
+            self._store = None  # the handle owns it now
+            handle = GenerationHandle(gen, store, self.embedder)
+            self.generations.publish(active=handle)
+        return handle
 
-    def _open_store(self, gen: Generation) -> Store:
-        location = gen.location.replace("{id}", str(gen.id))
+    @staticmethod
+    def _resolved(gen: Generation) -> str:
+        return gen.location.replace("{id}", str(gen.id))
+
+    def _open_store(self, gen: Generation, *, alias: bool = True) -> Store:
+        location = self._resolved(gen)
         try:
             if self.settings.store.kind == "embedded":
                 from repd.adapters.store_edge import EdgeStore
@@ -266,17 +349,29 @@ class Engine:
             client = QdrantClient(url=self.settings.store.url,
                                   api_key=key.get_secret_value() if key else None)
             store = ServerStore(client, location, gen.dim, owns_client=True)
-            set_alias(client, self.settings.store.collection, location)
+            if alias and self.writer:
+                # A no-op when the alias already points here: it moves only at a switch
+                # (or here, after a crash between the switch's commit and the move).
+                set_alias(client, self.settings.store.collection, location)
             return store
         except StoreError as exc:
             raise EngineError(str(exc)) from None
 
-    def indexer(self) -> Indexer:
-        """An indexer writing into the active generation (created if needed)."""
-        self.check_model_setting()
-        gen = self.ensure_generation()
-        indexer = Indexer(self.manifest, self.store, gen, self.embedder,
-                          self.settings.max_file_bytes)
+    def indexer(self, *, daemon: bool = False) -> Indexer:
+        """An indexer writing into the active generation (created if needed) and, in the
+        daemon, into the generation a migration is building."""
+        if not daemon:
+            self.check_model_setting()
+        else:
+            # The daemon serves the old index with changed weights while it migrates.
+            self._strict_identity = False
+        self.ensure_generation()
+        self._active_handle()
+        if daemon:
+            for row in self.manifest.generations():
+                if row.state == "building" and self.generations.view.building is None:
+                    self.generations.publish(building=self.open_generation(row))
+        indexer = Indexer(self.manifest, self.generations, self.settings.max_file_bytes)
         indexer.configure(self.settings)
         return indexer
 
@@ -299,13 +394,15 @@ class Engine:
 
     def embed_query(self, text: str) -> list[float]:
         """The query's vector under the active generation's model."""
-        vec = self.embedder().embed([text])[0]
-        return [float(x) for x in vec]
+        return self._active_handle().embed_query(text)
 
     @property
     def loaded_embedder(self) -> Any:
-        """The model if it is loaded, else None (never loads it)."""
-        return self._embedder
+        """The active generation's model if it is loaded, else None (never loads it)."""
+        handle = self.generations.active
+        loaded = handle.loaded_embedder if handle is not None else None
+        # The first active handle loads through ``embedder()``, which keeps its own copy.
+        return loaded if loaded is not None else self._embedder
 
     def update_settings(self, settings: Settings) -> None:
         """Take reloaded settings; ignore rules are rebuilt from them on next use."""
@@ -336,6 +433,7 @@ class Engine:
     def close(self) -> None:
         """Release the store, the manifest and the data-folder lock (idempotent)."""
         try:
+            self.generations.close()
             if self._store is not None:
                 store, self._store = self._store, None
                 store.close()

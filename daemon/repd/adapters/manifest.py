@@ -13,7 +13,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +23,7 @@ import numpy as np
 
 from repd.core.identity import StatSig
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Next to the manifest: one small JSON file per generation (model identity, vector size,
 #: store location), so a damaged manifest can be rebuilt from the store it describes.
 GENERATIONS_DIR = "generations"
@@ -67,6 +67,13 @@ CREATE TABLE IF NOT EXISTS chunks (
     PRIMARY KEY (gen_id, file_id, ordinal)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_file ON chunks (file_id);
+CREATE TABLE IF NOT EXISTS gen_files (
+    gen_id INTEGER NOT NULL,
+    file_id INTEGER NOT NULL,
+    content_hash TEXT,
+    state TEXT NOT NULL CHECK (state IN ('indexed', 'skipped', 'failed', 'dirty')),
+    PRIMARY KEY (gen_id, file_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS vectors (
     model_id TEXT NOT NULL,
     hash TEXT NOT NULL,
@@ -122,6 +129,7 @@ class Generation:
     state: str
     created_at: float
     cursor: str | None
+    activated_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +151,7 @@ def _file_row(r: sqlite3.Row) -> FileRow:
 
 def _gen_row(r: sqlite3.Row) -> Generation:
     return Generation(r["id"], r["model_name"], r["model_id"], r["dim"], r["location"],
-                      r["state"], r["created_at"], r["cursor"])
+                      r["state"], r["created_at"], r["cursor"], r["activated_at"])
 
 
 class ManifestError(Exception):
@@ -224,8 +232,17 @@ class Manifest:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self._db.execute(stmt)
+            found = self._db.execute(
+                "SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if found is not None and int(found[0]) < 2:
+                # Version 1 had no per-generation file state: the active generation held
+                # exactly what the files table says.
+                self._db.execute(
+                    "INSERT OR IGNORE INTO gen_files (gen_id, file_id, content_hash, state)"
+                    " SELECT g.id, f.id, f.content_hash, f.state FROM files f, generations g"
+                    " WHERE g.state='active'")
             self._db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
 
@@ -279,17 +296,25 @@ class Manifest:
         """Every generation, oldest first."""
         return [_gen_row(r) for r in self._query("SELECT * FROM generations ORDER BY id")]
 
-    def create_generation(self, model_name: str, model_id: str, dim: int, location: str,
-                          state: str) -> Generation:
-        """Record a new generation."""
+    def create_generation(self, model_name: str, model_id: str, dim: int,
+                          location: str | Callable[[int], str], state: str) -> Generation:
+        """Record a new generation; ``location`` may depend on its id (a template with
+        ``{id}``, or a function of the id). Ids are never reused, even after a prune."""
         with self.transaction() as db:
-            cur = db.execute(
-                "INSERT INTO generations (model_name, model_id, dim, location, state, created_at,"
-                " activated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (model_name, model_id, dim, location, state, time.time(),
-                 time.time() if state == "active" else None),
+            high = db.execute("SELECT value FROM meta WHERE key='last_generation_id'").fetchone()
+            top = db.execute("SELECT COALESCE(MAX(id), 0) FROM generations").fetchone()[0]
+            gen_id = max(int(top), int(high[0]) if high else 0) + 1
+            where = location(gen_id) if callable(location) else location.replace("{id}",
+                                                                                 str(gen_id))
+            now = time.time()
+            db.execute(
+                "INSERT INTO generations (id, model_name, model_id, dim, location, state,"
+                " created_at, activated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (gen_id, model_name, model_id, dim, where, state, now,
+                 now if state == "active" else None),
             )
-            gen_id = int(cur.lastrowid or 0)
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_generation_id', ?)",
+                       (str(gen_id),))
         gen = next(g for g in self.generations() if g.id == gen_id)
         self._record_generation(gen)
         return gen
@@ -305,6 +330,54 @@ class Manifest:
             )
         self._record_generation(gen)
         return next(g for g in self.generations() if g.id == gen.id)
+
+    def generation(self, gen_id: int) -> Generation | None:
+        """One generation by id."""
+        rows = self._query("SELECT * FROM generations WHERE id=?", (gen_id,))
+        return _gen_row(rows[0]) if rows else None
+
+    def switch_generations(self, new_active: int, old_active: int | None) -> None:
+        """Make ``new_active`` the active generation and retire ``old_active``, atomically."""
+        with self.transaction() as db:
+            if old_active is not None:
+                db.execute("UPDATE generations SET state='retired' WHERE id=?", (old_active,))
+            db.execute("UPDATE generations SET state='active', activated_at=?, cursor=NULL"
+                       " WHERE id=?", (time.time(), new_active))
+        for gen in self.generations():
+            if gen.id in (new_active, old_active):
+                self._record_generation(gen)
+
+    @staticmethod
+    def set_cursor(db: sqlite3.Connection, gen_id: int, cursor: str | None) -> None:
+        """Save a backfill's position inside a caller's transaction (with what it wrote)."""
+        db.execute("UPDATE generations SET cursor=? WHERE id=?", (cursor, gen_id))
+
+    def delete_generation(self, gen_id: int) -> None:
+        """Forget a generation: its rows, intents and record, and the vectors only it used."""
+        gen = self.generation(gen_id)
+        if gen is None:
+            return
+        with self.transaction() as db:
+            db.execute("DELETE FROM chunks WHERE gen_id=?", (gen_id,))
+            db.execute("DELETE FROM gen_files WHERE gen_id=?", (gen_id,))
+            db.execute("DELETE FROM intents WHERE gen_id=?", (gen_id,))
+            db.execute("DELETE FROM generations WHERE id=?", (gen_id,))
+            others = db.execute("SELECT COUNT(*) FROM generations WHERE model_id=?",
+                                (gen.model_id,)).fetchone()[0]
+            if not others:
+                db.execute("DELETE FROM vectors WHERE model_id=?", (gen.model_id,))
+        with contextlib.suppress(OSError):
+            (self.path.parent / GENERATIONS_DIR / f"{gen_id}.json").unlink()
+
+    def get_meta(self, key: str) -> str | None:
+        """A value kept in the manifest's meta table."""
+        rows = self._query("SELECT value FROM meta WHERE key=?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Keep a value in the meta table."""
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def _record_generation(self, gen: Generation) -> None:
         # Best effort: the record only matters if the manifest is ever lost, and a
@@ -494,9 +567,100 @@ class Manifest:
 
     @staticmethod
     def delete_file(db: sqlite3.Connection, file_id: int) -> None:
-        """Remove a file and all its chunks, inside a caller's transaction."""
-        db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
+        """Remove a file's row, inside a caller's transaction.
+
+        Its chunk rows are removed per generation by :meth:`drop_gen_file`, for the
+        generations the deletion was written to: a retired generation keeps them (its
+        store still holds those points) until a rollback brings it up to date.
+        """
         db.execute("DELETE FROM files WHERE id=?", (file_id,))
+
+    @staticmethod
+    def drop_gen_file(db: sqlite3.Connection, gen_id: int, file_id: int) -> None:
+        """Forget what a generation holds of a file, inside a caller's transaction."""
+        db.execute("DELETE FROM chunks WHERE gen_id=? AND file_id=?", (gen_id, file_id))
+        db.execute("DELETE FROM gen_files WHERE gen_id=? AND file_id=?", (gen_id, file_id))
+
+    @staticmethod
+    def set_gen_file(db: sqlite3.Connection, gen_id: int, file_id: int,
+                     content_hash: str | None, state: str) -> None:
+        """Record which content of a file a generation's chunks hold (caller's transaction)."""
+        db.execute("INSERT OR REPLACE INTO gen_files (gen_id, file_id, content_hash, state)"
+                   " VALUES (?,?,?,?)", (gen_id, file_id, content_hash, state))
+
+    def files_to_backfill(self, gen_id: int, after_id: int, limit: int) -> list[FileRow]:
+        """Indexed files, by id after ``after_id``, whose content the generation lacks.
+
+        A file the generation holds in another version, or marked dirty there, is listed;
+        one it failed on or skipped (same content, say more chunks than the limit with
+        its tokenizer) is not: the gate reports it.
+        """
+        rows = self._query(
+            "SELECT f.* FROM files f WHERE f.state='indexed' AND f.id>? AND NOT EXISTS"
+            " (SELECT 1 FROM gen_files g WHERE g.gen_id=? AND g.file_id=f.id"
+            "  AND g.content_hash IS f.content_hash AND g.state != 'dirty')"
+            " ORDER BY f.id LIMIT ?", (after_id, gen_id, limit))
+        return [_file_row(r) for r in rows]
+
+    def files_to_clear(self, gen_id: int, limit: int) -> list[int]:
+        """File ids whose chunks a generation holds although the file is not indexed
+        (deleted, skipped or failed since the generation last saw it)."""
+        rows = self._query(
+            "SELECT DISTINCT c.file_id FROM chunks c WHERE c.gen_id=? AND NOT EXISTS"
+            " (SELECT 1 FROM files f WHERE f.id=c.file_id AND f.state='indexed')"
+            " ORDER BY c.file_id LIMIT ?", (gen_id, limit))
+        return [int(r[0]) for r in rows]
+
+    def sync_counts(self, gen_id: int) -> dict[str, int]:
+        """How far a generation is from the files table: indexed files, files it lacks,
+        files it failed or skipped, files it holds that are not indexed, files marked
+        dirty."""
+        q = self._query
+        indexed = int(q("SELECT COUNT(*) FROM files WHERE state='indexed'")[0][0])
+        missing = int(q(
+            "SELECT COUNT(*) FROM files f WHERE f.state='indexed' AND NOT EXISTS"
+            " (SELECT 1 FROM gen_files g WHERE g.gen_id=? AND g.file_id=f.id"
+            "  AND g.content_hash IS f.content_hash AND g.state != 'dirty')",
+            (gen_id,))[0][0])
+        failed = int(q(
+            "SELECT COUNT(*) FROM gen_files g JOIN files f ON f.id=g.file_id WHERE g.gen_id=?"
+            " AND g.state IN ('failed', 'skipped') AND f.state='indexed'", (gen_id,))[0][0])
+        extra = int(q(
+            "SELECT COUNT(DISTINCT c.file_id) FROM chunks c WHERE c.gen_id=? AND NOT EXISTS"
+            " (SELECT 1 FROM files f WHERE f.id=c.file_id AND f.state='indexed')",
+            (gen_id,))[0][0])
+        dirty = int(q("SELECT COUNT(*) FROM files WHERE state='dirty'")[0][0])
+        return {"indexed": indexed, "missing": missing, "failed": failed, "extra": extra,
+                "dirty": dirty}
+
+    def chunk_counts(self, gen_id: int, file_ids: Sequence[int]) -> dict[int, int]:
+        """Chunks per file under a generation (files without chunks are left out)."""
+        out: dict[int, int] = {}
+        for i in range(0, len(file_ids), 500):
+            part = list(file_ids[i:i + 500])
+            marks = ",".join("?" * len(part))
+            out.update((int(r[0]), int(r[1])) for r in self._query(
+                f"SELECT file_id, COUNT(*) FROM chunks WHERE gen_id=? AND file_id IN ({marks})"
+                " GROUP BY file_id", (gen_id, *part)))
+        return out
+
+    def sample_points(self, gen_id: int, n: int) -> list[str]:
+        """Up to ``n`` point ids of a generation, at random (the gate's sample queries)."""
+        return [str(r[0]) for r in self._query(
+            "SELECT point_id FROM chunks WHERE gen_id=? ORDER BY random() LIMIT ?", (gen_id, n))]
+
+    def mark_for_reindex(self, file_ids: Sequence[int]) -> None:
+        """Make the next scan index these files again even if stat and content match
+        (a generation made active again lacks their latest content). Chunk rows stay:
+        the rewrite diffs against them, so stale points are deleted."""
+        with self.transaction() as db:
+            db.executemany("UPDATE files SET state='dirty', size=-1 WHERE id=?",
+                           [(fid,) for fid in file_ids])
+
+    def file_by_id(self, file_id: int) -> FileRow | None:
+        """A file's row by id."""
+        rows = self._query("SELECT * FROM files WHERE id=?", (file_id,))
+        return _file_row(rows[0]) if rows else None
 
     def forget_hashes(self, root: str, prefix: str = "") -> int:
         """Make the next scan re-read and re-chunk files (their points stay until then).
@@ -521,11 +685,18 @@ class Manifest:
             return int(cur.rowcount or 0)
 
     @staticmethod
-    def mark_dirty(db: sqlite3.Connection, file_id: int) -> None:
-        """Forget a file's chunks and content so the next scan indexes it afresh."""
-        db.execute("DELETE FROM chunks WHERE file_id=?", (file_id,))
-        db.execute("UPDATE files SET state='dirty', content_hash=NULL, size=-1 WHERE id=?",
-                   (file_id,))
+    def mark_dirty(db: sqlite3.Connection, gen_id: int, file_id: int, *, primary: bool) -> None:
+        """Forget a generation's chunks of a file, whose points were removed or lost.
+
+        For the active generation (``primary``) the file row is marked too, so the next
+        scan indexes it afresh; a building generation's backfill finds it by itself.
+        """
+        db.execute("DELETE FROM chunks WHERE gen_id=? AND file_id=?", (gen_id, file_id))
+        db.execute("INSERT OR REPLACE INTO gen_files (gen_id, file_id, content_hash, state)"
+                   " VALUES (?, ?, NULL, 'dirty')", (gen_id, file_id))
+        if primary:
+            db.execute("UPDATE files SET state='dirty', content_hash=NULL, size=-1 WHERE id=?",
+                       (file_id,))
 
 
 def recorded_generations(data_dir: Path) -> list[Generation]:
@@ -542,7 +713,8 @@ def recorded_generations(data_dir: Path) -> list[Generation]:
             out.append(Generation(int(data["id"]), str(data["model_name"]),
                                   str(data["model_id"]), int(data["dim"]),
                                   str(data["location"]), str(data["state"]),
-                                  float(data["created_at"]), data.get("cursor")))
+                                  float(data["created_at"]), data.get("cursor"),
+                                  data.get("activated_at")))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return sorted(out, key=lambda g: g.id)

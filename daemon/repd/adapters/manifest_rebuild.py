@@ -109,6 +109,7 @@ def rebuild_from_store(manifest: Manifest, store: Store, gen: Generation) -> Reb
             Manifest.replace_chunks(db, gen.id, fid, [
                 ChunkRow(p.ordinal, p.chunk_hash, p.id, p.start_line, p.end_line)
                 for p in points])
+            Manifest.set_gen_file(db, gen.id, fid, points[0].file_hash, "indexed")
             stats.files += 1
             stats.chunks += len(points)
     return stats

@@ -219,6 +219,17 @@ class ChangeQueue:
             self._inflight = max(0, self._inflight - n)
 
     # --- consumer ----------------------------------------------------------------------
+    def has_ready(self) -> bool:
+        """True when :meth:`get_ready` would hand out work now (a backfill yields to it)."""
+        with self._cond:
+            if self._closed:
+                return False
+            now = self._clock()
+            if any(now >= e.last_seen + self.debounce or now >= e.first_seen + self.max_delay
+                   for e in self._scans.values()):
+                return True
+            return bool(self._due(now, 1))
+
     def get_ready(self, max_items: int, timeout: float) -> list[Change]:
         """Up to ``max_items`` ready changes, waiting up to ``timeout`` s; [] on timeout/close."""
         deadline = self._clock() + max(0.0, timeout)

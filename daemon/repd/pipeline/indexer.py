@@ -1,15 +1,11 @@
-"""The indexing engine: finds what changed, embeds only new chunk texts, writes crash-safely.
+"""The indexing engine: finds what changed, embeds only new chunk texts, hands them to the writer.
 
-Write order for a group of files (the crash-safety invariant, docs/architecture.md):
-  0. embed the texts no cached vector covers, in slices, each slice's vectors committed
-     to the vector cache as soon as it is done;
-  1. one transaction: record an intent per file naming every point id the write may
-     touch (old and new);
-  2. upsert the new points; delete the points no longer wanted; flush once;
-  3. one transaction: commit the files' rows and chunk rows and clear their intents.
-A crash anywhere leaves intents; ``recover`` deletes every point they name, forgets the
-files' chunks and marks them dirty, and the next scan rebuilds them from the vector
-cache (no embedding), so the store ends up exactly as a fresh index would.
+For a group of changed files: plan each (read, hash, extract, chunk), then for every
+generation being written (the active one and, during a migration, the building one)
+embed the texts no cached vector covers, in slices, each slice's vectors committed to
+the vector cache as soon as it is done; then :mod:`repd.pipeline.writer` writes the
+group into every generation crash-safely (intents, upsert, delete, flush, commit). The
+backfill of a migration uses the same steps for one generation (:meth:`Indexer.backfill`).
 """
 
 from __future__ import annotations
@@ -17,25 +13,26 @@ from __future__ import annotations
 import stat as stat_mod
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from repd.adapters.manifest import ChunkRow, FileRow, Generation, Manifest
+from repd.adapters.manifest import FileRow, Generation, Manifest
 from repd.adapters.store import Store
-from repd.core.faults import crashpoint
 from repd.core.identity import StatSig, is_racy, stored_path
 from repd.core.ignore import IgnoreRules
 from repd.core.secrets import SecretPolicy
-from repd.core.types import PointRecord
 from repd.errors import TransientError, is_transient
 from repd.log import get_logger
+from repd.pipeline import writer
+from repd.pipeline.generations import EmbedderLike, GenerationHandle, Generations
 from repd.pipeline.plan import ZERO_SIG, FilePlan, Planner
 from repd.pipeline.scanner import contained, walk
+from repd.pipeline.stats import RunStats
+
+__all__ = ["Indexer", "Interrupted", "RunStats", "Yielded"]
 
 if TYPE_CHECKING:
     from repd.settings import Settings
@@ -65,45 +62,8 @@ class Interrupted(Exception):  # noqa: N818 (a signal, not an error)
     """Raised between embedding slices when a stop was asked for; nothing half written."""
 
 
-class EmbedderLike(Protocol):
-    """What the engine needs of the embedder."""
-
-    model_id: str
-    max_tokens: int
-
-    def count_tokens(self, texts: list[str]) -> list[int]: ...
-    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
-
-
-@dataclass
-class RunStats:
-    """What one scan or batch did, for the CLI summary and the daemon's status."""
-
-    seen: int = 0
-    indexed: int = 0
-    unchanged: int = 0
-    deleted: int = 0
-    failed: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
-    chunks_embedded: int = 0
-    chunks_reused: int = 0
-    points_written: int = 0
-    points_deleted: int = 0
-    seconds: float = 0.0
-
-    def add(self, other: RunStats) -> None:
-        """Accumulate another run's figures."""
-        for name in ("seen", "indexed", "unchanged", "deleted", "failed", "chunks_embedded",
-                     "chunks_reused", "points_written", "points_deleted"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.skipped.update(other.skipped)
-        self.seconds += other.seconds
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly form."""
-        d = {k: v for k, v in self.__dict__.items() if k != "skipped"}
-        d["skipped"] = dict(self.skipped)
-        return d
+class Yielded(Interrupted):
+    """Raised between a backfill's embedding slices when live work waits: it goes first."""
 
 
 Progress = Callable[[float, int, RunStats], None]
@@ -112,16 +72,14 @@ Progress = Callable[[float, int, RunStats], None]
 class Indexer:
     """Owns the path from changed files to durable points for one generation."""
 
-    def __init__(self, manifest: Manifest, store: Store, generation: Generation,
-                 embedder: Callable[[], EmbedderLike], max_file_bytes: int,
+    def __init__(self, manifest: Manifest, generations: Generations, max_file_bytes: int,
                  follow_symlinks: bool = False) -> None:
         self.manifest = manifest
-        self.store = store
-        self.generation = generation
-        self._embedder_factory = embedder
-        self._embedder: EmbedderLike | None = None
+        self.generations = generations
         self._follow = follow_symlinks
         self.planner = Planner(max_file_bytes, self._tokenizer, follow_symlinks=follow_symlinks)
+        # Planners of generations whose model cuts text differently (keyed by generation).
+        self._planners: dict[int, Planner] = {}
         self.stage = "idle"  # what the engine is doing right now, for status
         self.group_chunks = GROUP_CHUNKS
         # One-shot runs build HNSW as they go; the daemon does it when idle instead.
@@ -144,6 +102,26 @@ class Indexer:
         self.failed_in_a_row = 0
         self.last_failure: str | None = None
         self._lock = threading.Lock()  # one group is written at a time
+
+    # -- the active generation (what one-shot commands and status read) ------------------
+
+    @property
+    def active(self) -> GenerationHandle:
+        """The generation that answers queries."""
+        handle = self.generations.active
+        if handle is None:
+            raise RuntimeError("the indexer has no active generation")
+        return handle
+
+    @property
+    def generation(self) -> Generation:
+        """The active generation's manifest row."""
+        return self.active.row
+
+    @property
+    def store(self) -> Store:
+        """The active generation's store."""
+        return self.active.store
 
     @property
     def follow_symlinks(self) -> bool:
@@ -170,57 +148,44 @@ class Indexer:
 
     @property
     def embedder(self) -> EmbedderLike:
-        """The embedder, loaded on first use."""
-        if self._embedder is None:
-            self._embedder = self._embedder_factory()
-        return self._embedder
+        """The active generation's embedder, loaded on first use."""
+        return self.active.embedder
 
     def _tokenizer(self) -> tuple[Callable[[list[str]], list[int]], int]:
         emb = self.embedder
         return emb.count_tokens, emb.max_tokens
 
+    def _planner_for(self, handle: GenerationHandle) -> Planner:
+        """A planner that chunks with ``handle``'s model, set up like the main one."""
+        planner = self._planners.get(handle.id)
+        if planner is None:
+            def tokenizer() -> tuple[Callable[[list[str]], list[int]], int]:
+                return handle.embedder.count_tokens, handle.embedder.max_tokens
+            planner = self._planners[handle.id] = Planner(self.planner.max_file_bytes, tokenizer)
+        planner.max_file_bytes = self.planner.max_file_bytes
+        planner.secrets = self.planner.secrets
+        planner.follow_symlinks = self.planner.follow_symlinks
+        planner.allowed_roots = self.planner.allowed_roots
+        return planner
+
     # -- recovery ------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """Undo every write a crash left half done; returns the number of files affected.
-
-        Also checks that the store holds exactly the manifest's points, and repairs it
-        when it does not (deleting orphans, marking files whose points went missing).
-        """
-        intents = [i for i in self.manifest.intents() if i.gen_id == self.generation.id]
-        if intents:
-            ids = sorted({pid for i in intents for pid in i.point_ids})
-            self.store.delete(ids)
-            self.store.flush()
-            with self.manifest.transaction() as db:
-                for it in intents:
-                    row = db.execute("SELECT id FROM files WHERE root=? AND path=?",
-                                     (it.root, it.path)).fetchone()
-                    if row is not None:
-                        Manifest.mark_dirty(db, int(row[0]))
-                Manifest.clear_intents(db, [i.id for i in intents])
-            log.warning("recovered_interrupted_writes", files=len(intents), points=len(ids))
-        if intents or self.store.count() != self.manifest.chunk_count(self.generation.id):
-            self.verify_store()
-        return len(intents)
+        """Undo every write a crash left half done, in every generation being written;
+        returns the number of (generation, file) writes undone. Also checks that each
+        store holds exactly the manifest's points, and repairs it when it does not."""
+        active = self.generations.active
+        return sum(writer.recover(self.manifest, h, primary=h is active)
+                   for h in self.generations.view.writing())
 
     def verify_store(self) -> tuple[int, int]:
-        """Make the store's point ids equal the manifest's: (orphans deleted, files marked)."""
-        wanted = self.manifest.point_ids(self.generation.id)
-        present = set(self.store.iter_ids())
-        orphans = sorted(present - wanted)
-        if orphans:
-            self.store.delete(orphans)
-            self.store.flush()
-        missing = wanted - present
-        files = self.manifest.files_with_points(self.generation.id, missing) if missing else set()
-        if files:
-            with self.manifest.transaction() as db:
-                for fid in files:
-                    Manifest.mark_dirty(db, fid)
-        if orphans or files:
-            log.warning("store_repaired", orphans_deleted=len(orphans), files_marked=len(files))
-        return len(orphans), len(files)
+        """Make each store's point ids equal the manifest's: (orphans deleted, files marked)."""
+        active = self.generations.active
+        orphans = files = 0
+        for h in self.generations.view.writing():
+            o, f = writer.verify(self.manifest, h, primary=h is active)
+            orphans, files = orphans + o, files + f
+        return orphans, files
 
     # -- scanning ------------------------------------------------------------------------
 
@@ -383,7 +348,8 @@ class Indexer:
 
     def prune_vector_cache(self, keep_unreferenced: int = VECTOR_CACHE_SPARE) -> int:
         """Bound the cache of vectors no chunk uses any more (kept for undo and moves)."""
-        return self.manifest.prune_vectors(self.generation.model_id, keep_unreferenced)
+        return sum(self.manifest.prune_vectors(h.model_id, keep_unreferenced)
+                   for h in self.generations.view.writing())
 
     def drop_root(self, root: Path) -> RunStats:
         """Remove every file of a root from the index (the root left the config)."""
@@ -519,16 +485,19 @@ class Indexer:
             finally:
                 self._set_stage("idle")  # whatever happened, status must not say "writing"
 
-    def _embed_missing(self, hashes: dict[str, str], missing: list[str],
-                       on_slice: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
+    def _embed_missing(self, handle: GenerationHandle, hashes: dict[str, str],
+                       missing: list[str], on_slice: Callable[[int, int], None] | None,
+                       should_yield: Callable[[], bool] | None = None,
+                       ) -> dict[str, np.ndarray]:
         """Embed ``missing`` in slices, caching each slice's vectors as soon as it is done.
 
-        Between slices: a heartbeat, progress, and a stop check. Vectors go to the cache
-        at once, so a stop, a crash or Ctrl-C loses at most the slice in flight: the next
-        run finds the rest in the cache and embeds nothing twice.
+        Between slices: a heartbeat, progress, and a stop check (and, for a backfill, a
+        check for live work waiting, which raises :class:`Yielded`). Vectors go to the
+        cache at once, so a stop, a crash or Ctrl-C loses at most the slice in flight:
+        the next run finds the rest in the cache and embeds nothing twice.
         """
         out: dict[str, np.ndarray] = {}
-        model_id = self.embedder.model_id
+        emb = handle.embedder
         step = max(1, self.embed_slice)
         # Longest first across the whole group, so each slice holds texts of like length
         # and the embedder's batches stay nearly free of padding.
@@ -536,126 +505,155 @@ class Indexer:
         for i in range(0, len(missing), step):
             if self.should_stop():
                 raise Interrupted
+            if should_yield is not None and should_yield():
+                raise Yielded
             part = missing[i:i + step]
             self._set_stage("embedding")
             t0 = time.perf_counter()
-            embedded = self.embedder.embed([hashes[h] for h in part])
+            embedded = emb.embed([hashes[h] for h in part])
             rate = len(part) / max(time.perf_counter() - t0, 1e-6)
             self._embed_rate = rate if not self._embed_rate else 0.7 * self._embed_rate + 0.3 * rate
             fresh = list(zip(part, embedded, strict=True))
             with self.manifest.transaction() as db:
-                Manifest.put_vectors(db, model_id, fresh)
+                Manifest.put_vectors(db, emb.model_id, fresh)
             out.update(fresh)
             self.on_embedded(len(part))
             if on_slice is not None:
                 on_slice(i + len(part), len(missing))
         return out
 
+    def _vectors(self, handle: GenerationHandle, plans: Sequence[FilePlan], stats: RunStats,
+                 on_slice: Callable[[int, int], None] | None,
+                 should_yield: Callable[[], bool] | None = None) -> dict[str, np.ndarray]:
+        """Every chunk's vector under ``handle``'s model: from the cache, else embedded once."""
+        indexing = [p for p in plans if p.action == "index"]
+        if not indexing:
+            return {}
+        hashes = {c.hash: c.text for p in indexing for c in p.chunks}
+        vectors = self.manifest.vectors(handle.embedder.model_id, hashes)
+        missing = [h for h in hashes if h not in vectors]
+        if missing:
+            vectors.update(self._embed_missing(handle, hashes, missing, on_slice, should_yield))
+        n_chunks = sum(len(p.chunks) for p in indexing)
+        stats.chunks_embedded += len(missing)
+        stats.chunks_reused += n_chunks - len(missing)
+        return vectors
+
+    def _plans_for(self, handle: GenerationHandle, plans: list[FilePlan]) -> list[FilePlan]:
+        """The active generation's plans as another generation needs them: the same, or
+        the files to index cut again with its own model's tokenizer and limit."""
+        active = self.active
+        if handle is active or handle.chunking_key() == active.chunking_key():
+            return plans
+        planner = self._planner_for(handle)
+        out: list[FilePlan] = []
+        for p in plans:
+            if p.action != "index":
+                out.append(p)
+                continue
+            try:
+                again = planner.plan(Path(p.root), p.relpath, None, None)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                again = FilePlan(p.root, p.relpath, p.sig, p.started_ns, "fail",
+                                 content_hash=p.content_hash, reason="index_error",
+                                 detail=f"{type(exc).__name__}: {exc}"[:500])
+            out.append(self._capped(again))
+        return out
+
     def _apply_locked(self, plans: list[FilePlan],
                       on_slice: Callable[[int, int], None] | None) -> RunStats:
         stats = RunStats()
-        gen = self.generation
-        root_rows: dict[tuple[str, str], FileRow | None] = {
+        rows: dict[tuple[str, str], FileRow | None] = {
             (p.root, p.relpath): self.manifest.file(p.root, p.relpath) for p in plans}
-        old_chunks: dict[tuple[str, str], list[ChunkRow]] = {}
-        for key, row in root_rows.items():
-            old_chunks[key] = self.manifest.chunks(gen.id, row.id) if row else []
-
-        # Vectors: reuse any known for the same text under this model, embed the rest once.
-        indexing = [p for p in plans if p.action == "index"]
-        vectors: dict[str, np.ndarray] = {}
-        if indexing:
-            model_id = self.embedder.model_id
-            hashes = {c.hash: c.text for p in indexing for c in p.chunks}
-            vectors = self.manifest.vectors(model_id, hashes)
-            missing = [h for h in hashes if h not in vectors]
-            n_chunks = sum(len(p.chunks) for p in indexing)
-            if missing:
-                vectors.update(self._embed_missing(hashes, missing, on_slice))
-            stats.chunks_embedded += len(missing)
-            stats.chunks_reused += n_chunks - len(missing)
+        writes: list[writer.GenWrite] = []
+        for i, handle in enumerate(self.generations.view.writing()):
+            gen_plans = self._plans_for(handle, plans)
+            # The progress bar follows the active generation's embedding only.
+            vectors = self._vectors(handle, gen_plans, stats, on_slice if i == 0 else None)
+            writes.append(writer.GenWrite(handle, gen_plans, vectors))
         if self.should_stop():
             raise Interrupted  # nothing written yet: the files stay as they were
         # Short of disk, Qdrant Edge dies of SIGBUS in its memory maps: check first.
         self.check_space()
-
         self._set_stage("writing")
-        points: list[PointRecord] = []
-        stale: list[str] = []
-        intents: list[tuple[FilePlan, list[str]]] = []
-        for p in plans:
-            if p.action == "touch":
-                continue
-            old_ids = [c.point_id for c in old_chunks[(p.root, p.relpath)]]
-            new_ids = p.point_ids if p.action == "index" else []
-            if old_ids or new_ids:
-                intents.append((p, old_ids + new_ids))
-            stale.extend(set(old_ids) - set(new_ids))
-            for c, pid in zip(p.chunks, new_ids, strict=True):
-                points.append(PointRecord(pid, vectors[c.hash].tolist(), {
-                    "root": p.root, "path": p.relpath, "ordinal": c.ordinal,
-                    "start_line": c.start_line, "end_line": c.end_line,
-                    "chunk_hash": c.hash, "file_hash": p.content_hash,
-                    "mtime_ns": p.sig.mtime_ns, "text": c.text}))
-
-        intent_ids: list[int] = []
-        with self.manifest.transaction() as db:
-            for p, ids in intents:
-                intent_ids.append(Manifest.add_intent(db, gen.id, p.root, p.relpath, ids))
-        crashpoint("intent")
-        if points:
-            self.store.upsert(points)
-        crashpoint("upsert")
-        if stale:
-            self.store.delete(stale)
-        crashpoint("delete")
-        if points or stale:
-            # The new points already answer queries; the flush's disk syncs hold the GIL
-            # (100-200 ms here), freezing every API thread. Readers first: a query in
-            # flight gets a moment to finish before the freeze.
-            self.before_flush()
-            # One flush for the group: the intents cover upserts and deletes alike, and
-            # nothing is marked done before this returns.
-            self.store.flush()
-        stats.points_written += len(points)
-        stats.points_deleted += len(stale)
-
-        with self.manifest.transaction() as db:
-            touched: list[tuple[int, StatSig, int]] = []
-            for p in plans:
-                row = root_rows[(p.root, p.relpath)]
-                if p.action == "touch" and row is not None:
-                    touched.append((row.id, p.sig, p.started_ns))
-                    stats.unchanged += 1
-                elif p.action == "delete":
-                    if row is not None:
-                        Manifest.delete_file(db, row.id)
-                        stats.deleted += 1
-                else:
-                    state = {"index": "indexed", "skip": "skipped", "fail": "failed"}[p.action]
-                    fid = Manifest.upsert_file(db, p.root, p.relpath, p.sig, p.content_hash,
-                                               state, p.reason, p.detail, p.started_ns)
-                    Manifest.replace_chunks(db, gen.id, fid, [
-                        ChunkRow(c.ordinal, c.hash, pid, c.start_line, c.end_line)
-                        for c, pid in zip(p.chunks, p.point_ids, strict=True)])
-                    if p.action == "index":
-                        stats.indexed += 1
-                        self.failed_in_a_row = 0
-                    elif p.action == "skip":
-                        stats.skipped[p.reason or "unknown"] += 1
-                    else:
-                        stats.failed += 1
-            db.executemany(
-                "UPDATE files SET size=?, mtime_ns=?, inode=?, ctime_ns=?, indexed_at_ns=?"
-                " WHERE id=?",
-                [(s.size, s.mtime_ns, s.inode, s.ctime_ns, at, fid) for fid, s, at in touched])
-            Manifest.clear_intents(db, intent_ids)
-        crashpoint("commit")
-        if points and self.build_index_inline:
+        written = writer.write_group(self.manifest, writes, primary=True, rows=rows,
+                                     before_flush=self.before_flush)
+        stats.add(written)
+        if written.indexed:
+            self.failed_in_a_row = 0
+        if written.points_written and self.build_index_inline:
             # Each build covers at most the store's threshold of new points, so the pause
             # (Edge holds the GIL while it builds HNSW) stays bounded.
             self._set_stage("indexing")
-            self.store.maybe_build_index()
+            for w in writes:
+                w.handle.store.maybe_build_index()
+        return stats
+
+    # -- backfill (a migration's new generation) -----------------------------------------
+
+    def backfill(self, handle: GenerationHandle, files: Sequence[FileRow],
+                 clear: Sequence[int], cursor: str | None,
+                 should_yield: Callable[[], bool],
+                 changed: list[tuple[str, str]] | None = None) -> RunStats:
+        """Write ``files`` (indexed files it lacks) into the building generation ``handle``,
+        and remove what it holds of the files in ``clear`` (no longer indexed).
+
+        Files are read and cut with the generation's own model; texts whose vector is
+        cached cost nothing. A file whose content is no longer the one the manifest
+        records is left out and named in ``changed`` (root, path): the live path must
+        index it into both generations. Raises :class:`Yielded` (nothing written,
+        vectors kept) when ``should_yield`` says live work waits. ``cursor`` is saved
+        with the rows.
+        """
+        with self._lock:
+            try:
+                return self._backfill_locked(handle, files, clear, cursor, should_yield,
+                                             changed if changed is not None else [])
+            finally:
+                self._set_stage("idle")
+
+    def _backfill_locked(self, handle: GenerationHandle, files: Sequence[FileRow],
+                         clear: Sequence[int], cursor: str | None,
+                         should_yield: Callable[[], bool],
+                         changed: list[tuple[str, str]]) -> RunStats:
+        stats = RunStats()
+        rows: dict[tuple[str, str], FileRow | None] = {}
+        plans: list[FilePlan] = []
+        for fid in clear:
+            row = self.manifest.file_by_id(fid)
+            key = (row.root, row.path) if row is not None else ("", f"(deleted file {fid})")
+            rows[key] = row or FileRow(fid, key[0], key[1], ZERO_SIG, None, "dirty", None,
+                                       None, 0)
+            plans.append(FilePlan(key[0], key[1], ZERO_SIG, time.time_ns(), "delete"))
+        planner = self._planner_for(handle)
+        self._set_stage("planning")
+        for row in files:
+            rows[(row.root, row.path)] = row
+            try:
+                plan = planner.plan(Path(row.root), row.path, None, None)
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                plan = FilePlan(row.root, row.path, row.sig, time.time_ns(), "fail",
+                                content_hash=row.content_hash, reason="index_error",
+                                detail=f"{type(exc).__name__}: {exc}"[:500])
+            if plan.action in ("delete", "touch") or plan.content_hash != row.content_hash:
+                # Gone, unreadable or edited since the manifest recorded it: the live path
+                # indexes it into both generations (a lost event would loop here forever).
+                changed.append((row.root, row.path))
+                continue
+            plans.append(self._capped(plan))
+        vectors = self._vectors(handle, plans, stats, None, should_yield)
+        if should_yield():
+            raise Yielded
+        self.check_space()
+        self._set_stage("writing")
+        gen_cursor = (handle.id, cursor) if cursor is not None else None
+        stats.add(writer.write_group(self.manifest, [writer.GenWrite(handle, plans, vectors)],
+                                     primary=False, rows=rows, before_flush=self.before_flush,
+                                     cursor=gen_cursor))
         return stats
 
 

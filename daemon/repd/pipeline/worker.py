@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from repd.core.ignore import IgnoreRules
 from repd.errors import DiskFullError
 from repd.log import get_logger
 from repd.pipeline.changes import ChangeQueue
-from repd.pipeline.indexer import Indexer, Interrupted, RunStats
+from repd.pipeline.indexer import Indexer, Interrupted, RunStats, Yielded
 
 log = get_logger("worker")
 
@@ -158,6 +159,10 @@ class IndexWorker:
         self._space_at = 0.0
         self._space_ok = True
         self.snapshot = WorkerSnapshot()
+        #: Work done when no live change is ready (a migration's backfill): called with a
+        #: check for live work waiting; returns True while it has more to do.
+        self.background: Callable[[Callable[[], bool]], bool] | None = None
+        self._background_due = True
         indexer.group_chunks = DAEMON_GROUP_CHUNKS
         indexer.group_seconds = DAEMON_GROUP_SECONDS
         indexer.build_index_inline = False
@@ -196,6 +201,19 @@ class IndexWorker:
         """Run ``fn`` on the worker thread before the next unit of work."""
         self._inbox.append((name, fn))
 
+    def call(self, name: str, fn: Callable[[], Any], timeout: float) -> Any:
+        """Run ``fn`` on the worker thread and wait for its result (or its exception)."""
+        fut: Future[Any] = Future()
+
+        def run() -> None:
+            # Every outcome goes to the caller: a command is never retried behind its back.
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:
+                fut.set_exception(exc)
+        self.submit(name, run)
+        return fut.result(timeout)
+
     def drop_root(self, root: Path) -> None:
         """Forget a root's files (it left the config)."""
         self.submit("drop_root", lambda: self.indexer.drop_root(root))
@@ -222,12 +240,16 @@ class IndexWorker:
             if not self._has_space():
                 self._stop.wait(0.5)
                 continue
-            changes = self.queue.get_ready(max_items=256, timeout=0.5)
+            # With background work waiting, only glance at the queue: live work first.
+            wait = 0.0 if self.background is not None and self._background_due else 0.5
+            changes = self.queue.get_ready(max_items=256, timeout=wait)
             if changes and self.paused.is_set():
                 # Paused while waiting for work: nothing may be indexed; put it back.
                 self._requeue([_Unit(ch.root, scan=ch.relpath) if ch.kind == "scan"
                                else _Unit(ch.root, paths=(ch.relpath,)) for ch in changes])
                 self.queue.task_done(len(changes))
+                continue
+            if not changes and self._run_background():
                 continue
             if not changes:
                 # Counts are refreshed when work was done since, or now and then anyway.
@@ -301,6 +323,27 @@ class IndexWorker:
                 self._inbox.appendleft((name, fn))
                 self._failed(exc, [])
                 return
+
+    def _run_background(self) -> bool:
+        """One step of background work; True when the loop should come straight back."""
+        if self.background is None:
+            return False
+        try:
+            self._background_due = self.background(self.queue.has_ready)
+        except Yielded:
+            self._background_due = True
+            return True  # live work is ready: take it now
+        except Interrupted:
+            return False
+        except Exception as exc:
+            self._background_due = True
+            self._failed(exc, [])
+            return False
+        if self._background_due:
+            self._succeeded()
+            self._publish(busy=True, refresh=time.monotonic() - self._counts_at > COUNTS_EVERY_S)
+            return True
+        return False
 
     def _idle_work(self) -> None:
         try:
