@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from repd.adapters.sdnotify import Notifier, WatchdogGate
-from repd.adapters.store import Store
 from repd.api.server import ApiServer
 from repd.engine import Engine
 from repd.errors import ConfigError
 from repd.log import configure_logging, get_logger
 from repd.pipeline.changes import ChangeQueue
+from repd.pipeline.generations import Generations
+from repd.pipeline.migration import Migrations
 from repd.pipeline.supervisor import Supervisor
 from repd.pipeline.watcher import Watcher
 from repd.pipeline.worker import IndexWorker, disk_full_message
@@ -43,7 +44,8 @@ DAEMON_EMBED_SLICE = 128
 
 # Settings a reload applies at once; every other changed key logs "needs restart".
 _LIVE_KEYS = ("roots", "include", "exclude", "max_file_bytes", "max_chunks_per_file",
-              "batch_tokens", "disk_reserve_mb", "watch", "log_level", "allow_secrets")
+              "batch_tokens", "disk_reserve_mb", "watch", "log_level", "allow_secrets",
+              "model", "migration")
 
 
 class Daemon:
@@ -72,6 +74,8 @@ class Daemon:
         self.worker: IndexWorker | None = None
         self.engine: Engine | None = None
         self.api: ApiServer | None = None
+        #: Model upgrades (``repd model ...``); None until the daemon is ready.
+        self.models: Migrations | None = None
         self.queue = ChangeQueue.from_settings(self.settings.watch)
         self.service = DaemonService(self)
 
@@ -101,11 +105,10 @@ class Daemon:
         self.engine = Engine(self.settings, writer=True)
         # Tell processes that find the data folder held where to ask (removed on close).
         self.engine.announce(self.settings.api.socket)
-        indexer = self.engine.indexer()
+        indexer = self.engine.indexer(daemon=True)
         self.engine.embedder()  # READY means the model is loaded, not merely configured
         indexer.embed_slice = DAEMON_EMBED_SLICE
         indexer.allow_roots(self.roots)  # with follow_symlinks, links may lead into these
-        self.store: Store = self.engine.store
         self.phase = "recovering interrupted writes"
         recovered = indexer.recover()
         if recovered:
@@ -114,6 +117,11 @@ class Daemon:
                                   beat=lambda: self.gate.beat("indexer"),
                                   on_idle=self._on_idle, data_dir=self.settings.store.path,
                                   reserve_bytes=self.settings.disk_reserve_mb * 2**20)
+        # Model upgrades run on the worker thread: commands through its inbox, the
+        # backfill whenever no live change is ready.
+        self.models = Migrations(self.engine, indexer, self.queue, self.worker.call,
+                                 lambda: self.settings)
+        self.worker.background = self.models.background
         # Registered before the threads start: a crash in their first instant is pinned
         # on the right component, not lost as an unowned error. (The supervisor checks
         # only once start() has returned, so a worker not started yet is not "dead".)
@@ -129,6 +137,9 @@ class Daemon:
         self.gate.register("indexer")
         self.worker.start()
         self.gate.start()
+        # A changed `model` setting (or changed weights behind it) starts a migration; the
+        # new model loads on a thread of its own while the daemon serves.
+        self.models.follow_config()
         self.ready = True
         self.phase = "ready"
         self.notifier.ready(self._status_line())
@@ -193,6 +204,11 @@ class Daemon:
             self.queue.put_scan(root, "")
         self.worker.start()
 
+    @property
+    def generations(self) -> Generations | None:
+        """The open generations (which one answers queries); None before the engine opens."""
+        return self.engine.generations if self.engine is not None else None
+
     def _api_alive(self) -> bool:
         return self.api is None or self.api.alive()
 
@@ -241,6 +257,11 @@ class Daemon:
         snap = self.worker.snapshot
         if snap.problem:
             return snap.problem
+        mig = self.models.snapshot().migration if self.models is not None else None
+        if mig is not None and mig.state == "backfilling":
+            done = mig.files_done / mig.files_total if mig.files_total else 1.0
+            return (f"migrating to {mig.model_name}: {done:.0%} of {mig.files_total} files; "
+                    f"generation {mig.from_generation} answers")
         depth = self.queue.depth()
         pending = depth.get("paths", 0) + depth.get("scans", 0)
         if pending or snap.busy:
@@ -255,8 +276,10 @@ class Daemon:
         self._last_index_check = now
         self.worker.indexer.prune_vector_cache()
         # Building HNSW may hold the GIL for a while: tell the watchdog it is expected.
+        assert self.engine is not None
         with self.gate.grace(600):
-            self.store.maybe_build_index()
+            for handle in self.engine.generations.view.writing():
+                handle.store.maybe_build_index()
 
     # -- reload --------------------------------------------------------------------------
 
@@ -329,6 +352,8 @@ class Daemon:
             for root in self.roots:
                 self.engine.manifest.forget_skipped(str(root), reasons)
                 self.queue.put_scan(root, "")
+        if (new.model != old.model or self.engine.model_changed) and self.models is not None:
+            self.models.follow_config()  # loads the model on its own thread
         log.info("settings_applied", added=[str(r) for r in added],
                  removed=[str(r) for r in removed], rules_changed=rules_changed)
 

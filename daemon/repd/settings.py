@@ -77,6 +77,27 @@ class WatchSettings(_Section):
     force_polling: bool = False
 
 
+class MigrationSettings(_Section):
+    """Model upgrades: when the new generation becomes the active one."""
+
+    auto_switch: bool = Field(
+        default=True, description="switch as soon as the backfill is done and the gate "
+        "passes (false: wait for `repd model switch`)")
+    gate_queries: Path | None = Field(
+        default=None, description="BEIR queries.jsonl the gate scores both models on")
+    gate_qrels: Path | None = Field(default=None, description="BEIR qrels TSV for gate_queries")
+    gate_mapping: Path | None = Field(
+        default=None, description="document id -> file path (default: the file's stem)")
+    max_ndcg_drop: float = Field(
+        default=0.0, ge=0.0, le=1.0,
+        description="the gate refuses a new model whose nDCG@10 is lower by more than this")
+
+    @field_validator("gate_queries", "gate_qrels", "gate_mapping")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return Path(os.path.abspath(v.expanduser())) if v is not None else None
+
+
 class Settings(BaseSettings):
     """Everything repd can be told. Env: ``REPD_MODEL``, ``REPD_STORE__KIND`` and so on."""
 
@@ -103,6 +124,7 @@ class Settings(BaseSettings):
     store: StoreSettings = Field(default_factory=StoreSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     watch: WatchSettings = Field(default_factory=WatchSettings)
+    migration: MigrationSettings = Field(default_factory=MigrationSettings)
 
     @field_validator("device")
     @classmethod
