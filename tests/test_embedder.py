@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +16,7 @@ import numpy as np
 import pytest
 
 from repd.adapters.embedder import BUNDLED_MODEL, Embedder, EmbedderError
-from tests.conftest_models import build_tiny_model
+from tests.conftest_models import build_cls_minilm, build_tiny_model, build_truncated_minilm
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +44,13 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "a": build_tiny_model(root / "tiny-a", dim=32, seed=0),
         "b": build_tiny_model(root / "tiny-b", dim=32, seed=1),
     }
+
+
+@pytest.fixture(scope="module")
+def minilm_variants(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("variants")
+    return {"l3": build_truncated_minilm(root / "minilm-l3", layers=3),
+            "cls": build_cls_minilm(root / "minilm-cls")}
 
 
 def test_shape_and_properties(embedder: Embedder) -> None:
@@ -208,3 +219,184 @@ def test_directory_that_is_not_a_model(tmp_path: Path) -> None:
     with pytest.raises(EmbedderError, match="cannot load model") as info:
         Embedder.load(str(tmp_path), device="cpu")
     assert "\n" not in str(info.value)
+
+
+# -- memory and chunking key -----------------------------------------------------------
+
+
+class _FakeBackend:
+    """The least a Backend needs; no memory_bytes, no chunking_key."""
+
+    dim = 4
+    max_tokens = 254
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(t.split()) for t in texts]
+
+    def prepare(self, texts: Sequence[str]) -> Any:
+        raise NotImplementedError
+
+    def run(self, prepared: Any, batch: Sequence[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def is_out_of_memory(self, exc: BaseException) -> bool:
+        return False
+
+    def release_memory(self) -> None:
+        pass
+
+
+def _module_bytes(model: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+
+
+def test_memory_bytes(embedder: Embedder, minilm_path: Path, tiny_models: dict[str, Path]) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    plain = SentenceTransformer(str(minilm_path), device="cpu")
+    assert embedder.memory_bytes == _module_bytes(plain)
+    # 22.7 M float32 parameters, the position ids buffer: about 87 MiB.
+    assert 85 * 2**20 < (embedder.memory_bytes or 0) < 90 * 2**20
+    tiny = Embedder.load(str(tiny_models["a"]), device="cpu")
+    assert 0 < (tiny.memory_bytes or 0) < embedder.memory_bytes // 20
+    fake = Embedder(_FakeBackend(), model_name="fake", model_id="fake@0", device="cpu")
+    assert fake.memory_bytes is None
+
+
+def test_chunking_key_same_model_same_key(embedder: Embedder, minilm_path: Path) -> None:
+    digest, _, tokens = embedder.chunking_key.partition(":")
+    assert len(digest) == 16 and tokens == "254"
+    # Loaded again, by its directory (another model_name and model_id), after use: the
+    # tokenizer's last call settings (truncation, padding) do not leak into the key.
+    embedder.embed(SENTENCES)
+    again = Embedder.load(str(minilm_path), device="cpu", token_budget=64)
+    assert again.model_id != embedder.model_id
+    assert again.chunking_key == embedder.chunking_key
+
+
+def test_chunking_key_is_the_same_in_another_process(tiny_models: dict[str, Path]) -> None:
+    here = Embedder.load(str(tiny_models["a"]), device="cpu").chunking_key
+    code = ("import sys; from repd.adapters.embedder import Embedder; "
+            "print(Embedder.load(sys.argv[1], device='cpu').chunking_key)")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_models["a"])],
+                          capture_output=True, text=True, env=env, check=True, timeout=300)
+    assert proc.stdout.strip().splitlines()[-1] == here
+
+
+def test_chunking_key_follows_limit_and_tokenizer(
+    embedder: Embedder, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
+    # The tiny models share MiniLM's tokenizer but stop at 128 tokens.
+    tiny = Embedder.load(str(tiny_models["a"]), device="cpu")
+    other_seed = Embedder.load(str(tiny_models["b"]), device="cpu")
+    assert tiny.chunking_key == other_seed.chunking_key  # other weights, same chunks
+    assert tiny.chunking_key != embedder.chunking_key
+    assert tiny.chunking_key.partition(":")[0] == embedder.chunking_key.partition(":")[0]
+    assert tiny.chunking_key.endswith(":126")
+    # A tokenizer that no longer lowercases counts other tokens.
+    cased = shutil.copytree(tiny_models["a"], tmp_path / "tiny-cased")
+    # transformers 5 rebuilds the normalizer from tokenizer_config.json; older ones read
+    # tokenizer.json: change both.
+    tok = json.loads((cased / "tokenizer.json").read_text())
+    tok["normalizer"]["lowercase"] = False
+    (cased / "tokenizer.json").write_text(json.dumps(tok))
+    tok_config = json.loads((cased / "tokenizer_config.json").read_text())
+    (cased / "tokenizer_config.json").write_text(json.dumps({**tok_config,
+                                                             "do_lower_case": False}))
+    changed = Embedder.load(str(cased), device="cpu")
+    assert changed.count_tokens(["Tokenization ABC"]) != tiny.count_tokens(["Tokenization ABC"])
+    assert changed.chunking_key != tiny.chunking_key
+    # MiniLM itself with a shorter max_seq_length.
+    short = build_truncated_minilm(tmp_path / "minilm-short", layers=1)
+    config = json.loads((short / "sentence_bert_config.json").read_text())
+    (short / "sentence_bert_config.json").write_text(json.dumps({**config, "max_seq_length": 128}))
+    short_emb = Embedder.load(str(short), device="cpu")
+    assert short_emb.max_tokens == 126
+    assert short_emb.chunking_key != embedder.chunking_key
+
+
+def test_chunking_key_without_a_tokenizer_digest() -> None:
+    fake = Embedder(_FakeBackend(), model_name="fake", model_id="fake@0", device="cpu")
+    assert fake.chunking_key == "_FakeBackend:254"
+
+
+def test_chunking_key_of_a_slow_tokenizer() -> None:
+    from repd.adapters.embedder import _chunking_key
+
+    class SlowTokenizer:
+        def __init__(self, vocab: dict[str, int], **options: Any) -> None:
+            self._vocab = vocab
+            self.init_kwargs = options
+
+        def get_vocab(self) -> dict[str, int]:
+            return dict(self._vocab)
+
+    vocab = {"[PAD]": 0, "hello": 1, "world": 2}
+    a = _chunking_key(None, SlowTokenizer(vocab, do_lower_case=True, vocab_file="/a/vocab.txt",
+                                          name_or_path="/a"), 510)
+    moved = _chunking_key(None, SlowTokenizer(dict(reversed(vocab.items())), do_lower_case=True,
+                                              vocab_file="/b/vocab.txt", name_or_path="/b"), 510)
+    assert a == moved  # where the files lie and the vocabulary's order do not matter
+    assert a.endswith(":510")
+    assert _chunking_key(None, SlowTokenizer(vocab, do_lower_case=False), 510) != a
+    assert _chunking_key(None, SlowTokenizer({**vocab, "new": 3}, do_lower_case=True), 510) != a
+    assert _chunking_key(None, SlowTokenizer(vocab, do_lower_case=True), 254) != a
+
+
+# -- MiniLM variants: real models with other identities ------------------------------------
+
+
+def test_minilm_variants_load_with_other_identities(
+    embedder: Embedder, minilm_variants: dict[str, Path]
+) -> None:
+    l3 = Embedder.load(str(minilm_variants["l3"]), device="cpu")
+    cls = Embedder.load(str(minilm_variants["cls"]), device="cpu")
+    assert l3.dim == cls.dim == embedder.dim == 384
+    assert l3.max_tokens == cls.max_tokens == embedder.max_tokens == 254
+    assert len({embedder.model_id, l3.model_id, cls.model_id}) == 3
+    assert l3.model_id.startswith("minilm-l3@") and cls.model_id.startswith("minilm-cls@")
+    # Same tokenizer, same limit: the index's chunks carry over between them.
+    assert l3.chunking_key == cls.chunking_key == embedder.chunking_key
+    assert l3.count_tokens(SENTENCES) == embedder.count_tokens(SENTENCES)
+    # Three of six layers dropped; pooling holds no weights.
+    assert cls.memory_bytes == embedder.memory_bytes
+    assert (l3.memory_bytes or 0) < (embedder.memory_bytes or 0)
+    base = embedder.embed(SENTENCES)
+    for variant in (l3, cls):
+        vectors = variant.embed(SENTENCES)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+        assert not np.allclose(vectors, base, atol=1e-3)
+
+
+def test_minilm_variants_are_sentence_transformers_folders(
+    minilm_variants: dict[str, Path]
+) -> None:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    l3: Any = SentenceTransformer(str(minilm_variants["l3"]), device="cpu")
+    assert l3.max_seq_length == 256
+    assert l3[0].auto_model.config.num_hidden_layers == 3
+    assert len(l3[0].auto_model.encoder.layer) == 3
+    assert [type(m).__name__ for m in l3] == ["Transformer", "Pooling", "Normalize"]
+    assert _pooling_mode(l3[1]) == "mean"
+    cls: Any = SentenceTransformer(str(minilm_variants["cls"]), device="cpu")
+    assert _pooling_mode(cls[1]) == "cls"
+    assert cls[0].auto_model.config.num_hidden_layers == 6
+    # The CLS variant is the same network: its vector is the normalized [CLS] token state.
+    text = ["The cat sat on the mat."]
+    features = getattr(cls, "preprocess", cls.tokenize)(text)  # tokenize: before ST 6
+    with torch.inference_mode():
+        out = cls[0](features)
+    expected = torch.nn.functional.normalize(out["token_embeddings"][:, 0], dim=1)
+    np.testing.assert_allclose(cls.encode(text), expected.numpy(), atol=1e-5)
+
+
+def _pooling_mode(pooling: Any) -> str:
+    """``mean`` or ``cls``, from the config of sentence-transformers 6 or an older one."""
+    config = pooling.get_config_dict()
+    if "pooling_mode" in config:
+        return str(config["pooling_mode"])
+    return next(str(k).removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
+                for k, v in config.items() if k.startswith("pooling_mode_") and v is True)

@@ -4,10 +4,13 @@ path and a real daemon's API."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import math
 import os
-from collections.abc import Iterator
+import socketserver
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,8 @@ from repd.evaluation import (
     mrr_at_k,
     ndcg_at_k,
     recall_at_k,
+    score_search,
+    scored_queries,
 )
 from tests.daemon_harness import DaemonProc
 from tests.helpers import cli_env, run_cli
@@ -173,6 +178,75 @@ def test_evaluate_edge_cases() -> None:
                                                    "mrr@10": 0.0}
     with pytest.raises(ValueError, match="twice"):
         evaluate([("q", ["a"]), ("q", ["a"])], {"q": {"a": 1}})
+
+
+# -- score_search: a search function scored -------------------------------------------------
+
+
+def test_scored_queries_keeps_order_and_needs_a_relevant_judgment() -> None:
+    qrels = {"a": {"d": 1}, "b": {"d": 0}, "c": {"d": 2, "e": -1}}
+    assert scored_queries(["c", "x", "b", "a"], qrels) == ["c", "a"]
+    assert scored_queries([], qrels) == []
+
+
+def test_score_search_with_a_fake_search() -> None:
+    queries = {"q1": "tides", "q2": "tls certificates", "q3": "judged not relevant",
+               "q4": "never judged", "q5": "nothing found"}
+    qrels = {"q1": {"tides": 1}, "q2": {"tls": 2, "retry": 1, "ghost": 1},
+             "q3": {"chess": 0}, "q5": {"bees": 1}, "q-no-text": {"tides": 1}}
+    results = {
+        "tides": [("/r", "tides.md"), ("/r", "sub/bees.md")],
+        # Two files of one document count once; a file outside the mapping is no document.
+        "tls certificates": [("/r", "x.md"), ("/r", "tls.md"), ("/r", "tls-copy.md"),
+                             ("/elsewhere", "retry.md"), ("/r", "unmapped.md")],
+        "nothing found": [],
+    }
+    calls: list[tuple[str, int]] = []
+
+    def search(text: str, k: int) -> Sequence[tuple[str, str]]:
+        calls.append((text, k))
+        return results[text]
+
+    resolver = DocResolver({"tides": "tides.md", "bees": "sub/bees.md", "tls": "tls.md",
+                            "tls-b": "tls-copy.md", "retry": "/elsewhere/retry.md",
+                            "x": "x.md"})
+    r = score_search(search, queries, qrels, resolver, k=20)
+    # Only the queries with something relevant are searched, in the queries' order.
+    assert calls == [("tides", 20), ("tls certificates", 20), ("nothing found", 20)]
+    assert r.metric_names == ("ndcg@10", "recall@20", "mrr@10")
+    assert list(r.per_query) == ["q1", "q2", "q5"]
+    assert r.no_relevant == ["q3"] and r.unjudged == ["q4"]
+    expected = evaluate([("q1", ["tides", "bees"]),
+                         ("q2", ["x", "tls", "tls-b", "retry", None]),
+                         ("q5", [])], qrels, recall_k=20)
+    assert r.per_query == expected.per_query
+    assert r.means == expected.means
+    assert r.per_query["q2"]["recall@20"] == pytest.approx(2 / 3)
+    assert r.per_query["q2"]["mrr@10"] == 0.5
+    assert r.per_query["q5"] == {"ndcg@10": 0.0, "recall@20": 0.0, "mrr@10": 0.0}
+
+
+def test_score_search_default_k_stem_resolver_and_errors() -> None:
+    seen: list[int] = []
+
+    def search(text: str, k: int) -> Sequence[tuple[str, str]]:
+        seen.append(k)
+        return [("/r", f"docs/{n}.txt") for n in ("7", "3", "9")]
+
+    r = score_search(search, {"q": "anything"}, {"q": {"3": 1}}, DocResolver())
+    assert seen == [100]
+    assert r.means == {"ndcg@10": pytest.approx(1 / L3), "recall@100": 1.0, "mrr@10": 0.5}
+    # Nothing judged: nothing searched, nothing scored.
+    assert score_search(search, {"q": "x"}, {}, DocResolver()).queries == 0
+    assert seen == [100]
+    with pytest.raises(ValueError, match="k must be"):
+        score_search(search, {"q": "x"}, {"q": {"3": 1}}, DocResolver(), k=0)
+
+    def broken(text: str, k: int) -> Sequence[tuple[str, str]]:
+        raise RuntimeError("store closed")
+
+    with pytest.raises(RuntimeError, match="store closed"):
+        score_search(broken, {"q": "x"}, {"q": {"3": 1}}, DocResolver())
 
 
 # -- loaders -----------------------------------------------------------------------------------
@@ -411,10 +485,15 @@ def test_eval_mapping_limit_and_generation(bench: dict[str, Any]) -> None:
     assert evaluate(list(rankings.items()), load_qrels(qrels),
                     recall_k=10).per_query == out["per_query"]
 
-    # Only the active generation exists: naming another is refused before any work.
+    # Without a daemon only the active generation can be opened: another is refused.
     proc = _eval(bench, "--generation", "99", check=False)
     assert proc.returncode != 0
-    assert f"only the active generation ({out['generation']}) can be measured" in proc.stderr
+    assert (f"generation 99 is not the active generation ({out['generation']}): only the "
+            "active generation can be opened without a daemon; start `repd run` to measure "
+            "generation 99") in proc.stderr
+    same = json.loads(_eval(bench, "--generation", out["generation"], "--json", "--limit", "2",
+                            "-k", "10", "--local"))
+    assert same["generation"] == out["generation"] and same["source"] == "local"
     proc = _eval(bench, "--mode", "hybrid", check=False)
     assert proc.returncode != 0 and "only dense retrieval exists" in proc.stderr
     proc = _eval(bench, "-k", "5", check=False)
@@ -464,3 +543,148 @@ def test_eval_through_a_running_daemon_matches_local(bench: dict[str, Any],
     assert local["source"] == "local"
     assert json.loads(daemon_run.read_text()) == json.loads(local_run.read_text())
     assert local["per_query"] == out["per_query"]
+
+
+# -- repd eval --generation, against a fake daemon -------------------------------------------
+
+
+class _FakeDaemon(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """Answers ``POST /v1/query`` on a Unix socket as told, and keeps the bodies it got."""
+
+    daemon_threads = True
+
+    def __init__(self, path: Path) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        #: The generation it says answered; None: the one asked for (else "1").
+        self.answer_generation: str | None = None
+        #: (status, code, message) to refuse every query with, instead of answering.
+        self.refuse: tuple[int, str, str] | None = None
+        super().__init__(str(path), _FakeDaemonHandler)
+
+
+class _FakeDaemonHandler(http.server.BaseHTTPRequestHandler):
+    server: _FakeDaemon
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.bodies.append(body)
+        if self.server.refuse is not None:
+            status, code, message = self.server.refuse
+            self._send(status, {"error": {"code": code, "message": message}})
+            return
+        generation = self.server.answer_generation or str(body.get("generation", 1))
+        # Every corpus file, the paraphrase's document first.
+        order = sorted(CORPUS, key=lambda n: n != "tides")
+        hits = [{"rank": i, "score": 1.0 / i, "root": "/corpus", "path": f"{n}.md",
+                 "start_line": 1, "end_line": 1, "snippet": ""}
+                for i, n in enumerate(order[:body["k"]], 1)]
+        self._send(200, {"hits": hits, "took_ms": 1.0, "generation": generation})
+
+    def _send(self, status: int, obj: dict[str, Any]) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # a Unix socket has no client address to log, and the test output stays clean
+
+
+@pytest.fixture
+def fake_daemon(tmp_path: Path) -> Iterator[tuple[_FakeDaemon, list[str], dict[str, str]]]:
+    """A fake daemon, the eval arguments that reach it, and the environment to run them in."""
+    sock = tmp_path / "fake.sock"
+    server = _FakeDaemon(sock)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"_id": q, "text": t}) + "\n"
+                               for q, t in QUERIES.items()))
+    qrels = tmp_path / "qrels.tsv"
+    qrels.write_text("".join(f"{q}\t{d}\t{s}\n" for q, d, s in QRELS))
+    args = ["eval", "--socket", str(sock), "--queries", str(queries), "--qrels", str(qrels),
+            "--json"]
+    try:
+        yield server, args, cli_env(tmp_path / "home")
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_eval_generation_is_asked_of_the_daemon(
+    fake_daemon: tuple[_FakeDaemon, list[str], dict[str, str]]
+) -> None:
+    server, args, env = fake_daemon
+    out = json.loads(run_cli([*args, "--generation", "7"], env).stdout)
+    assert out["source"] == "daemon" and out["generation"] == "7"
+    assert out["per_query"]["paraphrase"]["mrr@10"] == 1.0
+    # One request per scored query, each naming the generation as a JSON integer.
+    assert len(server.bodies) == 4
+    for body in server.bodies:
+        assert body["generation"] == 7 and type(body["generation"]) is int
+        assert body["files"] is True and body["k"] == 100
+    assert [b["text"] for b in server.bodies] == [QUERIES[q] for q in
+                                                  ("paraphrase", "graded", "absent", "sunlight")]
+    # Without --generation the field is not sent: the daemon answers from the active one.
+    server.bodies.clear()
+    out = json.loads(run_cli(args, env).stdout)
+    assert out["generation"] == "1"
+    assert server.bodies and all("generation" not in b for b in server.bodies)
+
+
+def test_eval_generation_answered_from_another_is_refused(
+    fake_daemon: tuple[_FakeDaemon, list[str], dict[str, str]]
+) -> None:
+    server, args, env = fake_daemon
+    server.answer_generation = "5"  # as a daemon that ignored the field would
+    proc = run_cli([*args, "--generation", "7"], env, check=False)
+    assert proc.returncode == 1
+    assert "asked for generation 7, the daemon answered from generation 5" in proc.stderr
+    assert len(server.bodies) == 1  # refused at the first answer
+
+
+@pytest.mark.parametrize(("status", "code", "exit_code"), [
+    (404, "unknown_generation", 2),
+    (409, "generation_not_servable", 1),
+])
+def test_eval_generation_the_daemon_refuses(
+    fake_daemon: tuple[_FakeDaemon, list[str], dict[str, str]], status: int, code: str,
+    exit_code: int
+) -> None:
+    server, args, env = fake_daemon
+    server.refuse = (status, code, "generation 7: no such generation here")
+    proc = run_cli([*args, "--generation", "7"], env, check=False)
+    assert proc.returncode == exit_code
+    assert "generation 7: no such generation here" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_eval_generation_must_be_a_generation_id(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "home")
+    for bad in ("0", "-3", "latest"):
+        proc = run_cli(["eval", "--queries", "q", "--qrels", "r", "--generation", bad], env,
+                       check=False)
+        assert proc.returncode == 2
+        assert "is not a generation id (a positive integer)" in proc.stderr
+
+
+def _daemon_serves_generations() -> bool:
+    from repd.api.schema import QueryRequest
+
+    return "generation" in QueryRequest.model_fields
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _daemon_serves_generations(),
+                    reason="the API's QueryRequest has no generation field yet")
+def test_eval_generation_through_a_real_daemon(bench: dict[str, Any],
+                                               daemon: DaemonProc) -> None:
+    active = json.loads(_eval(bench, "--json"))
+    assert active["source"] == "daemon"
+    named = json.loads(_eval(bench, "--json", "--generation", active["generation"]))
+    assert named["source"] == "daemon" and named["generation"] == active["generation"]
+    assert named["per_query"] == active["per_query"]
+    proc = _eval(bench, "--generation", str(int(active["generation"]) + 50), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -3,7 +3,9 @@
 Each query goes through the same path as ``repd query --files -k K``: a running daemon's
 API when one answers, otherwise the index opened in this process (the model loaded once
 for all the queries). The hits are mapped to document ids and scored by
-``repd.evaluation``.
+``repd.evaluation``. ``--generation N`` asks the daemon to answer from generation N (one
+being built by a model upgrade, or one retired but kept); without a daemon only the
+active generation can be opened.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repd.evaluation import (
     MRR_K,
@@ -27,7 +29,11 @@ from repd.evaluation import (
     load_mapping,
     load_qrels,
     load_queries,
+    scored_queries,
 )
+
+if TYPE_CHECKING:  # the client is imported only when a daemon is asked
+    from repd.api.client import ApiClient
 
 #: Retrieval modes a person may name; only ``dense`` exists yet (hybrid and lexical
 #: arrive with sparse vectors).
@@ -61,9 +67,11 @@ def add_eval_command(sub: Any, common: argparse.ArgumentParser) -> None:
                     "recall is measured at this depth")
     ev.add_argument("--limit", type=int, metavar="N",
                     help="score only the first N judged queries (a quick check)")
-    ev.add_argument("--generation", metavar="N",
-                    help="the index generation to measure; only the active generation is "
-                    "available yet (others come with model upgrades)")
+    ev.add_argument("--generation", type=_generation_id, metavar="N",
+                    help="the index generation to measure (default: the active one): one "
+                    "being built by a model upgrade or one retired but kept can be measured "
+                    "through a running daemon; without a daemon only the active generation "
+                    "can be opened")
     ev.add_argument("--mode", choices=MODES, default="dense",
                     help="retrieval mode; only dense exists yet (hybrid and lexical come with "
                     "sparse vectors)")
@@ -98,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     resolve = DocResolver(load_mapping(args.mapping) if args.mapping else None)
 
     judged = [q for q in queries if q in qrels]
-    scored = [q for q in judged if any(g > 0 for g in qrels[q].values())]
+    scored = scored_queries(judged, qrels)
     no_relevant = sorted(set(judged) - set(scored))
     if args.limit is not None:
         scored = scored[:args.limit]
@@ -112,6 +120,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     generation = answers[0][1]
     if any(gen != generation for _, gen in answers):
+        # Only possible without --generation: with it, every answer was checked to be N.
         raise EngineError("the active generation changed during the evaluation; run it again")
 
     runs = [(qid, [resolve(h["root"], h["path"]) for h in hits])
@@ -133,48 +142,117 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generation_id(text: str) -> int:
+    """``--generation``'s value: a generation id, a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a generation id (a positive integer)")
+    return value
+
+
 def _run(texts: list[str], args: argparse.Namespace) -> tuple[list[Answer], str]:
     """Each text's hits and generation, best first, and where they came from."""
     from repd.adapters.datalock import IndexBusy
-    from repd.cli import _load, _query_daemon, _query_without_api, api_socket
+    from repd.cli import _load, _query_without_api, api_socket
+    from repd.errors import DaemonUnavailable
 
+    generation: int | None = args.generation
     # What `repd query --files -k K` would be given, with no filters.
     qargs = argparse.Namespace(k=args.k, path=None, root=None, files=True, local=args.local,
                                timeout=args.timeout)
     if not args.local:
         socket = api_socket(args)
-        first = _query_daemon(texts[0], qargs, socket)
+        first = _ask_daemon(texts[0], qargs, socket, generation)
         if first is not None:
-            _check_generation(args.generation, str(first["generation"]))
-            return _through_daemon(texts, qargs, socket, first), "daemon"
+            return _through_daemon(texts, qargs, socket, first, generation), "daemon"
     settings = _load(args).settings
     try:
         return _local(settings, texts, args), "local"
     except IndexBusy as busy:
+        if generation is not None and not args.local and busy.daemon is not None:
+            # The daemon writing the index recorded its socket: it can serve generation N
+            # (`_query_without_api` below would ask it for the active generation).
+            socket = Path(busy.daemon.socket)
+            first = _ask_daemon(texts[0], qargs, socket, generation)
+            if first is None:
+                raise DaemonUnavailable(
+                    f"the index in {busy.data_dir} belongs to {busy.holder.daemon_name()}, "
+                    f"but nothing answers on the socket it recorded ({socket})") from None
+            return _through_daemon(texts, qargs, socket, first, generation), "daemon"
         # As `repd query` does: ask the daemon that writes the index on the socket it
         # recorded, or say why not (a one-shot writer, a daemon still starting, --local).
         first = _query_without_api(settings, texts[0], qargs)
         if args.local or busy.daemon is None or not busy.holder.is_daemon:
             return _local(settings, texts, args), "local"  # the writer finished meanwhile
-        _check_generation(args.generation, str(first["generation"]))
-        return _through_daemon(texts, qargs, Path(busy.daemon.socket), first), "daemon"
+        return _through_daemon(texts, qargs, Path(busy.daemon.socket), first, None), "daemon"
+
+
+def _ask_daemon(text: str, qargs: argparse.Namespace, socket: Path,
+                generation: int | None) -> dict[str, Any] | None:
+    """One query to the daemon on ``socket``, answered from ``generation`` when given
+    (else the active one); None when nothing listens there (other errors raise).
+
+    A generation the daemon does not know is its 404 ``unknown_generation``, one it
+    cannot serve (not built far enough, its store gone) its 409: both are raised as the
+    daemon words them.
+    """
+    from repd.api.client import ApiClient, DaemonNotRunning
+    from repd.cli import _query_daemon
+
+    if generation is None:
+        return _query_daemon(text, qargs, socket)
+    try:
+        return _query_generation(ApiClient(socket, timeout=qargs.timeout), text, qargs.k,
+                                 generation, qargs.timeout)
+    except DaemonNotRunning:
+        return None
+
+
+def _query_generation(client: ApiClient, text: str, k: int, generation: int,
+                      wait_starting: float) -> dict[str, Any]:
+    """``POST /v1/query`` with ``"generation": generation``, one hit per file, waiting
+    for a daemon that is still starting as ``repd query`` does."""
+
+    def told() -> None:
+        if sys.stderr.isatty():
+            print("repd: the daemon is starting (loading model and index); waiting…",
+                  file=sys.stderr, flush=True)
+
+    return client.query(text, k=k, files=True, generation=generation,
+                        wait_starting=wait_starting, on_wait=told)
 
 
 def _through_daemon(texts: list[str], qargs: argparse.Namespace, socket: Path,
-                    first: dict[str, Any]) -> list[Answer]:
-    from repd.cli import _query_daemon
+                    first: dict[str, Any], generation: int | None) -> list[Answer]:
+    """Every text's answer from the daemon on ``socket`` (``first`` is the first text's);
+    with ``generation``, each answer must come from it."""
     from repd.errors import DaemonUnavailable
 
-    answers: list[Answer] = [(first["hits"], str(first["generation"]))]
+    answers: list[Answer] = [_answer(first, generation)]
     progress = _progress(len(texts))
     for i, text in enumerate(texts[1:], 2):
-        res = _query_daemon(text, qargs, socket)
+        res = _ask_daemon(text, qargs, socket, generation)
         if res is None:
             raise DaemonUnavailable(f"the daemon on {socket} went away after {i - 1} queries")
-        answers.append((res["hits"], str(res["generation"])))
+        answers.append(_answer(res, generation))
         progress(i)
     progress(0)
     return answers
+
+
+def _answer(res: dict[str, Any], generation: int | None) -> Answer:
+    """A daemon's answer as an :data:`Answer`, refused if it is not from ``generation``."""
+    from repd.errors import EngineError
+
+    got = str(res["generation"])
+    if generation is not None and got != str(generation):
+        # A daemon that ignored the field would measure the active generation instead.
+        raise EngineError(f"asked for generation {generation}, the daemon answered from "
+                          f"generation {got}")
+    return res["hits"], got
 
 
 def _local(settings: Any, texts: list[str], args: argparse.Namespace) -> list[Answer]:
@@ -202,12 +280,14 @@ def _local(settings: Any, texts: list[str], args: argparse.Namespace) -> list[An
         return answers
 
 
-def _check_generation(wanted: str | None, active: str) -> None:
+def _check_generation(wanted: int | None, active: str) -> None:
+    """Refuse ``--generation`` other than the active one on the local path."""
     from repd.errors import EngineError
 
-    if wanted is not None and wanted != active:
-        raise EngineError(f"generation {wanted} is not available: only the active generation "
-                          f"({active}) can be measured yet")
+    if wanted is not None and str(wanted) != active:
+        raise EngineError(f"generation {wanted} is not the active generation ({active}): only "
+                          "the active generation can be opened without a daemon; start "
+                          f"`repd run` to measure generation {wanted}")
 
 
 def _progress(total: int) -> Callable[[int], None]:

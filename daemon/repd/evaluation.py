@@ -7,6 +7,10 @@ and so can anything that holds rankings, such as the gate of a model switch::
     result = evaluate([(qid, ranked_doc_ids), ...], qrels)
     result.means["ndcg@10"]
 
+or, from a search function that ranks files (``score_search``)::
+
+    result = score_search(lambda text, k: [(root, path), ...], queries, qrels, DocResolver())
+
 Each query's figures are ``trec_eval``'s (``ndcg_cut.10``, ``recall.100``, and
 ``recip_rank`` over the top 10), on which the published BEIR figures rest; checked equal
 with ``pytrec_eval`` on random graded rankings. Conventions:
@@ -29,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -163,6 +167,39 @@ def evaluate(runs: Iterable[tuple[str, Ranking]], qrels: Qrels, *, ndcg_k: int =
     n = len(per_query)
     means = {m: (math.fsum(s[m] for s in per_query.values()) / n if n else 0.0) for m in names}
     return EvalResult(names, means, per_query, unjudged, no_relevant)
+
+
+#: Ranks files for a query text: ``(text, k)`` -> up to ``k`` ``(root, path)``, best first.
+SearchFiles = Callable[[str, int], Sequence[tuple[str, str]]]
+
+
+def scored_queries(queries: Iterable[str], qrels: Qrels) -> list[str]:
+    """The query ids ``evaluate`` would score: those with a relevant judgment, in order."""
+    return [q for q in queries if any(g > 0 for g in qrels.get(q, {}).values())]
+
+
+def score_search(search_files: SearchFiles, queries: Mapping[str, str], qrels: Qrels,
+                 resolver: DocResolver, k: int = RECALL_K) -> EvalResult:
+    """Rank files for each query with ``search_files`` and score them against ``qrels``.
+
+    ``queries`` maps query id -> text (``load_queries``). Only the queries with at least
+    one relevant judgment are searched, in ``queries``' order, each once with
+    ``search_files(text, k)``; its ``(root, path)`` hits become document ids through
+    ``resolver`` and are scored by ``evaluate`` with recall at ``k``. The queries judged
+    with nothing relevant, and those with no judgment, are not searched and come back
+    in ``no_relevant`` and ``unjudged``. Whatever ``search_files`` raises goes through.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    searched = set(scored_queries(queries, qrels))
+    runs: list[tuple[str, Ranking]] = []
+    for qid, text in queries.items():
+        if qid not in searched:
+            runs.append((qid, []))  # reported apart by evaluate, never averaged in
+            continue
+        hits = search_files(text, k)
+        runs.append((qid, [resolver(root, path) for root, path in hits]))
+    return evaluate(runs, qrels, recall_k=k)
 
 
 # -- BEIR files ----------------------------------------------------------------------------

@@ -46,7 +46,12 @@ class Prepared(Protocol):
 
 class Backend(Protocol):
     """The model as :class:`Embedder` drives it: the real one wraps sentence-transformers,
-    tests use a fake that runs out of memory on demand."""
+    tests use a fake that runs out of memory on demand.
+
+    Optional, looked up with ``getattr`` so that fakes need not have them: a
+    ``memory_bytes()`` method (the model's resident size) and a ``chunking_key`` string
+    (see :attr:`Embedder.chunking_key`).
+    """
 
     dim: int
     max_tokens: int
@@ -152,6 +157,32 @@ class Embedder:
     def model_id(self) -> str:
         """The model's identity, ``name@digest``: equal only for the same weights and config."""
         return self._model_id
+
+    @property
+    def memory_bytes(self) -> int | None:
+        """Bytes the loaded model's parameters and buffers take (fp16 on CUDA counts half).
+
+        Activations and the allocator's cache are not included: this is what the model
+        keeps while idle, so what a second loaded model would add. ``None`` when the
+        backend cannot tell.
+        """
+        measure = getattr(self._backend, "memory_bytes", None)
+        return measure() if callable(measure) else None
+
+    @property
+    def chunking_key(self) -> str:
+        """Equal for two embedders that cut every text into the same chunks.
+
+        Chunking depends on the model only through :meth:`count_tokens` and
+        :attr:`max_tokens`, so the key is a digest of the tokenizer as it counts (its
+        serialized form, truncation and padding off) with ``max_tokens`` after a colon.
+        A model upgrade whose key is unchanged can reuse the old generation's chunks.
+        Backends that cannot tell (test fakes) give ``"<type name>:<max_tokens>"``.
+        """
+        key = getattr(self._backend, "chunking_key", None)
+        if isinstance(key, str) and key:
+            return key
+        return f"{type(self._backend).__name__}:{self.max_tokens}"
 
     @property
     def token_budget(self) -> int:
@@ -322,6 +353,7 @@ class _SentenceTransformerBackend:
         else:
             specials = len(hf_tok("", add_special_tokens=True)["input_ids"])
         self.max_tokens = max_len - specials
+        self.chunking_key = _chunking_key(self._count_tok, hf_tok, self.max_tokens)
         self._hf_tok = hf_tok
         self._max_len = max_len
         self._pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
@@ -346,6 +378,11 @@ class _SentenceTransformerBackend:
                 log.warning("embed_fast_path_disabled", reason="differs from encode()")
                 self.fast = False
         return int(reference.shape[1])
+
+    def memory_bytes(self) -> int:
+        """Bytes of the module's parameters and buffers, at their dtype, on their device."""
+        tensors = [*self._model.parameters(), *self._model.buffers()]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         if self._count_tok is not None:
@@ -414,6 +451,29 @@ class _SentenceTransformerBackend:
             torch.cuda.empty_cache()
         elif self._device == "mps":
             torch.mps.empty_cache()
+
+
+# Tokenizer settings that name files or locations, not how text is cut into tokens.
+_TOKENIZER_PLACES = frozenset({"name_or_path", "_name_or_path", "cache_dir", "local_files_only",
+                               "_commit_hash", "auto_map"})
+
+
+def _chunking_key(count_tok: Any, hf_tok: Any, max_tokens: int) -> str:
+    """``digest:max_tokens``, the digest over what decides token counts.
+
+    The fast path hashes the counting copy of the tokenizer (truncation and padding off):
+    the original's own serialized form changes with the settings of its last call.
+    """
+    digest = hashlib.sha256()
+    if count_tok is not None:
+        digest.update(count_tok.to_str().encode())
+    else:  # a slow (Python) tokenizer: its class, vocabulary and options
+        options = {k: v for k, v in sorted(getattr(hf_tok, "init_kwargs", {}).items())
+                   if k not in _TOKENIZER_PLACES and not k.endswith("_file")
+                   and isinstance(v, str | int | float | bool | type(None))}
+        digest.update(json.dumps([type(hf_tok).__name__, options,
+                                  sorted(hf_tok.get_vocab().items())]).encode())
+    return f"{digest.hexdigest()[:16]}:{max_tokens}"
 
 
 def _max_seq_length(model: Any) -> int:
