@@ -191,10 +191,18 @@ def test_sighup_applies_a_new_exclude_and_drops_those_files(tmp_path: Path) -> N
                  "the newly excluded file to leave the index")
         log = d.log.read_text()
         assert "reload_needs_restart" not in log  # both keys apply live
+        # A new model applies live too: it starts a migration, which here cannot load
+        # the model (offline) and says so, while the index keeps answering.
         _config(d, 'exclude = ["secret-*.md"]\nmodel = "some/other-model"\n')
         d.signal(signal.SIGHUP)
-        wait_for(lambda: "reload_needs_restart" in d.log.read_text(), 30,
-                 "a needs-restart line for the model")
+
+        def failed() -> dict[str, Any] | None:
+            mig = d.client.model_status()["migration"]
+            return mig if mig is not None and mig["state"] == "failed" else None
+        mig = wait_for(failed, 60, "the migration to the unloadable model to fail")
+        assert "some/other-model" in mig["message"]
+        assert "reload_needs_restart" not in d.log.read_text()
+        assert d.client.query("the", k=1)["generation"] == "1"
     finally:
         d.stop()
 

@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS generations (
     cursor TEXT
 );
 CREATE TABLE IF NOT EXISTS files (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     root TEXT NOT NULL,
     path TEXT NOT NULL,
     size INTEGER NOT NULL,
@@ -232,6 +232,7 @@ class Manifest:
             for stmt in _SCHEMA.split(";"):
                 if stmt.strip():
                     self._db.execute(stmt)
+            self._files_ids_never_reused()
             found = self._db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if found is not None and int(found[0]) < 2:
@@ -245,6 +246,24 @@ class Manifest:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+
+    def _files_ids_never_reused(self) -> None:
+        """Rebuild a ``files`` table made before ids were AUTOINCREMENT (schema 1).
+
+        A retired generation keeps its chunk rows of a deleted file under the file's id;
+        had SQLite handed that id to the next new file, the rows would pass for the new
+        file's and a rollback would serve the deleted one.
+        """
+        row = self._db.execute(
+            "SELECT sql FROM sqlite_master WHERE type='table' AND name='files'").fetchone()
+        if row is None or "AUTOINCREMENT" in str(row[0]).upper():
+            return
+        body = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS files ("):]
+        body = body[:body.index(";")].replace("IF NOT EXISTS files (", "files_new (")
+        self._db.execute(body)
+        self._db.execute("INSERT INTO files_new SELECT * FROM files")
+        self._db.execute("DROP TABLE files")
+        self._db.execute("ALTER TABLE files_new RENAME TO files")
 
     @classmethod
     def open_readonly(cls, path: Path) -> Manifest:

@@ -24,6 +24,7 @@ from repd.adapters.store import Store
 from repd.core.identity import StatSig, is_racy, stored_path
 from repd.core.ignore import IgnoreRules
 from repd.core.secrets import SecretPolicy
+from repd.core.types import Chunk
 from repd.errors import TransientError, is_transient
 from repd.log import get_logger
 from repd.pipeline import writer
@@ -569,9 +570,24 @@ class Indexer:
             (p.root, p.relpath): self.manifest.file(p.root, p.relpath) for p in plans}
         writes: list[writer.GenWrite] = []
         for i, handle in enumerate(self.generations.view.writing()):
-            gen_plans = self._plans_for(handle, plans)
-            # The progress bar follows the active generation's embedding only.
-            vectors = self._vectors(handle, gen_plans, stats, on_slice if i == 0 else None)
+            if i == 0:
+                # The progress bar follows the active generation's embedding only.
+                vectors = self._vectors(handle, plans, stats, on_slice)
+                writes.append(writer.GenWrite(handle, plans, vectors))
+                continue
+            try:
+                gen_plans = self._plans_for(handle, plans)
+                vectors = self._vectors(handle, gen_plans, stats, None)
+            except Interrupted:
+                raise
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                # The new model failing must not fail the files for the active one: the
+                # building generation lacks them for now, and its backfill retries them.
+                log.warning("building_generation_skipped", generation=handle.id,
+                            error=f"{type(exc).__name__}: {exc}"[:300])
+                continue
             writes.append(writer.GenWrite(handle, gen_plans, vectors))
         if self.should_stop():
             raise Interrupted  # nothing written yet: the files stay as they were
@@ -614,6 +630,62 @@ class Indexer:
             finally:
                 self._set_stage("idle")
 
+    def _isolated_vectors(self, handle: GenerationHandle, plans: list[FilePlan],
+                          stats: RunStats, should_yield: Callable[[], bool],
+                          ) -> tuple[list[FilePlan], dict[str, np.ndarray]]:
+        """Vectors for a backfill step; when the model fails on the group, file by file,
+        and a file it fails on is recorded as failed in that generation (the gate says
+        so) instead of stopping the backfill for good."""
+        try:
+            return plans, self._vectors(handle, plans, stats, None, should_yield)
+        except Interrupted:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+        kept: list[FilePlan] = []
+        vectors: dict[str, np.ndarray] = {}
+        for p in plans:
+            try:
+                vectors.update(self._vectors(handle, [p], stats, None, should_yield))
+                kept.append(p)
+            except Interrupted:
+                raise
+            except Exception as exc:
+                if is_transient(exc):
+                    raise
+                log.warning("backfill_file_failed", generation=handle.id, root=p.root,
+                            path=p.relpath, error=f"{type(exc).__name__}: {exc}"[:300])
+                kept.append(FilePlan(p.root, p.relpath, p.sig, p.started_ns, "fail",
+                                     content_hash=p.content_hash, reason="index_error",
+                                     detail=f"{type(exc).__name__}: {exc}"[:500]))
+        return kept, vectors
+
+    def _plans_from_active(self, files: Sequence[FileRow],
+                           missing: list[tuple[str, str]]) -> list[FilePlan]:
+        """Plans that copy the active generation's chunks of ``files``; a file whose
+        chunks the active store does not fully hold is named in ``missing`` instead."""
+        active = self.active
+        by_file = {r.id: self.manifest.chunks(active.id, r.id) for r in files}
+        ids = [c.point_id for rows in by_file.values() for c in rows]
+        texts: dict[str, str] = {}
+        for i in range(0, len(ids), 512):
+            for rec in active.store.retrieve(ids[i:i + 512], with_vectors=False):
+                texts[rec.id] = str(rec.payload.get("text", ""))
+        plans: list[FilePlan] = []
+        for row in files:
+            chunks = by_file[row.id]
+            if not chunks or any(c.point_id not in texts for c in chunks):
+                missing.append((row.root, row.path))
+                continue
+            plans.append(FilePlan(
+                row.root, row.path, row.sig, time.time_ns(), "index",
+                content_hash=row.content_hash,
+                chunks=[Chunk(c.ordinal, texts[c.point_id], c.start_line, c.end_line, c.hash)
+                        for c in chunks],
+                point_ids=[c.point_id for c in chunks]))
+        return plans
+
     def _backfill_locked(self, handle: GenerationHandle, files: Sequence[FileRow],
                          clear: Sequence[int], cursor: str | None,
                          should_yield: Callable[[], bool],
@@ -627,10 +699,18 @@ class Indexer:
             rows[key] = row or FileRow(fid, key[0], key[1], ZERO_SIG, None, "dirty", None,
                                        None, 0)
             plans.append(FilePlan(key[0], key[1], ZERO_SIG, time.time_ns(), "delete"))
-        planner = self._planner_for(handle)
         self._set_stage("planning")
-        for row in files:
+        todo = list(files)
+        for row in todo:
             rows[(row.root, row.path)] = row
+        if handle.chunking_key() == self.active.chunking_key():
+            # Same tokenizer and limit: the active generation's chunks are the new one's,
+            # texts and all; they come from its store, the disk is not read again.
+            plans.extend(self._plans_from_active(todo, changed))
+            todo = [r for r in todo if (r.root, r.path) in changed]
+            changed.clear()  # retried from the disk below
+        planner = self._planner_for(handle)
+        for row in todo:
             try:
                 plan = planner.plan(Path(row.root), row.path, None, None)
             except Exception as exc:
@@ -645,7 +725,7 @@ class Indexer:
                 changed.append((row.root, row.path))
                 continue
             plans.append(self._capped(plan))
-        vectors = self._vectors(handle, plans, stats, None, should_yield)
+        plans, vectors = self._isolated_vectors(handle, plans, stats, should_yield)
         if should_yield():
             raise Yielded
         self.check_space()
