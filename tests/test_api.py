@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,12 @@ from repd.api.schema import (
     ActionResponse,
     FileIssue,
     FilesResponse,
+    GateLabelFiles,
     GenerationInfo,
     IssueState,
+    ModelActionResponse,
     ModelInfo,
+    ModelStatusResponse,
     QueryHit,
     QueryRequest,
     QueryResponse,
@@ -47,16 +51,150 @@ from repd.api.schema import (
     Totals,
 )
 from repd.api.server import INTERNAL_ERROR_MESSAGE, ApiServer, ApiStartError, create_app
+from repd.pipeline.modelstate import (
+    GateLabels,
+    GateReport,
+    GenerationSummary,
+    MigrationRefused,
+    MigrationSnapshot,
+    ModelCommandResult,
+    ModelSnapshot,
+)
+from repd.service import action_response, migration_info, model_status_response
 from repd.settings import ApiSettings
 
 ROOT = "/home/someone/notes"
 LIMIT = 4096  # max_request_bytes for these tests (the settings floor is 1024)
 
 
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC).timestamp()
+
+
+class FakeModels:
+    """``ModelCommands`` over a small state machine: what the daemon's model commands do
+    to generations and the migration, without embedding anything.
+
+    Generation 1 (MiniLM) is active. ``use`` creates a building generation and a migration
+    that is backfilling; :meth:`backfilled` moves it to ``ready``; ``gate_fails`` makes the
+    switch's gate fail. Refusals raise ``MigrationRefused`` like the real ones.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.generations: dict[int, GenerationSummary] = {
+            1: GenerationSummary(1, "all-MiniLM-L6-v2", "all-MiniLM-L6-v2@abc", 384, "active",
+                                 120, T0, T0, "shards/g0001")}
+        self.active: int | None = 1
+        self.migration: MigrationSnapshot | None = None
+        self.gate_fails = False
+        self.calls: list[tuple[str, Any]] = []
+
+    def snapshot(self) -> ModelSnapshot:
+        with self.lock:
+            gens = tuple(self.generations[i] for i in sorted(self.generations))
+            return ModelSnapshot(gens, self.migration, self.active)
+
+    def _set_state(self, gen: int, state: Any, **kw: Any) -> None:
+        self.generations[gen] = replace(self.generations[gen], state=state, **kw)
+
+    def use(self, model: str) -> ModelCommandResult:
+        with self.lock:
+            self.calls.append(("use", model))
+            if self.migration is not None:
+                raise MigrationRefused(
+                    f"a migration to {self.migration.model_name} is already under way; "
+                    "`repd model abort` stops it")
+            assert self.active is not None
+            new = max(self.generations) + 1
+            self.generations[new] = GenerationSummary(
+                new, model, f"{model}@def", 768, "building", 0, T0 + 60, None, f"shards/g{new:04d}")
+            self.migration = MigrationSnapshot(
+                state="backfilling", from_generation=self.active, to_generation=new,
+                model_name=model, model_id=f"{model}@def", files_done=4, files_total=10,
+                chunks_embedded=48, files_per_s=2.0, eta_s=3.0, memory_bytes=133_169_152,
+                gate=None, message=None, started_at=T0 + 60)
+            return ModelCommandResult(f"migrating to {model}: generation {new} is being built",
+                                      new)
+
+    def backfilled(self, gate: GateReport | None = None) -> None:
+        """Test hook: the backfill is done, waiting for the switch."""
+        with self.lock:
+            assert self.migration is not None
+            self.migration = replace(self.migration, state="ready", files_done=10, eta_s=None,
+                                     gate=gate)
+
+    def switch(
+        self, *, force: bool = False, labels: GateLabels | None = None
+    ) -> ModelCommandResult:
+        with self.lock:
+            self.calls.append(("switch", (force, labels)))
+            m = self.migration
+            if m is None:
+                raise MigrationRefused("no migration to switch to; `repd model use NAME` "
+                                       "starts one")
+            if m.state != "ready" or m.to_generation is None:
+                raise MigrationRefused(f"the new generation is still {m.state} "
+                                       f"({m.files_done} of {m.files_total} files)")
+            checks = ("files: 10 of 10 in the same state in both", "points: 130 in the new one")
+            ndcg = (0.41, 0.45) if labels is not None else (None, None)
+            if self.gate_fails:
+                checks = ("files: 9 of 10 in the same state in both (FAILED)",)
+            gate = GateReport(ok=not self.gate_fails, checks=checks, ndcg_active=ndcg[0],
+                              ndcg_new=ndcg[1], forced=self.gate_fails and force)
+            if not gate.ok and not force:
+                self.migration = replace(m, gate=gate)
+                raise MigrationRefused("the gate refused the switch: files: 9 of 10 in the "
+                                       "same state; `repd model switch --force` switches anyway")
+            assert self.active is not None
+            self._set_state(self.active, "retired")
+            self._set_state(m.to_generation, "active", activated_at=T0 + 120, points=130)
+            self.active = m.to_generation
+            self.migration = None
+            return ModelCommandResult(f"generation {self.active} ({m.model_name}) is active",
+                                      self.active, {"gate": gate})
+
+    def rollback(self) -> ModelCommandResult:
+        with self.lock:
+            self.calls.append(("rollback", None))
+            retired = [g for g in self.generations.values() if g.state == "retired"]
+            if not retired or self.migration is not None:
+                raise MigrationRefused("nothing to roll back to: no retired generation")
+            back = max(retired, key=lambda g: g.id)
+            assert self.active is not None
+            self._set_state(self.active, "retired")
+            self._set_state(back.id, "active", activated_at=T0 + 180)
+            self.active = back.id
+            return ModelCommandResult(f"generation {back.id} ({back.model_name}) is active "
+                                      "again", back.id)
+
+    def prune(self) -> ModelCommandResult:
+        with self.lock:
+            self.calls.append(("prune", None))
+            retired = [g.id for g in self.generations.values() if g.state == "retired"]
+            if not retired:
+                raise MigrationRefused("no retired generation to prune")
+            for gen in retired:
+                del self.generations[gen]
+            return ModelCommandResult(f"pruned {len(retired)} retired generation(s)")
+
+    def abort(self) -> ModelCommandResult:
+        with self.lock:
+            self.calls.append(("abort", None))
+            m = self.migration
+            if m is None:
+                raise MigrationRefused("no migration to abort")
+            if m.to_generation is not None:
+                del self.generations[m.to_generation]
+            self.migration = None
+            return ModelCommandResult(f"migration to {m.model_name} aborted", m.to_generation)
+
+
 class FakeBackend:
     """An in-memory daemon: answers from fixed data, records calls, fails on request."""
 
     def __init__(self) -> None:
+        self.models = FakeModels()
+        self.starting = False  # set: model commands answer 503 "starting"
         self.paused = False
         self.calls: list[tuple[str, Any]] = []
         self.explode: set[str] = set()  # method names that raise RuntimeError
@@ -109,11 +247,14 @@ class FakeBackend:
             uptime_s=12.5,
             last_scan_at=datetime(2024, 5, 1, 12, 0, tzinfo=UTC),
             last_error=None,
+            migration=migration_info(m) if (m := self.models.migration) is not None else None,
         )
 
     def query(self, req: QueryRequest) -> QueryResponse:
-        """Up to three hits, whatever was asked."""
+        """Up to three hits, whatever was asked (404 for a generation that does not exist)."""
         self._enter("query", req)
+        if req.generation is not None and req.generation not in self.models.generations:
+            raise ApiError(404, f"there is no generation {req.generation}", "unknown_generation")
         hits = [
             QueryHit(
                 rank=i + 1,
@@ -126,7 +267,8 @@ class FakeBackend:
             )
             for i in range(min(req.k, 3))
         ]
-        return QueryResponse(hits=hits, took_ms=1.5, generation="g1")
+        generation = "g1" if req.generation is None else str(req.generation)
+        return QueryResponse(hits=hits, took_ms=1.5, generation=generation)
 
     def files(self, state: IssueState | None, limit: int, offset: int) -> FilesResponse:
         """A page of the fixed issue list."""
@@ -160,6 +302,54 @@ class FakeBackend:
             "# HELP repd_points Points in the active generation.\n"
             "# TYPE repd_points gauge\nrepd_points 120\n"
         )
+
+    # -- model upgrades: FakeModels, translated as DaemonService does
+
+    def _model(self, name: str, arg: Any = None) -> FakeModels:
+        self._enter(name, arg)
+        if self.starting:
+            raise ApiError(503, "the daemon is starting (loading model and index); try again "
+                           "in a moment", "starting")
+        return self.models
+
+    @staticmethod
+    def _command(fn: Any) -> ModelActionResponse:
+        try:
+            return action_response(fn())
+        except MigrationRefused as exc:
+            raise ApiError(409, str(exc), "migration_refused") from None
+
+    def model_status(self) -> ModelStatusResponse:
+        """The fake's generations and migration."""
+        return model_status_response(self._model("model_status").snapshot())
+
+    def model_use(self, model: str) -> ModelActionResponse:
+        """Start a (fake) migration."""
+        models = self._model("model_use", model)
+        return self._command(lambda: models.use(model))
+
+    def model_switch(self, force: bool, labels: GateLabelFiles | None) -> ModelActionResponse:
+        """Switch, with the labels turned into paths as the daemon does (not checked)."""
+        models = self._model("model_switch", (force, labels))
+        gate = None if labels is None else GateLabels(
+            Path(labels.queries), Path(labels.qrels),
+            Path(labels.mapping) if labels.mapping else None)
+        return self._command(lambda: models.switch(force=force, labels=gate))
+
+    def model_rollback(self) -> ModelActionResponse:
+        """Roll back."""
+        models = self._model("model_rollback")
+        return self._command(models.rollback)
+
+    def model_prune(self) -> ModelActionResponse:
+        """Prune."""
+        models = self._model("model_prune")
+        return self._command(models.prune)
+
+    def model_abort(self) -> ModelActionResponse:
+        """Abort."""
+        models = self._model("model_abort")
+        return self._command(models.abort)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -352,6 +542,12 @@ def test_openapi_documents(server: ApiServer) -> None:
         "/v1/pause",
         "/v1/resume",
         "/metrics",
+        "/v1/model",
+        "/v1/model/use",
+        "/v1/model/switch",
+        "/v1/model/rollback",
+        "/v1/model/prune",
+        "/v1/model/abort",
     }
     # Docstrings become descriptions, and errors are documented with their real shape.
     assert doc["paths"]["/v1/query"]["post"]["description"].startswith("Semantic search")

@@ -28,10 +28,17 @@ from textual.message import Message
 from textual.notifications import Notification, Notify
 from textual.pilot import Pilot
 from textual.widget import Widget
-from textual.widgets import DataTable, Input, Sparkline, Static, TabbedContent
+from textual.widgets import DataTable, Input, ProgressBar, Sparkline, Static, TabbedContent
 
 from repd.api.client import ApiRequestError, DaemonNotRunning
-from repd.api.schema import ActionResponse, FilesResponse, QueryResponse, StatusResponse
+from repd.api.schema import (
+    ActionResponse,
+    FilesResponse,
+    ModelActionResponse,
+    ModelStatusResponse,
+    QueryResponse,
+    StatusResponse,
+)
 from repd_tui.app import KEYS_HELP, RepdApp, create_app
 from repd_tui.widgets import (
     ChunkView,
@@ -93,6 +100,9 @@ class FakeClient:
         self.paused = False
         self.refuse_actions = False
         self.problem: str | None = None  # set: the daemon reports itself degraded
+        self.migration: dict[str, Any] | None = None  # set: a model migration is under way
+        self.retired = False  # set: generation g0002 is kept, retired (rollback possible)
+        self.refuse_switch = False
         self.calls: list[tuple[str, Any]] = []
         self.status_calls = 0
         self._lock = threading.Lock()
@@ -167,6 +177,7 @@ class FakeClient:
             "last_scan_at": "2024-05-01T10:00:00Z",
             "last_error": None,
             "problem": problem,
+            "migration": self.migration,
         }
         return StatusResponse.model_validate(data).model_dump(mode="json")
 
@@ -256,9 +267,51 @@ class FakeClient:
     def reindex(self, path: str | None = None) -> dict[str, Any]:
         return self._action("reindex", "queued 1532 paths", queued=1532)
 
+    def model_status(self) -> dict[str, Any]:
+        self._check()
+        gen = {"model": "sentence-transformers/all-MiniLM-L6-v2", "model_id": "m@c9745ed1",
+               "dim": 384, "points": 48213, "created_at": "2024-05-01T10:00:00Z",
+               "activated_at": "2024-05-01T10:00:00Z"}
+        gens = [{**gen, "id": "g0003-minilm", "state": "active", "location": "g3"}]
+        if self.retired:
+            gens.insert(0, {**gen, "id": "g0002-e5", "model": "intfloat/e5-small-v2",
+                            "state": "retired", "location": "g2"})
+        data = {"active": "g0003-minilm", "generations": gens, "migration": self.migration}
+        return ModelStatusResponse.model_validate(data).model_dump(mode="json")
+
+    def model_switch(self, force: bool = False) -> dict[str, Any]:
+        self.calls.append(("model_switch", force))
+        self._check()
+        if self.refuse_switch:
+            raise ApiRequestError(409, "the gate refused the switch: files differ",
+                                  "migration_refused")
+        self.migration = None
+        self.retired = True
+        gate = {"ok": True, "checks": ["files: 1532 of 1532 in the same state in both"],
+                "forced": force}
+        return ModelActionResponse(message="generation 4 (BAAI/bge-small-en-v1.5) is active",
+                                   generation="4", gate=gate).model_dump(mode="json")
+
+    def model_rollback(self) -> dict[str, Any]:
+        self.calls.append(("model_rollback", None))
+        self._check()
+        self.retired = False
+        return ModelActionResponse(message="generation g0002-e5 is active again",
+                                   generation="g0002-e5").model_dump(mode="json")
+
     def actions(self) -> list[str]:
         """Names of the calls made, status polls left out."""
         return [name for name, _ in self.calls]
+
+
+def migration(**kw: Any) -> dict[str, Any]:
+    """A migration to bge-small, 40% backfilled (``kw`` changes fields)."""
+    m = {"state": "backfilling", "from_generation": "g0003-minilm", "to_generation": "4",
+         "model": "BAAI/bge-small-en-v1.5", "model_id": "BAAI/bge-small-en-v1.5@5c38ec7",
+         "files_done": 613, "files_total": 1532, "progress": 0.4, "chunks_embedded": 19285,
+         "files_per_s": 12.5, "eta_s": 73.0, "model_memory_bytes": 133_169_152, "gate": None,
+         "message": None, "started_at": "2024-05-01T10:00:00Z"}
+    return {**m, **kw}
 
 
 def run(test: Callable[[], Coroutine[Any, Any, None]]) -> None:
@@ -899,6 +952,145 @@ def test_status_while_paused_idle_and_starting_reads_right() -> None:
     run(body)
 
 
+# -- model migration: the panel, switch and rollback ------------------------------------------
+
+
+def notes_hook() -> tuple[list[Notification], Callable[[Message], None]]:
+    notes: list[Notification] = []
+
+    def hook(message: Message) -> None:
+        if isinstance(message, Notify):
+            notes.append(message.notification)
+
+    return notes, hook
+
+
+def test_the_migration_panel_follows_the_status() -> None:
+    fake = FakeClient(state="idle")
+    notes, hook = notes_hook()
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SMALL, message_hook=hook) as pilot:
+            await until(pilot, lambda: app.daemon_up is True, "the first status")
+            panel = app.query_one("#migration-panel")
+            assert not panel.display
+            # No migration, nothing retired: neither s nor b in the footer.
+            assert app.check_action("switch_model", ()) is False
+            assert app.check_action("rollback_model", ()) is False
+            fake.migration = migration()
+            await until(pilot, lambda: panel.display, "the migration panel")
+            assert text_of(app, "#migration-title") == (
+                "backfilling: sentence-transformers/all-MiniLM-L6-v2 (generation g0003-minilm) "
+                "→ BAAI/bge-small-en-v1.5 (generation 4)")
+            assert text_of(app, "#migration-counts") == (
+                "613 / 1,532 files · 12.5 files/s · ETA 1m 13s")
+            assert text_of(app, "#migration-hint") == (
+                "the active generation answers meanwhile · the new model takes 127 MiB")
+            bar = app.query_one("#migration-bar", ProgressBar)
+            assert (bar.progress, bar.total) == (613, 1532)
+            assert not app.query_one("#migration-gate").display
+            assert "migration 40%" in text_of(app, "#summary")
+            assert app.check_action("switch_model", ()) is True
+            await until(pilot, lambda: len(app.screen.query("FooterKey")) == footer_keys(app),
+                        "the footer")
+            assert any(getattr(key, "description", "") == "Switch"
+                       for key in app.screen.query("FooterKey"))
+            # Not ready yet: s says why, and asks nothing.
+            await pilot.press("s")
+            await until(pilot, lambda: any("still being built (40%)" in n.message
+                                           for n in notes), "the warning")
+            assert not isinstance(app.screen, ConfirmScreen)
+            fake.migration = migration(state="ready", files_done=1532, progress=1.0, eta_s=None,
+                                       message="waiting for `repd model switch`")
+            await until(pilot, lambda: text_of(app, "#migration-hint").startswith(
+                "backfilled: s switches to it"), "ready")
+            assert text_of(app, "#migration-counts") == "1,532 / 1,532 files"
+            assert text_of(app, "#migration-gate") == "waiting for `repd model switch`"
+            fake.migration = None
+            await until(pilot, lambda: not panel.display, "the panel to go")
+            assert app.check_action("switch_model", ()) is False
+
+    run(body)
+
+
+def test_s_switches_after_confirm_then_b_rolls_back() -> None:
+    fake = FakeClient(state="idle")
+    fake.migration = migration(state="ready", files_done=1532, progress=1.0, eta_s=None)
+    notes, hook = notes_hook()
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SMALL, message_hook=hook) as pilot:
+            await until(pilot, lambda: app.migration is not None, "the migration")
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirm")
+            question = str(app.screen.query_one("#confirm-question", Static).content)
+            assert question.startswith("Switch to BAAI/bge-small-en-v1.5 (generation 4)?")
+            # The whole dialog fits 80x24.
+            assert on_screen(app, app.screen.query_one("#confirm-dialog"))
+            await pilot.press("n")
+            await until(pilot, lambda: not isinstance(app.screen, ConfirmScreen), "dismissal")
+            assert fake.actions() == []
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirm")
+            await pilot.press("y")
+            await until(pilot, lambda: fake.actions() == ["model_switch"], "model_switch()")
+            assert fake.calls[-1] == ("model_switch", False)
+            await until(pilot, lambda: any(
+                n.message.startswith("generation 4 (BAAI/bge-small-en-v1.5) is active\ngate: "
+                                     "passed") for n in notes), "the notice")
+            await until(pilot, lambda: not app.query_one("#migration-panel").display,
+                        "the panel to go")
+            # g0002-e5 is kept, retired: b now rolls back to it.
+            await until(pilot, lambda: app.check_action("rollback_model", ()) is True,
+                        "rollback offered")
+            await pilot.press("b")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirm")
+            question = str(app.screen.query_one("#confirm-question", Static).content)
+            assert question.startswith("Roll back to generation g0002-e5 (intfloat/e5-small-v2)?")
+            await pilot.press("y")
+            await until(pilot, lambda: fake.actions()[-1:] == ["model_rollback"], "rollback()")
+            await until(pilot, lambda: app.check_action("rollback_model", ()) is False,
+                        "nothing left to roll back to")
+
+    run(body)
+
+
+def test_a_refused_gate_asks_to_force_and_a_refusal_is_a_notification() -> None:
+    fake = FakeClient(state="idle")
+    gate = {"ok": False, "checks": ["files: 1530 of 1532 in the same state in both"],
+            "ndcg_active": 0.412, "ndcg_new": 0.398, "forced": False}
+    fake.migration = migration(state="ready", files_done=1532, progress=1.0, eta_s=None,
+                               gate=gate)
+    notes, hook = notes_hook()
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SMALL, message_hook=hook) as pilot:
+            await until(pilot, lambda: app.migration is not None, "the migration")
+            gate_box = app.query_one("#migration-gate", Static)
+            assert gate_box.display and gate_box.has_class("-refused")
+            assert str(gate_box.content) == (
+                "gate: REFUSED\n  files: 1530 of 1532 in the same state in both\n"
+                "  nDCG@10: active 0.412, new 0.398")
+            assert "gate refused" in text_of(app, "#summary")
+            fake.refuse_switch = True
+            await pilot.press("s")
+            await until(pilot, lambda: isinstance(app.screen, ConfirmScreen), "the confirm")
+            question = str(app.screen.query_one("#confirm-question", Static).content)
+            assert question.startswith("The gate refused the switch to BAAI/bge-small-en-v1.5")
+            assert "Switch anyway?" in question
+            await pilot.press("y")
+            await until(pilot, lambda: any("the gate refused the switch: files differ"
+                                           in n.message and n.severity == "error"
+                                           for n in notes), "the error")
+            assert fake.calls[-1] == ("model_switch", True)
+            assert app.is_running and app.query_one("#migration-panel").display
+
+    run(body)
+
+
 # -- layout snapshots ------------------------------------------------------------------------
 
 
@@ -951,7 +1143,13 @@ def check_snapshot(name: str, svg: str, tmp_path: Path) -> None:
     )
 
 
-SCENARIOS = ("idle", "indexing", "query", "files", "down")
+SCENARIOS = ("idle", "indexing", "query", "files", "down", "migration")
+
+
+def footer_keys(app: RepdApp) -> int:
+    """How many keys the footer shows: the bindings that may show and apply now."""
+    return sum(1 for b in RepdApp.BINDINGS
+               if isinstance(b, Binding) and b.show and app.check_action(b.action, ()))
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)], ids=["80x24", "120x40"])
@@ -968,6 +1166,8 @@ def test_snapshot(
         state="indexing" if scenario == "indexing" else "idle",
         hits=12,
     )
+    if scenario == "migration":
+        fake.migration = migration()
 
     async def body() -> None:
         app = make_app(fake, poll_interval=600)
@@ -985,14 +1185,28 @@ def test_snapshot(
                 table = app.query_one("#files-table", DataTable)
                 await until(pilot, lambda: table.row_count == 2, "the files list")
             app.query_one("#query", Input).cursor_blink = False
+            if scenario == "migration":
+                # At 80x24 the panels sit above the search: bring this one into view.
+                panel = app.query_one("#migration-panel")
+                await until(pilot, lambda: panel.display, "the migration panel")
+                await pilot.pause()  # laid out before it is scrolled to
+                panel.focus(scroll_visible=False)
+                panel.scroll_visible(top=True, animate=False, immediate=True)
             # The footer draws its keys a moment after the bindings settle.
-            shown = sum(1 for b in RepdApp.BINDINGS if isinstance(b, Binding) and b.show)
+            shown = footer_keys(app)
             await until(pilot, lambda: len(app.screen.query("FooterKey")) == shown, "the footer")
             # Layout and scroll anchoring may still move for a moment on a loaded machine:
-            # take the screen once two exports in a row agree.
+            # take the screen once two exports in a row agree. Scrollbars are repainted
+            # first: one whose window changed (the banner came) could otherwise keep
+            # drawing its thumb where it was, in both exports.
             svg = ""
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
+                for widget in app.screen.walk_children(with_self=True):
+                    if widget.show_vertical_scrollbar:
+                        widget.vertical_scrollbar.refresh()
+                    if widget.show_horizontal_scrollbar:
+                        widget.horizontal_scrollbar.refresh()
                 await pilot.pause(0.15)
                 again = app.export_screenshot(title=f"repd {scenario}", simplify=True)
                 if again == svg:

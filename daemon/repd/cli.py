@@ -446,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     from repd.cli_eval import add_eval_command
 
     add_eval_command(sub, common)
+    from repd.cli_model import add_model_commands
+
+    add_model_commands(sub, common)
     return p
 
 

@@ -42,7 +42,7 @@ def render_status(st: dict[str, Any], width: int | None = None) -> str:
     return "\n".join(_lines(st, cols))
 
 
-def _wrap(label: str, text: str, cols: int) -> list[str]:
+def wrap_field(label: str, text: str, cols: int) -> list[str]:
     """``text`` under ``label``, wrapped to ``cols`` with the label's gutter."""
     first = f"{label:<{GUTTER - 1}} "
     lines = textwrap.wrap(printable(text), width=cols, initial_indent=first,
@@ -91,21 +91,23 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
     if st.get("problem"):
         # While starting, the field says what start-up is doing: not a problem.
         label = "phase" if st.get("state") == "starting" else "PROBLEM"
-        lines += _wrap(label, st["problem"], cols)
+        lines += wrap_field(label, st["problem"], cols)
     loaded = m.get("dim") is not None
     model = (f"{m['name']}  dim {m['dim']}  on {m.get('device') or '-'}" if loaded
              else f"{m['name']}  (not loaded yet)")
-    lines += _wrap("model", model, cols)
+    lines += wrap_field("model", model, cols)
     hnsw = "HNSW built" if s["index_built"] else "no HNSW yet (exact search)"
-    lines += _wrap("generation", f"{gen.get('id', '-')} ({gen.get('state', '-')}), "
+    lines += wrap_field("generation", f"{gen.get('id', '-')} ({gen.get('state', '-')}), "
                    f"{s['points']:,} points, {hnsw}", cols)
+    if st.get("migration"):
+        lines += wrap_field("migration", migration_summary(st["migration"]), cols)
     busy = [f"{name} {q[name]}" for name in ("scans", "settling", "planning", "embedding",
                                              "writing") if q.get(name)]
-    lines += _wrap("queue", "  ".join([f"{q['pending']} pending", *busy]), cols)
+    lines += wrap_field("queue", "  ".join([f"{q['pending']} pending", *busy]), cols)
     lines.append(_rates_line(st))
-    lines += _wrap("totals", f"{t['files']:,} files  {t['chunks']:,} chunks  "
+    lines += wrap_field("totals", f"{t['files']:,} files  {t['chunks']:,} chunks  "
                    f"{t['skipped']:,} skipped  {t['failed']:,} failed", cols)
-    lines += _wrap("this run", f"{t['embedded']:,} chunks embedded, {t['reused']:,} reused "
+    lines += wrap_field("this run", f"{t['embedded']:,} chunks embedded, {t['reused']:,} reused "
                    f"(since the daemon started)", cols)
     lines += ["", *_roots_table(st["roots"], cols)]
     broken = [c for c in st.get("components", []) if c["state"] != "ok" or c["restarts"]]
@@ -113,10 +115,38 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
         text = f"{c['name']}: {c['state']}, {c['restarts']} restart(s)"
         if c.get("last_error"):
             text += f"; last error: {c['last_error']}"
-        lines += _wrap("component", text, cols)
+        lines += wrap_field("component", text, cols)
     if st.get("last_error"):
-        lines += ["", *_wrap("last error", st["last_error"], cols)]
+        lines += ["", *wrap_field("last error", st["last_error"], cols)]
     return lines
+
+
+def percent(progress: float) -> str:
+    """``42%``; ``99%`` until it is really done (``99.6%`` rounded up reads as finished)."""
+    shown = int(progress * 100)
+    return f"{100 if progress >= 1 else min(shown, 99)}%"
+
+
+def migration_summary(m: dict[str, Any]) -> str:
+    """One line on a model migration, for ``repd status`` (``repd model status`` has more)."""
+    to = f"generation {m['to_generation']}" if m.get("to_generation") else "a new generation"
+    head = f"{m['state']}: {m['model']} into {to}"
+    state = m["state"]
+    if state == "loading":
+        return f"{head} (loading the model)"
+    if state == "backfilling":
+        text = (f"{head}, {percent(m['progress'])} ({m['files_done']:,} of "
+                f"{m['files_total']:,} files)")
+        eta = m.get("eta_s")
+        return text + (f", eta {duration(eta)}" if eta is not None and eta >= 1 else "")
+    if state == "gating":
+        return f"{head}: backfilled, the checks before the switch run"
+    if state == "ready":
+        gate = m.get("gate")
+        if gate and not gate.get("ok"):
+            return f"{head}: the gate refused the switch (see `repd model status`)"
+        return f"{head}: backfilled; `repd model switch` makes it active"
+    return f"{head}: {m.get('message') or 'see `repd model status`'}"
 
 
 def _roots_table(roots: list[dict[str, Any]], cols: int) -> list[str]:
@@ -129,7 +159,7 @@ def _roots_table(roots: list[dict[str, Any]], cols: int) -> list[str]:
         path = _left_fit(printable(root["path"]), path_w)
         watch = printable(root["watch"])
         if len(watch) > watch_w:
-            notes += _wrap("watch", f"{path}: {watch}", cols)
+            notes += wrap_field("watch", f"{path}: {watch}", cols)
             watch = watch.split(":", 1)[0][:watch_w]
         pad = path_w - text_width(path) + len(path)
         out.append(f"{path:<{pad}} {watch:<{watch_w}} {root['files']:>8,} "

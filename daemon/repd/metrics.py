@@ -42,4 +42,11 @@ def render_metrics(st: StatusResponse, queries: int, query_seconds: float) -> st
     metric("repd_query_seconds_total", "counter", "Time spent answering queries.",
            [({}, query_seconds)])
     metric("repd_uptime_seconds", "gauge", "Seconds since start.", [({}, st.uptime_s)])
+    # Always present (0 without a migration), so an alert on "active for too long" or a
+    # progress graph needs no absent() juggling.
+    migration = st.migration
+    metric("repd_migration_active", "gauge", "1 while a model migration exists (building, "
+           "waiting for the switch, or failed).", [({}, float(migration is not None))])
+    metric("repd_migration_progress", "gauge", "Share of the migration's backfill done, 0 to 1.",
+           [({}, migration.progress if migration is not None else 0.0)])
     return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""The daemon's answers to the API: status, query, files, reindex, pause, resume, metrics."""
+"""The daemon's answers to the API: status, query, files, reindex, pause, resume, metrics,
+and the model-upgrade commands (``/v1/model...``)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from repd import __version__
 from repd.api.backend import ApiError
@@ -17,9 +19,15 @@ from repd.api.schema import (
     ComponentStatus,
     FileIssue,
     FilesResponse,
+    GateInfo,
+    GateLabelFiles,
+    GenerationEntry,
     GenerationInfo,
     IssueState,
+    MigrationInfo,
+    ModelActionResponse,
     ModelInfo,
+    ModelStatusResponse,
     QueryHit,
     QueryRequest,
     QueryResponse,
@@ -32,16 +40,99 @@ from repd.api.schema import (
 )
 from repd.core.identity import stored_path
 from repd.metrics import render_metrics
+from repd.pipeline.modelstate import (
+    GateLabels,
+    GateReport,
+    GenerationSummary,
+    MigrationRefused,
+    MigrationSnapshot,
+    ModelCommandResult,
+    ModelCommands,
+    ModelSnapshot,
+)
 from repd.pipeline.scanner import contained, real_bases
 from repd.pipeline.search import search
 
 if TYPE_CHECKING:
+    from repd.adapters.store import Store
     from repd.app import Daemon
     from repd.pipeline.worker import WorkerSnapshot
 
 
+class QueryHandle(Protocol):
+    """One generation, held for the length of one query (``Daemon.generations.for_query``)."""
+
+    @property
+    def id(self) -> int:
+        """The generation's id."""
+        ...
+
+    @property
+    def store(self) -> Store:
+        """Its store."""
+        ...
+
+    def embed_query(self, text: str) -> list[float]:
+        """``text`` embedded with the generation's own model."""
+        ...
+
+
 def _int(value: object) -> int:
     return int(value) if isinstance(value, int | float) else 0
+
+
+def _when(ts: float) -> datetime:
+    return datetime.fromtimestamp(ts, UTC)
+
+
+def gate_info(gate: GateReport) -> GateInfo:
+    """The wire form of a gate report."""
+    return GateInfo(ok=gate.ok, checks=list(gate.checks), ndcg_active=gate.ndcg_active,
+                    ndcg_new=gate.ndcg_new, forced=gate.forced)
+
+
+def migration_info(m: MigrationSnapshot) -> MigrationInfo:
+    """The wire form of a migration snapshot (progress worked out, clamped to 0..1)."""
+    if m.files_total > 0:
+        progress = m.files_done / m.files_total
+    else:  # nothing to backfill: done once past the backfill
+        progress = 1.0 if m.state in ("gating", "ready") else 0.0
+    return MigrationInfo(
+        state=m.state, from_generation=str(m.from_generation),
+        to_generation=str(m.to_generation) if m.to_generation is not None else None,
+        model=m.model_name, model_id=m.model_id, files_done=max(0, m.files_done),
+        files_total=max(0, m.files_total), progress=min(1.0, max(0.0, progress)),
+        chunks_embedded=max(0, m.chunks_embedded), files_per_s=max(0.0, m.files_per_s),
+        eta_s=max(0.0, m.eta_s) if m.eta_s is not None else None,
+        model_memory_bytes=max(0, m.memory_bytes) if m.memory_bytes is not None else None,
+        gate=gate_info(m.gate) if m.gate is not None else None, message=m.message,
+        started_at=_when(m.started_at))
+
+
+def generation_entry(g: GenerationSummary) -> GenerationEntry:
+    """The wire form of one generation."""
+    return GenerationEntry(
+        id=str(g.id), model=g.model_name, model_id=g.model_id, dim=g.dim, state=g.state,
+        points=max(0, g.points), created_at=_when(g.created_at),
+        activated_at=_when(g.activated_at) if g.activated_at is not None else None,
+        location=g.location)
+
+
+def model_status_response(snap: ModelSnapshot) -> ModelStatusResponse:
+    """The wire form of the model machinery's snapshot."""
+    return ModelStatusResponse(
+        active=str(snap.active) if snap.active is not None else None,
+        generations=[generation_entry(g) for g in snap.generations],
+        migration=migration_info(snap.migration) if snap.migration is not None else None)
+
+
+def action_response(result: ModelCommandResult) -> ModelActionResponse:
+    """The wire form of a model command's result (a gate report in ``extra["gate"]``)."""
+    gate = result.extra.get("gate")
+    return ModelActionResponse(
+        ok=True, message=result.message,
+        generation=str(result.generation) if result.generation is not None else None,
+        gate=gate_info(gate) if isinstance(gate, GateReport) else None)
 
 
 class DaemonService:
@@ -123,6 +214,10 @@ class DaemonService:
         last_scan = snap.last_scan_at if snap else None
         gen = worker.indexer.generation if worker is not None else None
         emb = d.engine.loaded_embedder if d.engine is not None else None
+        models = d.models if d.ready else None
+        # snapshot() only reads the last published state: status stays cheap.
+        model_snap = models.snapshot() if models is not None else None
+        migration = model_snap.migration if model_snap is not None else None
         return StatusResponse(
             version=__version__, state=state,  # type: ignore[arg-type]
             paused=bool(worker is not None and worker.paused.is_set()),
@@ -152,7 +247,8 @@ class DaemonService:
             problem=problem,
             components=[ComponentStatus(name=c.name, state=c.state,  # type: ignore[arg-type]
                                         restarts=c.restarts, last_error=c.last_error)
-                        for c in health])
+                        for c in health],
+            migration=migration_info(migration) if migration is not None else None)
 
     def _ready(self) -> tuple[Any, Any]:
         d = self.d
@@ -164,14 +260,24 @@ class DaemonService:
     # -- query ---------------------------------------------------------------------------
 
     def query(self, req: QueryRequest) -> QueryResponse:
-        """Search the active generation with the loaded model."""
-        worker, engine = self._ready()
+        """Search the active generation (or ``req.generation``) with its own model."""
+        self._ready()
         root = None
         if req.root is not None:
             root = os.path.abspath(req.root)
             if Path(root) not in self.d.roots:
                 raise ApiError(404, f"{req.root} is not an indexed root", "unknown_root")
-        hits, took = search(engine.store, engine.embed_query, req.text, req.k,
+        generations = self.d.generations
+        if generations is None:  # ready implies open; kept for the type checker's sake
+            raise ApiError(503, "the daemon is starting; try again in a moment", "starting")
+        try:
+            # Taken once: a switch in the middle of this query cannot mix two generations'
+            # store and model, and the answer names the one that gave it.
+            handle: QueryHandle = generations.for_query(req.generation)
+        except LookupError as exc:
+            raise ApiError(404, str(exc.args[0]) if exc.args else str(exc),
+                           "unknown_generation") from None
+        hits, took = search(handle.store, handle.embed_query, req.text, req.k,
                             req.path, root, per_file=req.files)
         self.queries += 1
         self.query_seconds += took / 1000
@@ -179,7 +285,7 @@ class DaemonService:
             hits=[QueryHit(rank=h.rank, score=h.score, root=h.root, path=h.path,
                            start_line=max(1, h.start_line), end_line=max(1, h.end_line),
                            snippet=h.snippet) for h in hits],
-            took_ms=took, generation=str(worker.indexer.generation.id))
+            took_ms=took, generation=str(handle.id))
 
     # -- files, actions ------------------------------------------------------------------
 
@@ -253,6 +359,68 @@ class DaemonService:
     def metrics(self) -> str:
         """Prometheus text exposition."""
         return render_metrics(self.status(), self.queries, self.query_seconds)
+
+    # -- model upgrades ------------------------------------------------------------------
+
+    def _models(self) -> ModelCommands:
+        self._ready()
+        models = self.d.models
+        if models is None:  # ready, but the model machinery not yet published
+            raise ApiError(503, f"the daemon is starting ({self.d.phase}); try again in a "
+                           "moment", "starting")
+        return models
+
+    def _command(self, fn: Callable[[], ModelCommandResult]) -> ModelActionResponse:
+        try:
+            result = fn()
+        except MigrationRefused as exc:
+            raise ApiError(409, str(exc), "migration_refused") from None
+        # The migration (or the active generation) just changed: status must show it now,
+        # not a quarter second later.
+        self._cache = None
+        return action_response(result)
+
+    def model_status(self) -> ModelStatusResponse:
+        """The generations and the migration in progress (the last published snapshot)."""
+        return model_status_response(self._models().snapshot())
+
+    def model_use(self, model: str) -> ModelActionResponse:
+        """Start migrating to ``model``."""
+        models = self._models()
+        return self._command(lambda: models.use(model))
+
+    def model_switch(self, force: bool, labels: GateLabelFiles | None) -> ModelActionResponse:
+        """Run the gate and switch; blocks while the checks run."""
+        models = self._models()
+        gate_labels = None
+        if labels is not None:
+            given = [("queries", labels.queries), ("qrels", labels.qrels)]
+            if labels.mapping is not None:
+                given.append(("mapping", labels.mapping))
+            for name, path in given:
+                # Checked here so that a typo is a 422 in a moment, not a gate that fails.
+                if not Path(path).is_file():
+                    raise ApiError(422, f"{name} file {path} does not exist on the daemon's "
+                                   "machine (or is not a file)", "invalid_labels")
+            gate_labels = GateLabels(
+                queries=Path(labels.queries), qrels=Path(labels.qrels),
+                mapping=Path(labels.mapping) if labels.mapping is not None else None)
+        return self._command(lambda: models.switch(force=force, labels=gate_labels))
+
+    def model_rollback(self) -> ModelActionResponse:
+        """Make the most recently retired generation active again."""
+        models = self._models()
+        return self._command(models.rollback)
+
+    def model_prune(self) -> ModelActionResponse:
+        """Delete the retired generations."""
+        models = self._models()
+        return self._command(models.prune)
+
+    def model_abort(self) -> ModelActionResponse:
+        """Stop the migration in progress and delete its generation."""
+        models = self._models()
+        return self._command(models.abort)
 
 
 def _is_dir(path: Path, follow_symlinks: bool) -> bool:

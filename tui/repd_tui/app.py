@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from textual.widgets import (
     Footer,
     Header,
     Input,
+    ProgressBar,
     Sparkline,
     Static,
     TabbedContent,
@@ -63,6 +65,9 @@ MAX_READ_BYTES = 32 * 1024 * 1024
 MAX_CHUNK_LINES = 400
 """Most lines the Chunk pane shows of one hit."""
 
+MODEL_REFRESH_S = 30.0
+"""Longest the dashboard goes without asking which generations exist (for rollback)."""
+
 START_HINT = "start it with `repd run` or `systemctl --user start repd`"
 
 ROOT_COLUMNS = (
@@ -99,6 +104,9 @@ KEYS_HELP: tuple[tuple[str, str], ...] = (
     ("f", "the files that are skipped or failed, with why; f again goes back"),
     ("p", "pause indexing, or resume it"),
     ("r", "re-index every root (asks first)"),
+    ("s", "switch to the new model's generation, while a migration runs (asks first; "
+     "after a refused gate, asks to force it)"),
+    ("b", "roll back to the previous model's generation, when one is kept (asks first)"),
     ("Tab", "the next panel (Shift+Tab: the previous); arrows scroll it"),
     ("?", "this list"),
     ("q", "quit"),
@@ -141,6 +149,18 @@ class ClientLike(Protocol):
 
     def resume(self) -> dict[str, Any]:
         """``ActionResponse`` as a dict."""
+        ...
+
+    def model_status(self) -> dict[str, Any]:
+        """``ModelStatusResponse`` as a dict."""
+        ...
+
+    def model_switch(self, force: bool = False) -> dict[str, Any]:
+        """``ModelActionResponse`` as a dict; may take minutes (the gate runs)."""
+        ...
+
+    def model_rollback(self) -> dict[str, Any]:
+        """``ModelActionResponse`` as a dict."""
         ...
 
 
@@ -248,9 +268,14 @@ class FilesOutcome(Outcome):
 
 @dataclass(frozen=True)
 class ActionOutcome(Outcome):
-    """pause, resume or reindex."""
+    """pause, resume, reindex, switch or rollback."""
 
     action: str = ""
+
+
+@dataclass(frozen=True)
+class ModelOutcome(Outcome):
+    """The generations (``/v1/model``): which one a rollback would return to."""
 
 
 @dataclass(frozen=True)
@@ -272,10 +297,44 @@ def _call(fn: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any] | None, Exce
         return None, exc
 
 
+def printable_lines(text: str) -> str:
+    """``text`` with control characters made visible, its line breaks kept."""
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
 def _error_text(error: BaseException) -> str:
     if isinstance(error, ApiClientError):
         return printable(error)
     return printable(f"{type(error).__name__}: {error}")
+
+
+def migration_brief(m: dict[str, Any]) -> str:
+    """A migration in a few words, for the one-line summary."""
+    state = m["state"]
+    if state == "backfilling":
+        return f"migration {percent(m['progress'])}"
+    if state == "ready":
+        gate = m.get("gate")
+        return "migration: gate refused" if gate and not gate.get("ok") else "migration ready"
+    return f"migration {state}"
+
+
+def percent(progress: float) -> str:
+    """``42%``; never ``100%`` before it is done."""
+    return f"{100 if progress >= 1 else min(int(progress * 100), 99)}%"
+
+
+def gate_text(gate: dict[str, Any]) -> str:
+    """The gate's verdict and its checks, one a line."""
+    if gate.get("forced"):
+        verdict = "gate: forced past a failed check"
+    else:
+        verdict = "gate: passed" if gate.get("ok") else "gate: REFUSED"
+    lines = [verdict, *(f"  {check}" for check in gate.get("checks", []))]
+    active, new = gate.get("ndcg_active"), gate.get("ndcg_new")
+    if active is not None and new is not None:
+        lines.append(f"  nDCG@10: active {active:.3f}, new {new:.3f}")
+    return "\n".join(lines)
 
 
 class RepdApp(App[int]):
@@ -297,6 +356,10 @@ class RepdApp(App[int]):
         Binding("f", "toggle_files", "Files"),
         Binding("p", "toggle_pause", "Pause"),
         Binding("r", "reindex", "Reindex"),
+        # Shown only when they can apply (check_action): during a migration, and with a
+        # retired generation to go back to.
+        Binding("s", "switch_model", "Switch"),
+        Binding("b", "rollback_model", "Rollback"),
         Binding("question_mark", "show_keys", "Keys"),
         Binding("q", "quit", "Quit"),
         Binding("escape", "to_results", "Back to the results", show=False),
@@ -328,6 +391,13 @@ class RepdApp(App[int]):
         self._files: dict[str, dict[str, Any]] = {}
         self._issue_counts: tuple[int, int] | None = None
         self._history: deque[float] = deque(maxlen=HISTORY)
+        self.migration: dict[str, Any] | None = None
+        """The migration in the last status, if any."""
+        self.retired: dict[str, Any] | None = None
+        """The newest retired generation (what a rollback returns to), from ``/v1/model``."""
+        self._model_key: object = None
+        self._model_asked_at = 0.0
+        self._model_in_flight = False
 
     # -- layout
 
@@ -375,6 +445,14 @@ class RepdApp(App[int]):
                         )
                         yield Static("in flight (1 min)", id="spark-label", markup=False)
                         yield Sparkline([], id="spark")
+                # Only while a migration exists (see _render_migration).
+                with Panel(id="migration-panel", classes="panel"):
+                    yield Static("", id="migration-title", markup=False)
+                    with Horizontal(id="migration-progress"):
+                        yield ProgressBar(total=1, show_eta=False, id="migration-bar")
+                        yield Static("", id="migration-counts", markup=False)
+                    yield Static("", id="migration-gate", markup=False)
+                    yield Static("", id="migration-hint", markup=False)
                 yield FitTable(ROOT_COLUMNS, id="roots", cursor_type="row", zebra_stripes=True)
                 with Vertical(id="search"):
                     yield Input(placeholder="search the index: type, then Enter", id="query")
@@ -395,6 +473,8 @@ class RepdApp(App[int]):
         self.sub_title = self.client.target
         self.query_one("#status-panel").border_title = "Daemon"
         self.query_one("#queue-panel").border_title = "Queue"
+        self.query_one("#migration-panel").border_title = "Model migration"
+        self.query_one("#migration-panel").display = False
         self._table("#roots").border_title = "Roots"
         self._table("#results").border_title = "Results"
         self.query_one("#snippet-box").border_title = "Chunk"
@@ -446,6 +526,8 @@ class RepdApp(App[int]):
         was_down = self.daemon_up is False
         self.daemon_up = True
         self.last_status = outcome.data
+        self._refresh_model(outcome.data)
+        self._fit_footer()
         # A daemon that cannot make progress says so in red, in one line, on every tab.
         problem = outcome.data.get("problem")
         loud = outcome.data.get("state") in ("degraded", "disk_full")
@@ -467,6 +549,10 @@ class RepdApp(App[int]):
             f"{self.client.target} · no answer, retrying every {self.poll_interval:g} s"
         )
         self._set_summary("down", "down", f"no answer on {self.client.target}")
+        self._model_key = None  # the daemon may come back another: ask again then
+        if self.migration is not None or self.retired is not None:
+            self.refresh_bindings()  # s and b need a daemon that answers
+            self._fit_footer()
 
     def _show_banner(self, text: str | None) -> None:
         banner = self.query_one("#banner", Static)
@@ -559,6 +645,10 @@ class RepdApp(App[int]):
         if state != "starting":  # nothing is loaded yet: no numbers that only look like news
             parts.append(f"{fmt_count(store['points'])} points")
             parts.append(f"generation {generation['id']}" if generation else "no generation yet")
+        migration = st.get("migration")
+        self._render_migration(migration, model["name"])
+        if migration:
+            parts.append(migration_brief(migration))
         self._set_summary(state_text, flag, " · ".join(parts))
 
         totals = st["totals"]
@@ -569,6 +659,157 @@ class RepdApp(App[int]):
             self._issue_counts = counts
             if changed and self._files_open():
                 self._fetch_files()
+
+    def _render_migration(self, m: dict[str, Any] | None, model: str) -> None:
+        panel = self.query_one("#migration-panel", Panel)
+        had = self.migration is not None
+        self.migration = m
+        if (m is not None) != had:
+            self.refresh_bindings()  # s appears or goes; b goes or comes back
+        panel.display = m is not None
+        if m is None:
+            return
+        state = m["state"]
+        to = f"generation {m['to_generation']}" if m.get("to_generation") else "a new generation"
+        self.query_one("#migration-title", Static).update(printable(
+            f"{state}: {model} (generation {m['from_generation']}) → {m['model']} ({to})"))
+        self.query_one("#migration-progress").display = state != "loading"
+        bar = self.query_one("#migration-bar", ProgressBar)
+        bar.update(total=max(1, int(m["files_total"])), progress=int(m["files_done"]))
+        counts = f"{fmt_count(m['files_done'])} / {fmt_count(m['files_total'])} files"
+        if state == "backfilling":
+            eta = m.get("eta_s")
+            counts += f" · {fmt_rate(m['files_per_s'])} files/s · ETA " + (
+                (fmt_duration(eta) if eta >= 1 else "< 1s") if eta is not None else "unknown")
+        self.query_one("#migration-counts", Static).update(counts)
+        detail = []
+        if m.get("gate"):
+            detail.append(gate_text(m["gate"]))
+        if m.get("message"):
+            detail.append(str(m["message"]))
+        gate_box = self.query_one("#migration-gate", Static)
+        gate_box.display = bool(detail)
+        # Daemon messages may hold anything: printable, line by line.
+        gate_box.update(printable_lines("\n".join(detail)))
+        gate_box.set_class(bool(m.get("gate")) and not m["gate"].get("ok"), "-refused")
+        hint = {
+            "loading": "loading the new model; the active generation answers meanwhile",
+            "backfilling": "the active generation answers meanwhile",
+            "gating": "the checks before the switch run",
+            "ready": "backfilled: s switches to it",
+            "failed": "failed: `repd model abort` removes it",
+        }.get(state, "")
+        if state == "ready" and m.get("gate") and not m["gate"].get("ok"):
+            hint = "the gate refused the switch: s asks whether to force it"
+        memory = m.get("model_memory_bytes")
+        if memory is not None:
+            hint += f" · the new model takes {memory / (1024 * 1024):,.0f} MiB"
+        self.query_one("#migration-hint", Static).update(hint)
+
+    # -- model: generations, switch, rollback
+
+    def _refresh_model(self, st: dict[str, Any]) -> None:
+        # /v1/model only when something it shows may have changed: another generation
+        # became active, or a migration came, went or moved on to another state.
+        migration = st.get("migration") or {}
+        key = ((st.get("generation") or {}).get("id"), migration.get("state"),
+               migration.get("to_generation"))
+        if self._model_in_flight:
+            return
+        # Also every MODEL_REFRESH_S: a prune from the command line changes no status field.
+        fresh = time.monotonic() - self._model_asked_at < MODEL_REFRESH_S
+        if key == self._model_key and fresh:
+            return
+        self._model_key = key
+        self._model_asked_at = time.monotonic()
+        self._model_in_flight = True
+        self._fetch_model()
+
+    @work(thread=True, group="model", exit_on_error=False)
+    def _fetch_model(self) -> ModelOutcome:
+        return ModelOutcome(*_call(self.client.model_status))
+
+    def _apply_model(self, outcome: ModelOutcome) -> None:
+        self._model_in_flight = False
+        if outcome.data is None:
+            # An older daemon, or one still starting: no rollback offered; asked again at
+            # the next change.
+            self._model_key = None
+            self.retired = None
+        else:
+            retired = [g for g in outcome.data.get("generations", [])
+                       if g.get("state") == "retired"]
+            # The most recently retired is the one most recently active (ISO times sort).
+            self.retired = max(retired, key=lambda g: str(g.get("activated_at") or "")
+                               ) if retired else None
+        self.refresh_bindings()
+        self._fit_footer()
+
+    def _fit_footer(self) -> None:
+        # 80 columns hold the usual keys and no more: while s or b shows, the footer packs
+        # its keys closer, so that ? and q stay in view.
+        extra = self.check_action("switch_model", ()) or self.check_action("rollback_model", ())
+        self.query_one(Footer).compact = bool(extra) and self.size.width < 110
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        """Hide s without a migration, and b without a generation to roll back to."""
+        if action == "switch_model":
+            return self.migration is not None and self.daemon_up is True
+        if action == "rollback_model":
+            return (self.retired is not None and self.migration is None
+                    and self.daemon_up is True)
+        return True
+
+    def action_switch_model(self) -> None:
+        """``s``: after a confirm, run the gate and switch to the new generation (after a
+        refused gate: ask whether to force it)."""
+        m = self.migration
+        if m is None:
+            return
+        if m["state"] != "ready":
+            why = {
+                "loading": "the new model is still loading",
+                "gating": "the checks before the switch are running",
+                "failed": f"the migration failed: {m.get('message') or 'see repd model status'}",
+            }.get(m["state"], f"the new generation is still being built "
+                              f"({percent(m['progress'])})")
+            self.notify(printable(why), title="switch", severity="warning", markup=False)
+            return
+        gate: dict[str, Any] | None = m.get("gate")
+        force = gate is not None and not gate.get("ok")
+        to = f"generation {m['to_generation']}"
+        kept = "The current generation is kept, retired: b rolls back to it."
+        if gate is not None and force:
+            question = (f"The gate refused the switch to {m['model']} ({to}):\n"
+                        f"{gate_text(gate)}\n\nSwitch anyway? {kept}")
+        else:
+            question = (f"Switch to {m['model']} ({to})? The gate's checks run first; it "
+                        f"answers queries once they pass. {kept}")
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._act("switch", lambda: self.client.model_switch(force=force))
+
+        self.push_screen(ConfirmScreen(printable_lines(question),
+                                       yes_label="Force switch" if force else "Switch"),
+                         answered)
+
+    def action_rollback_model(self) -> None:
+        """``b``: after a confirm, make the previous generation active again."""
+        back = self.retired
+        if back is None:
+            return
+        current = (self.last_status or {}).get("generation") or {}
+        question = (f"Roll back to generation {back['id']} ({back['model']})? It answers "
+                    "queries again at once; nothing is embedded"
+                    + (f", and generation {current['id']} is kept, retired." if current
+                       else "."))
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self._act("rollback", self.client.model_rollback)
+
+        self.push_screen(ConfirmScreen(printable(question), yes_label="Roll back"), answered)
 
     @staticmethod
     def _eta_text(eta: float | None, paused: bool, in_flight: int) -> str:
@@ -906,6 +1147,11 @@ class RepdApp(App[int]):
         if outcome.action in ("pause", "resume"):
             # Known now, not at the next poll: a quick second p must do the opposite.
             self._paused = outcome.action == "pause"
+        if outcome.action in ("switch", "rollback"):
+            self._model_key = None  # the generations changed: ask /v1/model again
+            gate = outcome.data.get("gate")
+            if gate:
+                message += "\n" + printable_lines(gate_text(gate))
         self.notify(message, title=outcome.action, markup=False)
         self._poll_status()
 
@@ -929,11 +1175,15 @@ class RepdApp(App[int]):
                 self._apply_files(result)
             elif isinstance(result, ActionOutcome):
                 self._apply_action(result)
+            elif isinstance(result, ModelOutcome):
+                self._apply_model(result)
             elif isinstance(result, ChunkOutcome):
                 self._apply_chunk(result)
         elif event.state in (WorkerState.ERROR, WorkerState.CANCELLED):
             if worker.group == "status":
                 self._status_in_flight = False
+            if worker.group == "model":
+                self._model_in_flight = False
             if worker.group == "query":
                 self._table("#results").loading = False
             if event.state == WorkerState.ERROR and worker.error is not None:

@@ -7,7 +7,10 @@ from typing import Protocol
 from repd.api.schema import (
     ActionResponse,
     FilesResponse,
+    GateLabelFiles,
     IssueState,
+    ModelActionResponse,
+    ModelStatusResponse,
     QueryRequest,
     QueryResponse,
     StatusResponse,
@@ -42,7 +45,8 @@ class Backend(Protocol):
         ...
 
     def query(self, req: QueryRequest) -> QueryResponse:
-        """Search the active generation."""
+        """Search the active generation, or ``req.generation``; ``ApiError(404,
+        ..., "unknown_generation")`` when that one cannot be searched."""
         ...
 
     def files(self, state: IssueState | None, limit: int, offset: int) -> FilesResponse:
@@ -63,4 +67,32 @@ class Backend(Protocol):
 
     def metrics(self) -> str:
         """Prometheus text exposition format, version 0.0.4."""
+        ...
+
+    # -- model upgrades: each command raises ApiError(409, why, "migration_refused") when
+    # the daemon's state does not allow it now, and ApiError(503, ..., "starting") before
+    # the daemon is ready.
+
+    def model_status(self) -> ModelStatusResponse:
+        """The generations and the migration in progress; cheap, never waits."""
+        ...
+
+    def model_use(self, model: str) -> ModelActionResponse:
+        """Start migrating to ``model`` (a Hugging Face name or an absolute local path)."""
+        ...
+
+    def model_switch(self, force: bool, labels: GateLabelFiles | None) -> ModelActionResponse:
+        """Run the gate (with ``labels`` when given) and switch; may block for minutes."""
+        ...
+
+    def model_rollback(self) -> ModelActionResponse:
+        """Make the most recently retired generation active again."""
+        ...
+
+    def model_prune(self) -> ModelActionResponse:
+        """Delete the retired generations."""
+        ...
+
+    def model_abort(self) -> ModelActionResponse:
+        """Stop the migration in progress and delete its generation."""
         ...

@@ -29,6 +29,14 @@ API_PREFIX = "/v1"
 #: Backoff while a starting daemon loads its model: 0.1 s, doubling, at most 1 s.
 STARTING_FIRST_DELAY_S = 0.1
 STARTING_MAX_DELAY_S = 1.0
+#: Least seconds a model command waits for its answer (more if the client's timeout is
+#: longer): ``use`` answers once the new model is loaded (from the Hugging Face cache, or
+#: downloaded), a switch runs the gate's checks (with labeled queries, both models rank
+#: them), pruning deletes whole stores; the others wait for the indexer to take them.
+MODEL_USE_TIMEOUT_S = 600.0
+MODEL_COMMAND_TIMEOUT_S = 60.0
+MODEL_SWITCH_TIMEOUT_S = 300.0
+MODEL_PRUNE_TIMEOUT_S = 120.0
 
 
 class ApiClientError(RepdError):
@@ -47,7 +55,9 @@ class ApiRequestError(ApiClientError):
     """The daemon answered with a 4xx or 5xx; ``message`` is fit to show as is.
 
     Exit code: 2 for a request the daemon refused as wrong (4xx: a bad argument, a
-    missing token), 75 when it is overloaded or not ready (429, 503), 1 otherwise.
+    missing token), 75 when it is overloaded or not ready (429, 503), 1 otherwise,
+    409 included (a right request the daemon's state does not allow now, such as a
+    second model migration).
     """
 
     def __init__(self, status: int, message: str, code: str = "") -> None:
@@ -57,6 +67,8 @@ class ApiRequestError(ApiClientError):
         self.code = code
         if status in (429, 503):
             self.exit_code = EXIT_TEMPFAIL
+        elif status == 409:
+            self.exit_code = EXIT_ERROR
         elif 400 <= status < 500:
             self.exit_code = EXIT_CONFIG
         else:
@@ -130,9 +142,10 @@ class ApiClient:
     def query(
         self, text: str, k: int = 10, path: str | None = None, root: str | None = None,
         files: bool = False, *, wait_starting: float = 0.0,
-        on_wait: Callable[[], None] | None = None,
+        on_wait: Callable[[], None] | None = None, generation: int | None = None,
     ) -> dict[str, Any]:
-        """Semantic search (``QueryResponse``); ``files``: one hit per file.
+        """Semantic search (``QueryResponse``); ``files``: one hit per file;
+        ``generation``: search that generation instead of the active one.
 
         ``wait_starting``: seconds to keep asking a daemon that answers 503 "starting"
         (it is loading its model), with a short backoff; ``on_wait`` is called once,
@@ -141,6 +154,8 @@ class ApiClient:
         body: dict[str, Any] = {"text": text, "k": k}
         if files:
             body["files"] = True
+        if generation is not None:
+            body["generation"] = generation
         if path is not None:
             body["path"] = path
         if root is not None:
@@ -184,17 +199,73 @@ class ApiClient:
         """Prometheus text exposition."""
         return self._request("GET", "/metrics").decode("utf-8", "replace")
 
+    # -- model upgrades: each command raises ApiRequestError 409 (code
+    # "migration_refused") when the daemon's state does not allow it now. ``timeout``:
+    # seconds to wait for the answer; None waits the client's timeout, or the command's
+    # own floor when that is longer.
+
+    def model_status(self) -> dict[str, Any]:
+        """Generations and the migration in progress (``ModelStatusResponse``)."""
+        return self._json("GET", f"{API_PREFIX}/model")
+
+    def model_use(self, model: str, *, timeout: float | None = None) -> dict[str, Any]:
+        """Start migrating to ``model``: a Hugging Face name or an absolute local path
+        (``ModelActionResponse``); answers once the daemon has loaded it."""
+        return self._json("POST", f"{API_PREFIX}/model/use", {"model": model},
+                          timeout=self._command_timeout(timeout, MODEL_USE_TIMEOUT_S))
+
+    def model_switch(
+        self, force: bool = False, queries: str | None = None, qrels: str | None = None,
+        mapping: str | None = None, *, timeout: float | None = None,
+    ) -> dict[str, Any]:
+        """Run the gate and make the new generation active (``ModelActionResponse``).
+
+        ``queries`` and ``qrels`` (and optionally ``mapping``): a labeled query set for
+        the gate, as absolute paths on the daemon's machine; give both or neither.
+        """
+        if (queries is None) != (qrels is None):
+            raise ValueError("queries and qrels go together: give both or neither")
+        if mapping is not None and queries is None:
+            raise ValueError("mapping needs queries and qrels")
+        body: dict[str, Any] = {"force": force}
+        if queries is not None and qrels is not None:
+            labels: dict[str, Any] = {"queries": queries, "qrels": qrels}
+            if mapping is not None:
+                labels["mapping"] = mapping
+            body["labels"] = labels
+        return self._json("POST", f"{API_PREFIX}/model/switch", body,
+                          timeout=self._command_timeout(timeout, MODEL_SWITCH_TIMEOUT_S))
+
+    def model_rollback(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Make the most recently retired generation active again (``ModelActionResponse``)."""
+        return self._json("POST", f"{API_PREFIX}/model/rollback",
+                          timeout=self._command_timeout(timeout, MODEL_COMMAND_TIMEOUT_S))
+
+    def model_prune(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Delete the retired generations (``ModelActionResponse``)."""
+        return self._json("POST", f"{API_PREFIX}/model/prune",
+                          timeout=self._command_timeout(timeout, MODEL_PRUNE_TIMEOUT_S))
+
+    def model_abort(self, *, timeout: float | None = None) -> dict[str, Any]:
+        """Stop the migration in progress and delete its generation (``ModelActionResponse``)."""
+        return self._json("POST", f"{API_PREFIX}/model/abort",
+                          timeout=self._command_timeout(timeout, MODEL_COMMAND_TIMEOUT_S))
+
+    def _command_timeout(self, given: float | None, floor: float) -> float:
+        return given if given is not None else max(self.timeout, floor)
+
     # -- plumbing
 
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
         if self._socket_path is not None:
-            return UnixHTTPConnection(self._socket_path, self.timeout)
+            return UnixHTTPConnection(self._socket_path, timeout)
         if self._scheme == "https":
-            return http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout)
-        return http.client.HTTPConnection(self._host, self._port, timeout=self.timeout)
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout)
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
 
-    def _json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        raw = self._request(method, path, body)
+    def _json(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+              timeout: float | None = None) -> dict[str, Any]:
+        raw = self._request(method, path, body, timeout=timeout)
         try:
             data = json.loads(raw)
         except ValueError:
@@ -205,7 +276,9 @@ class ApiClient:
             raise ApiClientError(f"the daemon at {self.target} sent an unexpected reply")
         return data
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+    def _request(self, method: str, path: str, body: dict[str, Any] | None = None, *,
+                 timeout: float | None = None) -> bytes:
+        wait = self.timeout if timeout is None else timeout
         headers = {"Accept": "application/json"}
         payload = None
         if body is not None:
@@ -213,7 +286,7 @@ class ApiClient:
             headers["Content-Type"] = "application/json"
         if self._token is not None:
             headers["Authorization"] = f"Bearer {self._token}"
-        conn = self._connection()
+        conn = self._connection(wait)
         try:
             conn.request(method, self._prefix + path, body=payload, headers=headers)
             response = conn.getresponse()
@@ -224,7 +297,7 @@ class ApiClient:
             ) from None
         except TimeoutError:
             raise DaemonUnresponsive(
-                f"the daemon at {self.target} did not answer within {self.timeout:g} s"
+                f"the daemon at {self.target} did not answer within {wait:g} s"
             ) from None
         except PermissionError:
             raise ApiClientError(

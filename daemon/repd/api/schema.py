@@ -20,6 +20,11 @@ IssueState = Literal["skipped", "failed"]
 # at the edge keeps that a 422 instead of an internal error in the daemon.
 NO_NUL_PATTERN = r"^[^\x00]*$"
 NOT_BLANK_PATTERN = r"\S"
+#: A model name or path: something that is not blank, and no NUL (it may become a path).
+MODEL_NAME_PATTERN = r"^[^\x00]*[^\x00\s][^\x00]*$"
+#: A file on the daemon's machine: absolute, since the daemon's working folder is not the
+#: client's, and without NUL.
+ABSOLUTE_PATH_PATTERN = r"^/[^\x00]*$"
 
 
 def _integral_float_to_int(value: Any) -> Any:
@@ -42,6 +47,125 @@ class _Response(BaseModel):
     # extra="forbid" puts additionalProperties: false into the OpenAPI document, so the
     # schema fuzzer catches the server sending fields the contract does not name.
     model_config = ConfigDict(extra="forbid")
+
+
+# --- model upgrades ----------------------------------------------------------------------
+
+GenerationState = Literal["building", "active", "retired"]
+MigrationState = Literal["loading", "backfilling", "gating", "ready", "failed"]
+"""``loading``: the new model loads; ``backfilling``: every file is embedded again into the
+new generation; ``gating``: the checks before the switch run; ``ready``: waiting for
+``repd model switch``; ``failed``: the migration cannot go on (see ``message``)."""
+
+
+class GateInfo(_Response):
+    """What the checks before a switch found."""
+
+    ok: bool = Field(description="true when every check passed")
+    checks: list[str] = Field(description="one line per check, fit to show as is")
+    ndcg_active: float | None = Field(
+        default=None, description="nDCG@10 of the active generation on the labeled queries")
+    ndcg_new: float | None = Field(
+        default=None, description="nDCG@10 of the new generation on the labeled queries")
+    forced: bool = Field(default=False, description="the switch was forced past a failed gate")
+
+
+class MigrationInfo(_Response):
+    """A migration to another embedding model, in progress (at most one at a time)."""
+
+    state: MigrationState
+    from_generation: str = Field(description="the generation that answers queries meanwhile")
+    to_generation: str | None = Field(
+        default=None, description="the generation being built; null while the model loads")
+    model: str = Field(description="the new model: Hugging Face name or local path")
+    model_id: str | None = Field(
+        default=None, description="the new model's identity; null until it is loaded")
+    files_done: int = Field(ge=0, description="files embedded into the new generation")
+    files_total: int = Field(ge=0, description="files to embed into the new generation")
+    progress: float = Field(ge=0, le=1, description="share of the backfill done, 0 to 1")
+    chunks_embedded: int = Field(ge=0)
+    files_per_s: float = Field(ge=0)
+    eta_s: float | None = Field(default=None, ge=0, description="seconds until backfilled")
+    model_memory_bytes: int | None = Field(
+        default=None, ge=0, description="memory the second model's weights take")
+    gate: GateInfo | None = Field(default=None, description="the last gate's result, if run")
+    message: str | None = Field(
+        default=None, description="why the migration failed or waits, in one line")
+    started_at: datetime
+
+
+class GenerationEntry(_Response):
+    """One generation: an index built with one embedding model."""
+
+    id: str
+    model: str = Field(description="model name: Hugging Face id or local path")
+    model_id: str = Field(description="model identity (name plus revision or weights hash)")
+    dim: int = Field(ge=1, description="vector size")
+    state: GenerationState = Field(
+        description="building (a migration fills it), active (answers queries) or retired "
+        "(kept for rollback until pruned)")
+    points: int = Field(ge=0)
+    created_at: datetime
+    activated_at: datetime | None = Field(
+        default=None, description="when it last became the active generation")
+    location: str = Field(description="shard folder (embedded) or collection name (server)")
+
+
+class ModelStatusResponse(_Response):
+    """The generations and the migration in progress, for ``repd model status|list``."""
+
+    active: str | None = Field(description="the generation answering queries, if any")
+    generations: list[GenerationEntry]
+    migration: MigrationInfo | None = None
+
+
+class ModelUseRequest(_Request):
+    """Start migrating the index to another embedding model."""
+
+    model: str = Field(
+        min_length=1,
+        max_length=4096,
+        pattern=MODEL_NAME_PATTERN,
+        description="Hugging Face model name, or a local path (absolute: the daemon's "
+        "working folder is not yours)",
+    )
+
+
+class GateLabelFiles(_Request):
+    """A labeled query set (BEIR files) for the gate's quality check: paths on the
+    daemon's machine, absolute (the daemon's working folder is not the client's)."""
+
+    queries: str = Field(
+        min_length=1, max_length=4096, pattern=ABSOLUTE_PATH_PATTERN,
+        description='BEIR queries.jsonl: one {"_id": ..., "text": ...} object a line')
+    qrels: str = Field(
+        min_length=1, max_length=4096, pattern=ABSOLUTE_PATH_PATTERN,
+        description="BEIR qrels TSV: query-id, corpus-id, score a line")
+    mapping: str | None = Field(
+        default=None, min_length=1, max_length=4096, pattern=ABSOLUTE_PATH_PATTERN,
+        description="document id -> file path (TSV or JSON); default: a file's stem")
+
+
+class ModelSwitchRequest(_Request):
+    """Run the gate and make the backfilled generation the active one."""
+
+    force: bool = Field(default=False, description="switch even when the gate fails")
+    # One object, not three loose fields: queries without qrels cannot be scored, and the
+    # schema says so by itself (no rule that only the daemon knows).
+    labels: GateLabelFiles | None = Field(
+        default=None, description="labeled queries for the quality check; null: the "
+        "configured ones, if any")
+
+
+class ModelActionResponse(_Response):
+    """The outcome of use, switch, rollback, prune or abort."""
+
+    ok: bool = True
+    message: str = Field(description="one line for the person who asked")
+    generation: str | None = Field(
+        default=None, description="the generation the command concerns (created, made "
+        "active, ...), if one")
+    gate: GateInfo | None = Field(default=None, description="for switch: what the gate found")
 
 
 # --- status -------------------------------------------------------------------------------
@@ -156,6 +280,8 @@ class StatusResponse(_Response):
         "disk_full) or is not ready yet; null when all is well")
     components: list[ComponentStatus] = Field(
         default_factory=list, description="supervised parts and their health")
+    migration: MigrationInfo | None = Field(
+        default=None, description="the model migration in progress; null when there is none")
 
 
 # --- query --------------------------------------------------------------------------------
@@ -187,6 +313,14 @@ class QueryRequest(_Request):
     )
     files: bool = Field(
         default=False, description="one hit per file: the best chunk of each of the top k files")
+    # The bounds before the validator, inside the union's integer branch: elsewhere pydantic
+    # writes them as "ge"/"le" in the JSON Schema, which no client or fuzzer reads as bounds.
+    generation: Annotated[
+        int, Field(ge=1, le=2**31 - 1), BeforeValidator(_integral_float_to_int)
+    ] | None = Field(
+        default=None,
+        description="answer from this generation (an active, building or retired one that "
+        "can be searched); null: the active generation")
 
 
 class QueryHit(_Response):

@@ -33,7 +33,9 @@ from repd.api.guard import (
     raise_nofile_limit,
 )
 from repd.api.schema import (
+    ABSOLUTE_PATH_PATTERN,
     API_VERSION,
+    MODEL_NAME_PATTERN,
     NO_NUL_PATTERN,
     NOT_BLANK_PATTERN,
     ActionResponse,
@@ -41,6 +43,10 @@ from repd.api.schema import (
     ErrorResponse,
     FilesResponse,
     IssueState,
+    ModelActionResponse,
+    ModelStatusResponse,
+    ModelSwitchRequest,
+    ModelUseRequest,
     QueryRequest,
     QueryResponse,
     ReindexRequest,
@@ -221,6 +227,9 @@ def _where(loc: Sequence[Any]) -> str:
 _PATTERN_MEANING = {
     NOT_BLANK_PATTERN: "must not be blank",
     NO_NUL_PATTERN: "must not contain NUL characters",
+    MODEL_NAME_PATTERN: "must not be blank or contain NUL characters",
+    ABSOLUTE_PATH_PATTERN: "must be an absolute path (the daemon's working folder is not "
+    "yours), without NUL characters",
 }
 
 
@@ -338,7 +347,8 @@ def create_app(
 
     @app.post("/v1/query", responses=_error_docs(400, 404, 413, 415, 422), tags=["search"])
     def post_query(req: QueryRequest) -> QueryResponse:
-        """Semantic search over the active index generation."""
+        """Semantic search over the active index generation (or the one named in
+        ``generation``: 404 with code ``unknown_generation`` when it cannot be searched)."""
         return _guard("query", lambda: backend.query(req))
 
     @app.get("/v1/files", responses=_error_docs(422), tags=["daemon"])
@@ -391,8 +401,53 @@ def create_app(
         """This API's OpenAPI document (the same as /openapi.json)."""
         return JSONResponse(app.openapi())
 
+    _add_model_routes(app, backend)
     _refine_openapi(app, bearer=token is not None)
     return app
+
+
+def _add_model_routes(app: FastAPI, backend: Backend) -> None:
+    """``/v1/model...``: generations and migrations to another embedding model.
+
+    The commands answer 409 (code ``migration_refused``) when the daemon's state does not
+    allow them now (a second migration, nothing to roll back to...); the message says why.
+    """
+    # 409: refused in this state; 503 (code "starting") until the daemon is ready.
+    refusals = _error_docs(409)
+
+    @app.get("/v1/model", responses=_error_docs(), tags=["model"])
+    def get_model() -> ModelStatusResponse:
+        """The generations (active, building, retired) and the migration in progress."""
+        return _guard("model_status", backend.model_status)
+
+    @app.post("/v1/model/use", responses=_error_docs(400, 409, 413, 415, 422), tags=["model"])
+    def post_model_use(req: ModelUseRequest) -> ModelActionResponse:
+        """Start migrating to another model: answers once the model is loaded; the new
+        generation is then built in the background while the active one answers queries."""
+        return _guard("model_use", lambda: backend.model_use(req.model))
+
+    @app.post("/v1/model/switch", responses=_error_docs(400, 409, 413, 415, 422),
+              tags=["model"])
+    def post_model_switch(req: ModelSwitchRequest | None = None) -> ModelActionResponse:
+        """Run the gate's checks and make the backfilled generation the active one (the
+        previous one is kept, retired, for rollback). May take minutes with labels."""
+        req = req if req is not None else ModelSwitchRequest()
+        return _guard("model_switch", lambda: backend.model_switch(req.force, req.labels))
+
+    @app.post("/v1/model/rollback", responses=refusals, tags=["model"])
+    def post_model_rollback() -> ModelActionResponse:
+        """Make the most recently retired generation active again (nothing is embedded)."""
+        return _guard("model_rollback", backend.model_rollback)
+
+    @app.post("/v1/model/prune", responses=refusals, tags=["model"])
+    def post_model_prune() -> ModelActionResponse:
+        """Delete the retired generations: their points, rows and cached vectors."""
+        return _guard("model_prune", backend.model_prune)
+
+    @app.post("/v1/model/abort", responses=refusals, tags=["model"])
+    def post_model_abort() -> ModelActionResponse:
+        """Stop the migration in progress and delete the generation it was building."""
+        return _guard("model_abort", backend.model_abort)
 
 
 def _refine_openapi(app: FastAPI, *, bearer: bool) -> None:

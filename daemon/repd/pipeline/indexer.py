@@ -706,9 +706,9 @@ class Indexer:
         if handle.chunking_key() == self.active.chunking_key():
             # Same tokenizer and limit: the active generation's chunks are the new one's,
             # texts and all; they come from its store, the disk is not read again.
-            plans.extend(self._plans_from_active(todo, changed))
-            todo = [r for r in todo if (r.root, r.path) in changed]
-            changed.clear()  # retried from the disk below
+            lacking: list[tuple[str, str]] = []  # not fully in the active store: read them
+            plans.extend(self._plans_from_active(todo, lacking))
+            todo = [r for r in todo if (r.root, r.path) in lacking]
         planner = self._planner_for(handle)
         for row in todo:
             try:

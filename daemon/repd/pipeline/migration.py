@@ -378,7 +378,7 @@ class Migrations:
         return ModelCommandResult(
             f"generation {new.id} ({new.row.model_name}) answers queries now; generation "
             f"{old.id} is retired (`repd model rollback` returns to it, `repd model prune` "
-            "deletes it)", new.id)
+            "deletes it)", new.id, {"gate": mig.gate} if mig.gate is not None else {})
 
     def _refresh_rows(self, *handles: GenerationHandle) -> None:
         for h in handles:
