@@ -504,7 +504,8 @@ def test_find_repd_prefers_the_running_install(tmp_path: Path) -> None:
 _SETTING_LINE = re.compile(r"^(# )?([a-z_]+) = ")
 # Defaults that depend on the machine or are unset; the example shows a sample value.
 _SAMPLE_VALUES = {"roots", "store.path", "store.url", "store.api_key", "api.socket",
-                  "api.socket_group", "api.tcp_port", "api.token"}
+                  "api.socket_group", "api.tcp_port", "api.token", "migration.gate_queries",
+                  "migration.gate_qrels", "migration.gate_mapping"}
 
 
 def settings_keys() -> set[str]:
