@@ -688,12 +688,13 @@ def test_server_without_prefix_support_filters_prefixes_itself(
         points = random_points(200, seed=13)
         store.upsert(points)
         query = points[5].vector
-        for kwargs, keep in [
+        cases: list[tuple[dict[str, Any], Callable[[PointRecord], bool]]] = [
             ({"path_prefix": "src/sub/"}, lambda p: p.payload["path"].startswith("src/sub/")),
             ({"root": "r1", "path_prefix": "docs/"},
              lambda p: p.payload["root"] == "r1" and p.payload["path"].startswith("docs/")),
             ({"path_prefix": "none/"}, lambda p: False),
-        ]:
+        ]
+        for kwargs, keep in cases:
             assert ids_of(store.search(query, 6, **kwargs)) == expected_ids(
                 points, query, 6, keep), kwargs
     finally:

@@ -12,8 +12,15 @@ from typing import Any
 
 import qdrant_edge as qe
 
-from repd.adapters.store import StoreError
-from repd.core.types import Hit, PointRecord
+from repd.adapters.store import (
+    DEFAULT_RRF_K,
+    DENSE_VECTOR,
+    SPARSE_VECTOR,
+    StoreError,
+    check_search,
+    check_sparse,
+)
+from repd.core.types import Hit, PointRecord, SearchMode, SparseVec
 
 #: Unindexed points (the shard's appendable segment) at which ``maybe_build_index``
 #: seals them into an HNSW segment. Below it a query scans them brute force, which is
@@ -26,8 +33,9 @@ DEFAULT_PAGE_SIZE = 1024
 
 # Payload fields with a keyword index. ``path`` also gets the prefix option so
 # ``MatchPrefix`` is served by the index; the engine also matches prefixes without
-# one (by reading payloads), so the option is a speed-up, not a requirement.
-_KEYWORD_FIELDS = ("root", "path", "chunk_hash")
+# one (by reading payloads), so the option is a speed-up, not a requirement. ``ext``
+# is indexed on old shards too: points without it are simply not in the index.
+_KEYWORD_FIELDS = ("root", "path", "chunk_hash", "ext")
 _EDGE_CONFIG_FILE = "edge_config.json"
 #: Suffix of the name a dropped shard folder is renamed to before it is deleted.
 DROPPING_SUFFIX = ".dropping"
@@ -41,7 +49,13 @@ def _kb(points: int, dim: int) -> int:
 
 
 class EdgeStore:
-    """A ``Store`` over one Qdrant Edge shard (cosine, one unnamed dense vector).
+    """A ``Store`` over one Qdrant Edge shard.
+
+    Two layouts, fixed when the shard is created: dense-only (``hybrid`` False: one
+    unnamed cosine vector, the layout of every shard made before hybrid search) and
+    hybrid (a cosine vector named ``"dense"`` plus a sparse vector ``"bm25"`` with the
+    IDF modifier, so the engine applies IDF over the shard at query time to the
+    TF-saturated weights the documents carry).
 
     Vectors are stored L2-normalised (cosine distance), so ``retrieve`` gives back the
     normalised vector. Point ids are returned as canonical lowercase UUID strings.
@@ -64,9 +78,11 @@ class EdgeStore:
         *,
         index_threshold: int,
         page_size: int,
+        hybrid: bool = False,
     ) -> None:
-        """Wrap an open shard; prefer ``EdgeStore.open``."""
+        """Wrap an open shard of the given layout; prefer ``EdgeStore.open``."""
         self.dim = dim
+        self.hybrid = hybrid
         self.path = path
         self.index_threshold = index_threshold
         self.page_size = page_size
@@ -81,6 +97,7 @@ class EdgeStore:
         path: Path,
         dim: int,
         *,
+        hybrid: bool = False,
         index_threshold: int = DEFAULT_INDEX_THRESHOLD,
         max_segment_points: int | None = None,
         hnsw_m: int = 16,
@@ -90,6 +107,8 @@ class EdgeStore:
     ) -> EdgeStore:
         """Open the shard at ``path``, creating it (cosine, ``dim`` floats) if absent.
 
+        ``hybrid``: the layout (see the class doc); an existing shard must have the
+        layout asked for.
         ``index_threshold``: unindexed points that trigger an HNSW build (see class doc).
         ``max_segment_points``: cap on a segment the optimizer builds or merges
         (default 1.5 x ``index_threshold``, which in effect disables merging sealed
@@ -100,8 +119,8 @@ class EdgeStore:
         ``indexing_threads``: 0 = all cores; the GIL is held during a build anyway, so
         using every core makes the pause shortest.
 
-        Raises ``StoreError`` when the shard holds vectors of another size, when another
-        process has it open, or on any other engine failure.
+        Raises ``StoreError`` when the shard holds vectors of another size or has the
+        other layout, when another process has it open, or on any other engine failure.
         """
         if dim <= 0:
             raise StoreError(f"vector size must be positive, not {dim}")
@@ -109,9 +128,13 @@ class EdgeStore:
             raise StoreError(f"index_threshold must be positive, not {index_threshold}")
         seg_points = max_segment_points or index_threshold + index_threshold // 2
         # Fail before touching the engine: a clear message, and no lock taken.
-        on_disk = _vector_size_on_disk(path)
-        if on_disk is not None and on_disk != dim:
-            raise StoreError(_dim_message(path, on_disk, dim))
+        on_disk = _layout_on_disk(path)
+        if on_disk is not None:
+            layout, size = on_disk
+            if layout != _layout_name(hybrid):
+                raise StoreError(_layout_message(path, layout, hybrid))
+            if size is not None and size != dim:
+                raise StoreError(_dim_message(path, size, dim))
         optimizers = qe.EdgeOptimizersConfig(
             indexing_threshold=_kb(index_threshold, dim),
             max_segment_size=_kb(seg_points, dim),
@@ -121,12 +144,18 @@ class EdgeStore:
             # True would hide freshly written points from reads until optimize() runs.
             prevent_unoptimized=False,
         )
-        vectors = qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)
+        dense = qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)
+        vectors: qe.EdgeVectorParams | dict[str, qe.EdgeVectorParams] = dense
+        sparse: dict[str, qe.EdgeSparseVectorParams] | None = None
+        if hybrid:
+            vectors = {DENSE_VECTOR: dense}
+            sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)}
         try:
             if _shard_exists(path):
                 # vectors are validated against the segments; the optimizer settings
                 # given here replace the persisted ones; HNSW settings stay as built.
-                config = qe.EdgeConfig(vectors=vectors, optimizers=optimizers)
+                config = qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse,
+                                       optimizers=optimizers)
                 shard = qe.EdgeShard.load(str(path), config)
             else:
                 hnsw = qe.HnswIndexConfig(
@@ -137,12 +166,14 @@ class EdgeStore:
                     full_scan_threshold=_kb(max(1, index_threshold // 2), dim),
                     max_indexing_threads=indexing_threads,
                 )
-                config = qe.EdgeConfig(vectors=vectors, hnsw_config=hnsw, optimizers=optimizers)
+                config = qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse,
+                                       hnsw_config=hnsw, optimizers=optimizers)
                 path.mkdir(parents=True, exist_ok=True)
                 shard = qe.EdgeShard.create(str(path), config)
         except Exception as exc:
-            raise _open_error(path, dim, exc) from exc
-        store = cls(shard, path, dim, index_threshold=index_threshold, page_size=page_size)
+            raise _open_error(path, dim, hybrid, exc) from exc
+        store = cls(shard, path, dim, index_threshold=index_threshold, page_size=page_size,
+                    hybrid=hybrid)
         try:
             store._ensure_payload_indexes()
         except StoreError:
@@ -153,12 +184,17 @@ class EdgeStore:
     # -- Store -------------------------------------------------------------------------
 
     def upsert(self, points: Sequence[PointRecord]) -> None:
-        """Insert or overwrite points by id (written to the WAL before returning)."""
+        """Insert or overwrite points by id (written to the WAL before returning).
+
+        Hybrid: each point's ``sparse`` vector is written too, an empty one when it is
+        None (Edge leaves empty sparse vectors out of the IDF document count). A
+        dense-only shard ignores ``sparse``.
+        """
         if not points:
             return
         for p in points:
             self._check_dim(p.vector, f"point {p.id}")
-        batch = [qe.Point(p.id, list(p.vector), dict(p.payload)) for p in points]
+        batch = [qe.Point(p.id, self._vectors(p), dict(p.payload)) for p in points]
         shard = self._open_shard()
         try:
             shard.update(qe.UpdateOperation.upsert_points(batch))
@@ -166,11 +202,28 @@ class EdgeStore:
             raise self._error("upsert", exc) from exc
 
     def delete(self, ids: Sequence[str]) -> None:
-        """Delete points by id; unknown ids are ignored."""
+        """Delete points by id; unknown ids are ignored.
+
+        Hybrid: the points' sparse vectors are first replaced by empty ones. Edge's
+        appendable segment keeps a deleted point's terms in its IDF statistics (and
+        in ``indexed_vectors``) for good, since that segment is rebuilt only by an
+        optimizer run; an overwrite, unlike a delete, takes them out. Points already
+        sealed into an HNSW segment stay counted until that segment is vacuumed or
+        merged, so IDF there is approximate after deletes. A crash between the two
+        steps leaves the points alive with empty sparse vectors (found by dense
+        search only) until the delete is repeated.
+        """
         if not ids:
             return
         shard = self._open_shard()
         try:
+            if self.hybrid:
+                # update_vectors refuses unknown ids, so only the present ones.
+                present = shard.retrieve(list(ids), with_payload=False, with_vector=False)
+                if present:
+                    empty: dict[str, qe.NamedVector] = {SPARSE_VECTOR: qe.SparseVector([], [])}
+                    shard.update(qe.UpdateOperation.update_vectors(
+                        [qe.PointVectors(r.id, empty) for r in present]))
             shard.update(qe.UpdateOperation.delete_points(list(ids)))
         except Exception as exc:
             raise self._error("delete", exc) from exc
@@ -195,23 +248,60 @@ class EdgeStore:
         *,
         root: str | None = None,
         path_prefix: str | None = None,
+        exts: Sequence[str] = (),
+        sparse: SparseVec | None = None,
+        mode: SearchMode = "dense",
+        rrf_k: int = DEFAULT_RRF_K,
+        weights: tuple[float, float] | None = None,
+        prefetch: int | None = None,
     ) -> list[Hit]:
-        """Nearest points by cosine similarity, best first; filters run in the engine.
+        """The best points by ``mode``, best first; filters run in the engine.
 
-        ``path_prefix`` is a plain string prefix (``MatchPrefix`` on the keyword index
-        of ``path``), so ``"src"`` also matches ``"src2/x"``.
+        Semantics as in ``Store.search``. ``path_prefix`` is a plain string prefix
+        (``MatchPrefix`` on the keyword index of ``path``), so ``"src"`` also matches
+        ``"src2/x"``; ``exts`` is ``MatchAny`` on the keyword index of ``ext``. Hybrid
+        runs both prefetches and ``Fusion.Rrf(k=rrf_k, weights=...)`` in one engine
+        call; the filter goes into each prefetch (so the candidates are already
+        filtered) and onto the fused result.
         """
-        self._check_dim(vector, "query vector")
+        plan = check_search(hybrid=self.hybrid, where=f"the index at {self.path}",
+                            limit=limit, exts=exts, sparse=sparse, mode=mode, rrf_k=rrf_k,
+                            weights=weights, prefetch=prefetch)
+        if plan.mode != "lexical":
+            self._check_dim(vector, "query vector")
         if limit <= 0:
             return []
         shard = self._open_shard()
-        request = qe.QueryRequest(
-            limit=limit,
-            query=qe.Query.Nearest([float(x) for x in vector]),
-            filter=_filter(root, path_prefix),
-            with_payload=True,
-            with_vector=False,
-        )
+        flt = _filter(root, path_prefix, plan.exts)
+        if plan.sparse is None:  # dense
+            request = qe.QueryRequest(limit=limit, query=self._dense_query(vector), filter=flt,
+                                      with_payload=True, with_vector=False)
+        else:
+            sparse_query = qe.Query.Nearest(
+                qe.SparseVector(plan.sparse.indices, plan.sparse.values), using=SPARSE_VECTOR
+            )
+            if plan.mode == "lexical":
+                request = qe.QueryRequest(limit=limit, query=sparse_query, filter=flt,
+                                          with_payload=True, with_vector=False)
+            else:
+                dense_query = self._dense_query(vector)
+                prefetches = [
+                    qe.Prefetch(limit=plan.prefetch, query=dense_query, filter=flt),
+                    qe.Prefetch(limit=plan.prefetch, query=sparse_query, filter=flt),
+                ]
+                fusion = qe.Fusion.Rrf(
+                    k=plan.rrf_k, weights=list(plan.weights) if plan.weights else None
+                )
+                request = qe.QueryRequest(
+                    limit=limit,
+                    prefetches=prefetches,
+                    # The stub types ``query`` as ``Fusion``, of which ``Fusion.Rrf`` is
+                    # not declared a subclass; the engine takes it (its own docs' usage).
+                    query=fusion,  # type: ignore[arg-type]
+                    filter=flt,
+                    with_payload=True,
+                    with_vector=False,
+                )
         try:
             scored = shard.query(request)
         except Exception as exc:
@@ -222,7 +312,7 @@ class EdgeStore:
     def retrieve(self, ids: Sequence[str], *, with_vectors: bool = True) -> list[PointRecord]:
         """Points by id, in the order asked (missing ids left out, duplicates once).
 
-        Without ``with_vectors`` the records carry an empty vector.
+        Without ``with_vectors`` the records carry an empty vector and no sparse one.
         """
         if not ids:
             return []
@@ -231,11 +321,13 @@ class EdgeStore:
             records = shard.retrieve(list(ids), with_payload=True, with_vector=with_vectors)
         except Exception as exc:
             raise self._error("retrieve", exc) from exc
+        name = DENSE_VECTOR if self.hybrid else ""
         by_id = {
             str(r.id): PointRecord(
                 id=str(r.id),
-                vector=_dense(r.vector) if with_vectors else [],
+                vector=_dense(r.vector, name) if with_vectors else [],
                 payload=dict(r.payload or {}),
+                sparse=_sparse(r.vector) if with_vectors and self.hybrid else None,
             )
             for r in records
         }
@@ -267,17 +359,24 @@ class EdgeStore:
             raise self._error("count", exc) from exc
 
     def info(self) -> dict[str, object]:
-        """Points, HNSW-indexed vectors, segments and whether any HNSW is built.
+        """Points, HNSW-indexed vectors, segments, whether any HNSW is built, layout.
 
         ``indexed_vectors`` is the engine's figure: it still counts deleted points of
         an HNSW segment until the optimizer vacuums it, so it can exceed ``points``.
+        Hybrid: the engine adds every non-empty sparse vector (always "indexed", in its
+        inverted index) to that figure, so the points holding a sparse vector are
+        subtracted; a few empty sparse vectors make it a slight underestimate.
         """
         shard = self._open_shard()
         try:
             i = shard.info()
+            points, indexed = int(i.points_count), int(i.indexed_vectors_count)
+            if self.hybrid:
+                has_sparse = qe.Filter(must=[qe.HasVectorCondition(SPARSE_VECTOR)])
+                with_sparse = int(shard.count(qe.CountRequest(filter=has_sparse, exact=True)))
+                indexed = max(0, indexed - with_sparse)
         except Exception as exc:
             raise self._error("info", exc) from exc
-        points, indexed = int(i.points_count), int(i.indexed_vectors_count)
         return {
             "backend": "edge",
             "location": str(self.path),
@@ -286,6 +385,7 @@ class EdgeStore:
             "segments": int(i.segments_count),
             "hnsw_built": indexed > 0,
             "index_threshold": self.index_threshold,
+            "hybrid": self.hybrid,
         }
 
     def maybe_build_index(self) -> bool:
@@ -388,6 +488,20 @@ class EdgeStore:
     def _error(self, action: str, exc: Exception) -> StoreError:
         return StoreError(f"{action} failed on index at {self.path}: {exc}")
 
+    def _dense_query(self, vector: Sequence[float]) -> qe.Query:
+        return qe.Query.Nearest([float(x) for x in vector],
+                                using=DENSE_VECTOR if self.hybrid else None)
+
+    def _vectors(self, p: PointRecord) -> qe.Vector:
+        dense = [float(x) for x in p.vector]
+        if not self.hybrid:
+            return dense
+        sv = check_sparse(p.sparse, f"sparse vector of point {p.id}") if p.sparse else None
+        # An empty sparse vector rather than none, so every point of a hybrid shard
+        # has both vectors (the engine scores it 0 and leaves it out of the IDF count).
+        sparse = qe.SparseVector(sv.indices, sv.values) if sv else qe.SparseVector([], [])
+        return {DENSE_VECTOR: dense, SPARSE_VECTOR: sparse}
+
     def _ensure_payload_indexes(self) -> None:
         shard = self._open_shard()
         try:
@@ -403,22 +517,32 @@ class EdgeStore:
             raise self._error("payload index creation", exc) from exc
 
 
-def _filter(root: str | None, path_prefix: str | None) -> qe.Filter | None:
+def _filter(root: str | None, path_prefix: str | None, exts: list[str]) -> qe.Filter | None:
     must: list[qe.ConditionType] = []
     if root is not None:
         must.append(qe.FieldCondition(key="root", match=qe.MatchValue(root)))
     if path_prefix:
         must.append(qe.FieldCondition(key="path", match=qe.MatchPrefix(path_prefix)))
+    if exts:
+        must.append(qe.FieldCondition(key="ext", match=qe.MatchAny(exts)))
     return qe.Filter(must=must) if must else None
 
 
-def _dense(vector: Any) -> list[float]:
-    # An unnamed vector comes back as a list; a dict keyed by "" is accepted too.
+def _dense(vector: Any, name: str) -> list[float]:
+    # An unnamed vector comes back as a list (or a dict keyed by ""); a named one, in
+    # a dict with the sparse vector.
     if isinstance(vector, dict):
-        vector = vector.get("")
+        vector = vector.get(name)
     if not isinstance(vector, list):
         raise StoreError(f"unexpected vector from the engine: {type(vector).__name__}")
     return [float(x) for x in vector]
+
+
+def _sparse(vector: Any) -> SparseVec | None:
+    sv = vector.get(SPARSE_VECTOR) if isinstance(vector, dict) else None
+    if sv is None:
+        return None
+    return SparseVec([int(i) for i in sv.indices], [float(v) for v in sv.values])
 
 
 def _in_request_order(ids: Sequence[str], by_id: dict[str, PointRecord]) -> list[PointRecord]:
@@ -448,13 +572,35 @@ def _shard_exists(path: Path) -> bool:
     )
 
 
-def _vector_size_on_disk(path: Path) -> int | None:
+def _layout_name(hybrid: bool) -> str:
+    return "hybrid" if hybrid else "dense-only"
+
+
+def _layout_on_disk(path: Path) -> tuple[str, int | None] | None:
+    """The layout (``dense-only``, ``hybrid`` or ``foreign``) and dense vector size the
+    shard's config file records; None when it cannot be read."""
     # Best effort: the file is Edge's own; when unreadable, load() validates anyway.
     try:
         data = json.loads((path / _EDGE_CONFIG_FILE).read_text(encoding="utf-8"))
-        return int(data["vectors"][""]["size"])
-    except (OSError, ValueError, KeyError, TypeError):
+        vectors = data["vectors"]
+        sparse = data.get("sparse_vectors") or {}
+        if set(vectors) == {""} and not sparse:
+            return "dense-only", int(vectors[""]["size"])
+        if (set(vectors) == {DENSE_VECTOR} and set(sparse) == {SPARSE_VECTOR}
+                and str(sparse[SPARSE_VECTOR].get("modifier", "")).lower() == "idf"):
+            return "hybrid", int(vectors[DENSE_VECTOR]["size"])
+        return "foreign", None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _layout_message(path: Path, on_disk: str, hybrid: bool) -> str:
+    if on_disk == "foreign":
+        return (f"index at {path} has vectors repd does not lay out (neither dense-only "
+                "nor hybrid); it was not made by repd")
+    return (f"index at {path} has the {on_disk} layout, but the {_layout_name(hybrid)} "
+            "layout was asked for (a generation keeps the layout it was created with; "
+            "changing it needs a new index generation)")
 
 
 def _dim_message(path: Path, on_disk: int, dim: int) -> str:
@@ -462,7 +608,7 @@ def _dim_message(path: Path, on_disk: int, dim: int) -> str:
             "(a different model needs a new index generation)")
 
 
-def _open_error(path: Path, dim: int, exc: Exception) -> StoreError:
+def _open_error(path: Path, dim: int, hybrid: bool, exc: Exception) -> StoreError:
     text = str(exc)
     # A second opener fails on the WAL's advisory lock: "Can't init WAL: Kind(WouldBlock)".
     if "WouldBlock" in text or "temporarily unavailable" in text:
@@ -470,8 +616,13 @@ def _open_error(path: Path, dim: int, exc: Exception) -> StoreError:
             f"index at {path} is in use by another process (is a repd daemon running?)"
         )
     if "incompatible" in text and "vector size" in text:
-        on_disk = _vector_size_on_disk(path)
-        if on_disk is not None:
-            return StoreError(_dim_message(path, on_disk, dim))
+        on_disk = _layout_on_disk(path)
+        if on_disk is not None and on_disk[1] is not None:
+            return StoreError(_dim_message(path, on_disk[1], dim))
         return StoreError(f"index at {path} holds vectors of another size than {dim}: {text}")
+    # Without a readable config file the engine is the judge of the layout, as in
+    # 'expected vector storage with key "dense" not found' or 'sparse vector modifier'.
+    if "ncompatible" in text and ("key" in text or "sparse" in text):
+        return StoreError(f"index at {path} does not have the {_layout_name(hybrid)} "
+                          f"layout that was asked for: {text}")
     return StoreError(f"cannot open index at {path}: {text}")

@@ -12,8 +12,16 @@ from typing import Any
 
 from qdrant_client import QdrantClient, models
 
-from repd.adapters.store import StoreError
-from repd.core.types import Hit, PointRecord
+from repd.adapters.store import (
+    DEFAULT_RRF_K,
+    DENSE_VECTOR,
+    SPARSE_VECTOR,
+    SearchPlan,
+    StoreError,
+    check_search,
+    check_sparse,
+)
+from repd.core.types import Hit, PointRecord, SearchMode, SparseVec
 
 #: Points per ``iter_ids`` page.
 DEFAULT_PAGE_SIZE = 1024
@@ -23,7 +31,6 @@ UPSERT_CHUNK = 512
 # the paths that match, reading at most this many candidates.
 _FALLBACK_SCAN_LIMIT = 20_000
 
-_KEYWORD_FIELDS = ("root", "path", "chunk_hash")
 #: Longest name ``collection_for`` gives (Qdrant allows 255).
 MAX_COLLECTION_NAME = 200
 _MAX_BASE = 100
@@ -34,7 +41,16 @@ _LOCAL_INDEX_WARNING = "Payload indexes have no effect in the local Qdrant"
 
 
 class ServerStore:
-    """A ``Store`` over one collection (cosine, one unnamed dense vector).
+    """A ``Store`` over one collection.
+
+    Two layouts, fixed when the collection is created: dense-only (``hybrid`` False:
+    one unnamed cosine vector, the layout of every collection made before hybrid
+    search) and hybrid (a cosine vector named ``"dense"`` plus a sparse vector
+    ``"bm25"`` with the IDF modifier, so the server applies IDF over the collection at
+    query time to the TF-saturated weights the documents carry). Hybrid search sends
+    ``RrfQuery(rrf=Rrf(k=rrf_k, weights=...))``: ``k`` needs Qdrant 1.16 or later,
+    ``weights`` (sent only when given) 1.17 or later; older servers refuse the query
+    (``StoreError``). Dense and lexical search need neither.
 
     Every write waits for the server to apply it (``wait=True``). Vectors are stored
     L2-normalised, so ``retrieve`` gives back the normalised vector.
@@ -42,8 +58,10 @@ class ServerStore:
     ``path_prefix`` is matched in the engine (``MatchPrefix`` on a keyword index with
     the prefix option, Qdrant 1.19+). On an older server, which rejects that index,
     the store notices at start and filters prefixes itself: it pages through the
-    ``root``-filtered results, best first, keeping matching paths, and reads at most
-    20,000 candidates, so a very rare prefix may then come back with fewer hits.
+    ``root``- and ``exts``-filtered results, best first, keeping matching paths, and
+    reads at most 20,000 candidates, so a very rare prefix may then come back with
+    fewer hits (in hybrid mode the prefetches then also run without the prefix, so
+    the fused candidates are those of the whole root).
 
     ``collection`` must be a collection's own name, not an alias (see ``alias_target``;
     ``collection_for`` names a generation's collection).
@@ -57,18 +75,21 @@ class ServerStore:
         collection: str,
         dim: int,
         *,
+        hybrid: bool = False,
         page_size: int = DEFAULT_PAGE_SIZE,
         owns_client: bool = False,
     ) -> None:
-        """Use ``collection``, creating it (cosine, ``dim`` floats) and its payload
-        indexes if absent.
+        """Use ``collection``, creating it (cosine, ``dim`` floats, the layout
+        ``hybrid`` asks for) and its payload indexes if absent.
 
-        Raises ``StoreError`` when the collection holds vectors of another size or
-        another kind, or when the server cannot be reached or refuses.
+        Raises ``StoreError`` when the collection holds vectors of another size,
+        another kind or the other layout, or when the server cannot be reached or
+        refuses.
         """
         if dim <= 0:
             raise StoreError(f"vector size must be positive, not {dim}")
         self.dim = dim
+        self.hybrid = hybrid
         self.collection = collection
         self.page_size = page_size
         self._client: QdrantClient | None = client
@@ -81,14 +102,20 @@ class ServerStore:
     # -- Store -------------------------------------------------------------------------
 
     def upsert(self, points: Sequence[PointRecord]) -> None:
-        """Insert or overwrite points by id; returns once the server applied them."""
+        """Insert or overwrite points by id; returns once the server applied them.
+
+        Hybrid: each point's ``sparse`` vector is written too, an empty one when it is
+        None. A dense-only collection ignores ``sparse``.
+        """
         for p in points:
             self._check_dim(p.vector, f"point {p.id}")
+        vectors = [self._vectors(p) for p in points]  # every check before any write
         client = self._open_client()
         for k in range(0, len(points), UPSERT_CHUNK):
             batch = [
-                models.PointStruct(id=p.id, vector=list(p.vector), payload=dict(p.payload))
-                for p in points[k : k + UPSERT_CHUNK]
+                models.PointStruct(id=p.id, vector=v, payload=dict(p.payload))
+                for p, v in zip(points[k : k + UPSERT_CHUNK], vectors[k : k + UPSERT_CHUNK],
+                                strict=True)
             ]
             try:
                 client.upsert(self.collection, points=batch, wait=True)
@@ -122,24 +149,38 @@ class ServerStore:
         *,
         root: str | None = None,
         path_prefix: str | None = None,
+        exts: Sequence[str] = (),
+        sparse: SparseVec | None = None,
+        mode: SearchMode = "dense",
+        rrf_k: int = DEFAULT_RRF_K,
+        weights: tuple[float, float] | None = None,
+        prefetch: int | None = None,
     ) -> list[Hit]:
-        """Nearest points by cosine similarity, best first.
+        """The best points by ``mode``, best first; filters run on the server.
 
-        ``path_prefix`` is a plain string prefix, so ``"src"`` also matches ``"src2/x"``.
+        Semantics as in ``Store.search``. ``path_prefix`` is a plain string prefix, so
+        ``"src"`` also matches ``"src2/x"`` (see the class doc for servers without
+        prefix matching); ``exts`` is ``MatchAny`` on ``ext``. Hybrid is one
+        ``query_points`` call: two ``Prefetch`` (each filtered) fused by ``RrfQuery``,
+        the filter also applied to the fused result.
         """
-        self._check_dim(vector, "query vector")
+        plan = check_search(hybrid=self.hybrid, where=f"collection {self.collection!r}",
+                            limit=limit, exts=exts, sparse=sparse, mode=mode, rrf_k=rrf_k,
+                            weights=weights, prefetch=prefetch)
+        if plan.mode != "lexical":
+            self._check_dim(vector, "query vector")
         if limit <= 0:
             return []
-        query = [float(x) for x in vector]
         if path_prefix and not self._prefix_in_engine:
-            return self._search_prefix_in_python(query, limit, root, path_prefix)
-        points = self._query(query, limit, 0, _filter(root, path_prefix))
+            return self._search_prefix_in_python(plan, vector, limit, root, path_prefix)
+        flt = _filter(root, path_prefix, plan.exts)
+        points = self._query(self._request(plan, vector, flt, plan.prefetch), limit, 0, flt)
         return [_hit(p) for p in points]
 
     def retrieve(self, ids: Sequence[str], *, with_vectors: bool = True) -> list[PointRecord]:
         """Points by id, in the order asked (missing ids left out, duplicates once).
 
-        Without ``with_vectors`` the records carry an empty vector.
+        Without ``with_vectors`` the records carry an empty vector and no sparse one.
         """
         if not ids:
             return []
@@ -150,11 +191,13 @@ class ServerStore:
             )
         except Exception as exc:
             raise self._error("retrieve", exc) from exc
+        name = DENSE_VECTOR if self.hybrid else ""
         by_id = {
             str(r.id): PointRecord(
                 id=str(r.id),
-                vector=_dense(r.vector) if with_vectors else [],
+                vector=_dense(r.vector, name) if with_vectors else [],
                 payload=dict(r.payload or {}),
+                sparse=_sparse(r.vector) if with_vectors and self.hybrid else None,
             )
             for r in records
         }
@@ -197,14 +240,26 @@ class ServerStore:
             raise self._error("count", exc) from exc
 
     def info(self) -> dict[str, object]:
-        """Points, HNSW-indexed vectors, segments, whether any HNSW is built, and the
-        collection's status (green, yellow while optimizing, grey, red)."""
+        """Points, HNSW-indexed vectors, segments, whether any HNSW is built, the
+        collection's status (green, yellow while optimizing, grey, red) and layout.
+
+        Hybrid: the server counts every non-empty sparse vector as indexed (its segments
+        sum the indexed vectors of every vector name, as Edge's do), so the points
+        holding a sparse vector are subtracted; empty ones make it a slight
+        underestimate.
+        """
         client = self._open_client()
         try:
             c = client.get_collection(self.collection)
+            indexed = int(c.indexed_vectors_count or 0)
+            if self.hybrid:
+                has_sparse = models.Filter(
+                    must=[models.HasVectorCondition(has_vector=SPARSE_VECTOR)])
+                with_sparse = client.count(self.collection, count_filter=has_sparse,
+                                           exact=True).count
+                indexed = max(0, indexed - int(with_sparse))
         except Exception as exc:
             raise self._error("info", exc) from exc
-        indexed = int(c.indexed_vectors_count or 0)
         status = c.status.value if hasattr(c.status, "value") else str(c.status)
         return {
             "backend": "server",
@@ -214,6 +269,7 @@ class ServerStore:
             "segments": int(c.segments_count or 0),
             "hnsw_built": indexed > 0,
             "status": status,
+            "hybrid": self.hybrid,
         }
 
     def maybe_build_index(self) -> bool:
@@ -274,14 +330,48 @@ class ServerStore:
     def _error(self, action: str, exc: Exception) -> StoreError:
         return StoreError(f"{action} failed on collection {self.collection!r}: {exc}")
 
+    def _vectors(self, p: PointRecord) -> models.VectorStruct:
+        dense = [float(x) for x in p.vector]
+        if not self.hybrid:
+            return dense
+        sv = check_sparse(p.sparse, f"sparse vector of point {p.id}") if p.sparse else None
+        # An empty sparse vector rather than none, so every point of a hybrid
+        # collection has both vectors.
+        sparse = models.SparseVector(indices=sv.indices if sv else [],
+                                     values=sv.values if sv else [])
+        return {DENSE_VECTOR: dense, SPARSE_VECTOR: sparse}
+
+    def _request(
+        self, plan: SearchPlan, vector: Sequence[float], flt: models.Filter | None, depth: int
+    ) -> dict[str, Any]:
+        """``query_points`` arguments (query, using, prefetch) for ``plan``; each hybrid
+        prefetch reads ``depth`` candidates, filtered by ``flt``."""
+        if plan.sparse is None:  # dense
+            return {"query": [float(x) for x in vector],
+                    "using": DENSE_VECTOR if self.hybrid else None}
+        sparse = models.SparseVector(indices=plan.sparse.indices, values=plan.sparse.values)
+        if plan.mode == "lexical":
+            return {"query": sparse, "using": SPARSE_VECTOR}
+        weights = list(plan.weights) if plan.weights else None
+        return {
+            "prefetch": [
+                models.Prefetch(query=[float(x) for x in vector], using=DENSE_VECTOR,
+                                limit=depth, filter=flt),
+                models.Prefetch(query=sparse, using=SPARSE_VECTOR, limit=depth, filter=flt),
+            ],
+            # Always the parametrized form: the plain Fusion.RRF uses the server's
+            # default k (2), which would score differently from Edge's Fusion.Rrf.
+            "query": models.RrfQuery(rrf=models.Rrf(k=plan.rrf_k, weights=weights)),
+        }
+
     def _query(
-        self, vector: list[float], limit: int, offset: int, flt: models.Filter | None
+        self, request: dict[str, Any], limit: int, offset: int, flt: models.Filter | None
     ) -> list[models.ScoredPoint]:
         client = self._open_client()
         try:
             return client.query_points(
                 self.collection,
-                query=vector,
+                **request,
                 limit=limit,
                 offset=offset,
                 query_filter=flt,
@@ -292,38 +382,53 @@ class ServerStore:
             raise self._error("search", exc) from exc
 
     def _search_prefix_in_python(
-        self, vector: list[float], limit: int, root: str | None, prefix: str
+        self, plan: SearchPlan, vector: Sequence[float], limit: int, root: str | None,
+        prefix: str,
     ) -> list[Hit]:
-        flt = _filter(root, None)
+        flt = _filter(root, None, plan.exts)
         page = max(4 * limit, 64)
         hits: list[Hit] = []
         for offset in range(0, _FALLBACK_SCAN_LIMIT, page):
-            points = self._query(vector, page, offset, flt)
+            # Prefetches must reach past the page being read (the offset applies to
+            # the fused list only).
+            request = self._request(plan, vector, flt, max(plan.prefetch, offset + page))
+            points = self._query(request, page, offset, flt)
             hits += [_hit(p) for p in points if _path_of(p).startswith(prefix)]
             if len(hits) >= limit or len(points) < page:
                 break
         return hits[:limit]
 
     def _ensure_collection(self, client: QdrantClient) -> None:
+        dense = models.VectorParams(size=self.dim, distance=models.Distance.COSINE)
         try:
             if not client.collection_exists(self.collection):
                 try:
-                    client.create_collection(
-                        self.collection,
-                        vectors_config=models.VectorParams(
-                            size=self.dim, distance=models.Distance.COSINE
-                        ),
-                    )
+                    if self.hybrid:
+                        client.create_collection(
+                            self.collection,
+                            vectors_config={DENSE_VECTOR: dense},
+                            sparse_vectors_config={SPARSE_VECTOR: models.SparseVectorParams(
+                                modifier=models.Modifier.IDF)},
+                        )
+                    else:
+                        client.create_collection(self.collection, vectors_config=dense)
                 except Exception:
                     # Another creator may have won the race; only then is it fine.
                     if not client.collection_exists(self.collection):
                         raise
-            params = client.get_collection(self.collection).config.params.vectors
+            config = client.get_collection(self.collection).config.params
         except Exception as exc:
             raise self._error("opening", exc) from exc
-        if not isinstance(params, models.VectorParams):
-            raise StoreError(f"collection {self.collection!r} has named vectors; "
-                             "it was not made by repd")
+        layout, params = _layout_of(config)
+        if params is None:
+            raise StoreError(f"collection {self.collection!r} has {layout}, which repd does "
+                             "not lay out; it was not made by repd")
+        if layout != _layout_name(self.hybrid):
+            raise StoreError(
+                f"collection {self.collection!r} has the {layout} layout, but the "
+                f"{_layout_name(self.hybrid)} layout was asked for (a generation keeps the "
+                "layout it was created with; changing it needs a new index generation)"
+            )
         if params.size != self.dim:
             raise StoreError(
                 f"collection {self.collection!r} holds vectors of size {params.size}, but "
@@ -338,7 +443,8 @@ class ServerStore:
             schema = client.get_collection(self.collection).payload_schema or {}
         except Exception as exc:
             raise self._error("opening", exc) from exc
-        for name in ("root", "chunk_hash"):
+        # ``ext`` is indexed on old collections too: points without it are not in it.
+        for name in ("root", "chunk_hash", "ext"):
             if name not in schema:
                 self._create_index(client, name, models.PayloadSchemaType.KEYWORD)
         params = schema["path"].params if "path" in schema else None
@@ -466,7 +572,28 @@ def _collection_exists(client: QdrantClient, collection: str) -> bool | None:
         return None
 
 
-def _filter(root: str | None, path_prefix: str | None) -> models.Filter | None:
+def _layout_name(hybrid: bool) -> str:
+    return "hybrid" if hybrid else "dense-only"
+
+
+def _layout_of(config: models.CollectionParams) -> tuple[str, models.VectorParams | None]:
+    """(layout name, dense vector params) of a collection; for one repd did not lay
+    out, (a description of its vectors, None)."""
+    vectors, sparse = config.vectors, config.sparse_vectors or {}
+    if isinstance(vectors, models.VectorParams) and not sparse:
+        return "dense-only", vectors
+    if (isinstance(vectors, dict) and set(vectors) == {DENSE_VECTOR}
+            and set(sparse) == {SPARSE_VECTOR}
+            and sparse[SPARSE_VECTOR].modifier == models.Modifier.IDF):
+        return "hybrid", vectors[DENSE_VECTOR]
+    named = (f"named vectors {sorted(vectors)}" if isinstance(vectors, dict)
+             else "an unnamed vector")
+    if sparse:
+        named += f" and sparse vectors {sorted(sparse)}"
+    return named, None
+
+
+def _filter(root: str | None, path_prefix: str | None, exts: list[str]) -> models.Filter | None:
     must: list[models.Condition] = []
     if root is not None:
         must.append(models.FieldCondition(key="root", match=models.MatchValue(value=root)))
@@ -474,6 +601,8 @@ def _filter(root: str | None, path_prefix: str | None) -> models.Filter | None:
         must.append(
             models.FieldCondition(key="path", match=models.MatchPrefix(prefix=path_prefix))
         )
+    if exts:
+        must.append(models.FieldCondition(key="ext", match=models.MatchAny(any=exts)))
     return models.Filter(must=must) if must else None
 
 
@@ -485,13 +614,21 @@ def _hit(p: models.ScoredPoint) -> Hit:
     return Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}))
 
 
-def _dense(vector: Any) -> list[float]:
-    # An unnamed vector comes back as a list; a dict keyed by "" is accepted too.
+def _dense(vector: Any, name: str) -> list[float]:
+    # An unnamed vector comes back as a list (or a dict keyed by ""); a named one, in
+    # a dict with the sparse vector.
     if isinstance(vector, dict):
-        vector = vector.get("")
+        vector = vector.get(name)
     if not isinstance(vector, list):
         raise StoreError(f"unexpected vector from the server: {type(vector).__name__}")
     return [float(x) for x in vector]
+
+
+def _sparse(vector: Any) -> SparseVec | None:
+    sv = vector.get(SPARSE_VECTOR) if isinstance(vector, dict) else None
+    if not isinstance(sv, models.SparseVector):
+        return None
+    return SparseVec([int(i) for i in sv.indices], [float(v) for v in sv.values])
 
 
 def _canonical(point_id: str) -> str:
