@@ -318,3 +318,41 @@ def test_changed_weights_under_the_same_path_are_told_apart(tmp_path: Path) -> N
         assert d.client.query("volcano", k=1)["generation"] == "2"
     finally:
         d.stop()
+
+
+def test_an_index_without_sparse_vectors_moves_to_them_without_embedding(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index made before hybrid search (dense points only) is rebuilt with sparse
+    vectors by a migration to the same model: queries keep answering, and every dense
+    vector comes from the cache."""
+    import repd.engine
+    from repd.engine import Engine
+    from tests.helpers import make_settings
+
+    root = tmp_path / "notes"
+    write_corpus(root, 30)
+    home = tmp_path / "home"
+    monkeypatch.setattr(repd.engine, "CURRENT_VECTORS", "dense")
+    engine = Engine(make_settings(data_dir(home)), writer=True)
+    try:
+        engine.indexer().reconcile(root, engine.rules(root))
+        assert engine.generation is not None and engine.generation.vectors == "dense"
+    finally:
+        engine.close()
+    monkeypatch.undo()
+
+    d = DaemonProc(home, [root]).start(wait_idle=False)
+    try:
+        def switched() -> dict[str, Any] | None:
+            st = d.client.model_status()
+            return st if st["active"] == "2" and st["migration"] is None else None
+        st = wait_for(switched, 300, "the move to sparse vectors", every=0.3)
+        assert {g["id"]: g["state"] for g in st["generations"]} == {"1": "retired", "2": "active"}
+        log = d.log.read_text()
+        assert "index_layout_outdated" in log
+        assert _embedded_by_migration(log) == 0  # dense vectors all came from the cache
+        hits = d.client.query("marker zq7x", k=3, mode="lexical")
+        assert hits["hits"][0]["path"] == "note007.txt"
+        assert d.client.query("volcano", k=3)["mode"] == "hybrid"
+    finally:
+        d.stop()

@@ -37,7 +37,7 @@ from repd.adapters.store import Store, StoreError
 from repd.core.ignore import IgnoreRules
 from repd.errors import ConfigError, EngineError
 from repd.log import get_logger
-from repd.pipeline.generations import GenerationHandle, Generations
+from repd.pipeline.generations import CURRENT_VECTORS, GenerationHandle, Generations
 from repd.pipeline.indexer import Indexer
 from repd.settings import Settings
 
@@ -256,7 +256,8 @@ class Engine:
         if self.generation is None:
             emb = self.embedder()
             self.generation = self.manifest.create_generation(
-                emb.model_name, emb.model_id, emb.dim, self._location(emb), "active")
+                emb.model_name, emb.model_id, emb.dim, self._location(emb), "active",
+                CURRENT_VECTORS)
             self.manifest.set_meta("config_model", self.settings.model)
         return self.generation
 
@@ -271,7 +272,7 @@ class Engine:
     def create_generation(self, emb: Any) -> GenerationHandle:
         """A new building generation for ``emb``'s model, its store created empty."""
         row = self.manifest.create_generation(emb.model_name, emb.model_id, emb.dim,
-                                              self._location(emb), "building")
+                                              self._location(emb), "building", CURRENT_VECTORS)
         try:
             store = self._open_store(row, alias=False)
         except BaseException:
@@ -340,7 +341,8 @@ class Engine:
                     # A reader: never load a shard someone else may have open (Edge would
                     # damage it before failing on its own lock). Raises IndexBusy.
                     self._lock = DataLock.reader(self.data_dir)
-                return EdgeStore.open(self.data_dir / location, gen.dim)
+                return EdgeStore.open(self.data_dir / location, gen.dim,
+                                      hybrid=gen.vectors == "hybrid")
             from qdrant_client import QdrantClient
 
             from repd.adapters.store_server import ServerStore, set_alias
@@ -348,7 +350,8 @@ class Engine:
             key = self.settings.store.api_key
             client = QdrantClient(url=self.settings.store.url,
                                   api_key=key.get_secret_value() if key else None)
-            store = ServerStore(client, location, gen.dim, owns_client=True)
+            store = ServerStore(client, location, gen.dim, owns_client=True,
+                                hybrid=gen.vectors == "hybrid")
             if alias and self.writer:
                 # A no-op when the alias already points here: it moves only at a switch
                 # (or here, after a crash between the switch's commit and the move).

@@ -17,11 +17,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 
 from repd.core.identity import StatSig
+from repd.core.types import SparseVec
 
 SCHEMA_VERSION = 2
 #: Next to the manifest: one small JSON file per generation (model identity, vector size,
@@ -39,7 +41,8 @@ CREATE TABLE IF NOT EXISTS generations (
     state TEXT NOT NULL CHECK (state IN ('building', 'active', 'retired')),
     created_at REAL NOT NULL,
     activated_at REAL,
-    cursor TEXT
+    cursor TEXT,
+    vectors TEXT NOT NULL DEFAULT 'dense'
 );
 CREATE TABLE IF NOT EXISTS files (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -130,6 +133,9 @@ class Generation:
     created_at: float
     cursor: str | None
     activated_at: float | None = None
+    #: What each point holds: ``dense`` (one unnamed dense vector, generations made
+    #: before hybrid search) or ``hybrid`` (a named dense vector and a BM25 sparse one).
+    vectors: str = "dense"
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +157,8 @@ def _file_row(r: sqlite3.Row) -> FileRow:
 
 def _gen_row(r: sqlite3.Row) -> Generation:
     return Generation(r["id"], r["model_name"], r["model_id"], r["dim"], r["location"],
-                      r["state"], r["created_at"], r["cursor"], r["activated_at"])
+                      r["state"], r["created_at"], r["cursor"], r["activated_at"],
+                      r["vectors"])
 
 
 class ManifestError(Exception):
@@ -233,6 +240,10 @@ class Manifest:
                 if stmt.strip():
                     self._db.execute(stmt)
             self._files_ids_never_reused()
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(generations)")}
+            if "vectors" not in columns:  # made before hybrid search: dense points only
+                self._db.execute(
+                    "ALTER TABLE generations ADD COLUMN vectors TEXT NOT NULL DEFAULT 'dense'")
             found = self._db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if found is not None and int(found[0]) < 2:
@@ -316,7 +327,8 @@ class Manifest:
         return [_gen_row(r) for r in self._query("SELECT * FROM generations ORDER BY id")]
 
     def create_generation(self, model_name: str, model_id: str, dim: int,
-                          location: str | Callable[[int], str], state: str) -> Generation:
+                          location: str | Callable[[int], str], state: str,
+                          vectors: str = "dense") -> Generation:
         """Record a new generation; ``location`` may depend on its id (a template with
         ``{id}``, or a function of the id). Ids are never reused, even after a prune."""
         with self.transaction() as db:
@@ -328,9 +340,9 @@ class Manifest:
             now = time.time()
             db.execute(
                 "INSERT INTO generations (id, model_name, model_id, dim, location, state,"
-                " created_at, activated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, activated_at, vectors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (gen_id, model_name, model_id, dim, where, state, now,
-                 now if state == "active" else None),
+                 now if state == "active" else None, vectors),
             )
             db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_generation_id', ?)",
                        (str(gen_id),))
@@ -343,9 +355,10 @@ class Manifest:
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO generations (id, model_name, model_id, dim, location, state,"
-                " created_at, activated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                " created_at, activated_at, vectors) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (gen.id, gen.model_name, gen.model_id, gen.dim, gen.location, gen.state,
-                 gen.created_at, time.time() if gen.state == "active" else None),
+                 gen.created_at, time.time() if gen.state == "active" else None,
+                 gen.vectors),
             )
         self._record_generation(gen)
         return next(g for g in self.generations() if g.id == gen.id)
@@ -429,6 +442,41 @@ class Manifest:
         else:
             rows = self._query("SELECT * FROM files WHERE root=?", (root,))
         return {r["path"]: _file_row(r) for r in rows}
+
+    def scan_view(self, root: str, prefix: str = "") -> dict[str, tuple[Any, ...]]:
+        """What a reconcile scan compares, as plain tuples keyed by relative path:
+        (size, mtime_ns, inode, ctime_ns, state, indexed_at_ns, reason).
+
+        The scan's hot path: no Row objects and no FileRow per file (building those was
+        a third of a no-op scan of 100,000 files); full rows are read only for the
+        files that changed (:meth:`files_at`).
+        """
+        sql = ("SELECT path, size, mtime_ns, inode, ctime_ns, state, indexed_at_ns, reason"
+               " FROM files WHERE root=?")
+        args: tuple[object, ...] = (root,)
+        if prefix:
+            like = prefix.rstrip("/").replace("\\", "\\\\").replace("%", "\\%")
+            like = like.replace("_", "\\_")
+            sql += " AND (path=? OR path LIKE ? ESCAPE '\\')"
+            args = (root, prefix.rstrip("/"), like + "/%")
+        with self._lock:
+            cur = self._db.cursor()
+            cur.row_factory = None
+            try:
+                return {r[0]: r[1:] for r in cur.execute(sql, args)}
+            finally:
+                cur.close()
+
+    def files_at(self, root: str, paths: Sequence[str]) -> dict[str, FileRow]:
+        """Full rows of some files of a root, keyed by relative path."""
+        out: dict[str, FileRow] = {}
+        for i in range(0, len(paths), 500):
+            part = list(paths[i:i + 500])
+            marks = ",".join("?" * len(part))
+            for r in self._query(f"SELECT * FROM files WHERE root=? AND path IN ({marks})",
+                                 (root, *part)):
+                out[r["path"]] = _file_row(r)
+        return out
 
     def roots(self) -> list[str]:
         """Every root that has rows."""
@@ -550,6 +598,30 @@ class Manifest:
             "INSERT OR IGNORE INTO vectors (model_id, hash, vector) VALUES (?,?,?)",
             [(model_id, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in items],
         )
+
+    def sparse_vectors(self, encoder_id: str, hashes: Iterable[str]) -> dict[str, SparseVec]:
+        """Known BM25 vectors for these chunk hashes under this encoder (same table as the
+        dense cache, keyed by the encoder's identity)."""
+        out: dict[str, SparseVec] = {}
+        for h, blob in self.vectors(encoder_id, hashes).items():
+            raw = blob.view(np.uint32)
+            n = int(raw[0])
+            out[h] = SparseVec(raw[1:1 + n].tolist(),
+                               raw[1 + n:1 + 2 * n].view(np.float32).tolist())
+        return out
+
+    @staticmethod
+    def put_sparse_vectors(db: sqlite3.Connection, encoder_id: str,
+                           items: Iterable[tuple[str, SparseVec]]) -> None:
+        """Cache BM25 vectors inside a caller's transaction (count, indices, values)."""
+        rows = []
+        for h, v in items:
+            head = np.array([len(v.indices)], dtype=np.uint32)
+            blob = (head.tobytes() + np.asarray(v.indices, dtype=np.uint32).tobytes()
+                    + np.asarray(v.values, dtype=np.float32).tobytes())
+            rows.append((encoder_id, h, blob))
+        db.executemany("INSERT OR IGNORE INTO vectors (model_id, hash, vector) VALUES (?,?,?)",
+                       rows)
 
     def prune_vectors(self, model_id: str, keep_unreferenced: int) -> int:
         """Drop cached vectors no chunk uses, beyond ``keep_unreferenced`` of them."""
@@ -733,7 +805,7 @@ def recorded_generations(data_dir: Path) -> list[Generation]:
                                   str(data["model_id"]), int(data["dim"]),
                                   str(data["location"]), str(data["state"]),
                                   float(data["created_at"]), data.get("cursor"),
-                                  data.get("activated_at")))
+                                  data.get("activated_at"), str(data.get("vectors", "dense"))))
         except (OSError, ValueError, KeyError, TypeError):
             continue
     return sorted(out, key=lambda g: g.id)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,12 +39,41 @@ class Chunk:
 
 
 @dataclass(frozen=True, slots=True)
+class SparseVec:
+    """A sparse vector: term ids (ascending, distinct) and their weights."""
+
+    indices: list[int]
+    values: list[float]
+
+
+@dataclass(frozen=True, slots=True)
 class PointRecord:
-    """A point as the store holds it: id, dense vector and payload."""
+    """A point as the store holds it: id, dense vector, optional BM25 sparse vector
+    (stores of a ``hybrid`` generation only), and payload."""
 
     id: str
     vector: list[float]
     payload: dict[str, Any] = field(default_factory=dict)
+    sparse: SparseVec | None = None
+
+
+#: Retrieval modes: the dense vector only, the BM25 sparse vector only, or both fused.
+SearchMode = Literal["dense", "lexical", "hybrid"]
+
+
+@dataclass(frozen=True, slots=True)
+class SearchFilter:
+    """What a store search keeps, applied inside the store (payload indexes).
+
+    ``root``: only points of this root. ``path_prefix``: only paths (relative to their
+    root, POSIX) starting with it, a plain string prefix. ``exts``: only paths whose
+    lower-cased extension (with its dot, ``".py"``; ``""`` for none) is one of these;
+    empty means any.
+    """
+
+    root: str | None = None
+    path_prefix: str | None = None
+    exts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,15 @@ import numpy as np
 
 from repd.adapters.manifest import Generation
 from repd.adapters.store import Store
+from repd.core.types import SearchMode, SparseVec
 from repd.log import get_logger
 
 log = get_logger("generations")
+
+#: What new generations store per point: a named dense vector and a BM25 sparse vector.
+#: An active generation made with less (``dense``) is migrated to it, same model, at
+#: start: its dense vectors come from the cache, so nothing is embedded again.
+CURRENT_VECTORS = "hybrid"
 
 
 class EmbedderLike(Protocol):
@@ -83,6 +89,21 @@ class GenerationHandle:
     def embed_query(self, text: str) -> list[float]:
         """The query's vector under this generation's model."""
         return [float(x) for x in self.embedder.embed([text])[0]]
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether the generation's points carry a BM25 sparse vector beside the dense one."""
+        return self.row.vectors == "hybrid"
+
+    def default_mode(self) -> SearchMode:
+        """The retrieval mode a query gets unless it names one."""
+        return "hybrid" if self.hybrid else "dense"
+
+    def embed_sparse_query(self, text: str) -> SparseVec:
+        """The query's BM25 vector (generations with sparse vectors only)."""
+        from repd.adapters.lexical import default_encoder
+
+        return default_encoder().embed_query(text)
 
     def with_row(self, row: Generation) -> None:
         """Take the generation's new manifest row (its state changed)."""

@@ -21,10 +21,10 @@ import numpy as np
 
 from repd.adapters.manifest import FileRow, Generation, Manifest
 from repd.adapters.store import Store
-from repd.core.identity import StatSig, is_racy, stored_path
+from repd.core.identity import RACY_WINDOW_NS, StatSig, is_racy, stored_path
 from repd.core.ignore import IgnoreRules
 from repd.core.secrets import SecretPolicy
-from repd.core.types import Chunk
+from repd.core.types import Chunk, SparseVec
 from repd.errors import TransientError, is_transient
 from repd.log import get_logger
 from repd.pipeline import writer
@@ -234,7 +234,7 @@ class Indexer:
     def _reconcile(self, root: Path, rules: IgnoreRules, subdir: str,
                    progress: Progress | None, should_stop: Callable[[], bool]) -> RunStats:
         root_s = str(root)
-        known = self.manifest.files_under(root_s, stored_path(subdir))
+        known = self.manifest.scan_view(root_s, stored_path(subdir))
         stats = RunStats()
         todo: list[str] = []
         skips: list[FilePlan] = []
@@ -249,18 +249,23 @@ class Indexer:
             if entry.folder:
                 unlisted.append(rel)
             row = known.get(rel)
-            if entry.st is None:
-                if row is None or row.state != "skipped" or row.reason != entry.skip_reason:
+            st = entry.st
+            if st is None:
+                if row is None or row[4] != "skipped" or row[6] != entry.skip_reason:
                     skips.append(FilePlan(root_s, rel, ZERO_SIG, time.time_ns(),
                                           "skip", reason=entry.skip_reason,
                                           detail=entry.skip_detail))
                 else:
                     stats.skipped[entry.skip_reason or "unknown"] += 1
                 continue
-            if row is not None and self._unchanged(row, StatSig.of(entry.st)):
+            # The stat compare of git's index, on the plain tuple (see _unchanged).
+            if (row is not None and row[4] != "dirty" and row[0] == st.st_size
+                    and row[1] == st.st_mtime_ns and row[2] == st.st_ino
+                    and row[3] == st.st_ctime_ns
+                    and max(st.st_mtime_ns, st.st_ctime_ns) < row[5] - RACY_WINDOW_NS):
                 stats.unchanged += 1
-                if row.state == "skipped":
-                    stats.skipped[row.reason or "unknown"] += 1
+                if row[4] == "skipped":
+                    stats.skipped[row[6] or "unknown"] += 1
                 continue
             todo.append(rel)
         gone = [FilePlan(root_s, p, ZERO_SIG, time.time_ns(), "delete")
@@ -269,7 +274,8 @@ class Indexer:
         stats.add(self._apply_in_groups(skips + gone))
         if progress:
             progress(0, total, stats)
-        self._run_paths(root, todo, known, stats, progress, should_stop)
+        rows = self.manifest.files_at(root_s, todo)
+        self._run_paths(root, todo, rows, stats, progress, should_stop)
         return stats
 
     def process_paths(self, root: Path, rules: IgnoreRules, relpaths: Iterable[str],
@@ -540,27 +546,26 @@ class Indexer:
         stats.chunks_reused += n_chunks - len(missing)
         return vectors
 
-    def _plans_for(self, handle: GenerationHandle, plans: list[FilePlan]) -> list[FilePlan]:
-        """The active generation's plans as another generation needs them: the same, or
-        the files to index cut again with its own model's tokenizer and limit."""
-        active = self.active
-        if handle is active or handle.chunking_key() == active.chunking_key():
-            return plans
-        planner = self._planner_for(handle)
-        out: list[FilePlan] = []
-        for p in plans:
-            if p.action != "index":
-                out.append(p)
-                continue
-            try:
-                again = planner.plan(Path(p.root), p.relpath, None, None)
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                again = FilePlan(p.root, p.relpath, p.sig, p.started_ns, "fail",
-                                 content_hash=p.content_hash, reason="index_error",
-                                 detail=f"{type(exc).__name__}: {exc}"[:500])
-            out.append(self._capped(again))
+    def _sparse(self, handle: GenerationHandle,
+                plans: Sequence[FilePlan]) -> dict[str, SparseVec] | None:
+        """BM25 vectors of the chunks, for a generation that has them: from the cache
+        (keyed by the encoder's identity and the chunk hash), else encoded (cheap)."""
+        if not handle.hybrid:
+            return None
+        from repd.adapters.lexical import default_encoder
+
+        enc = default_encoder()
+        texts = {c.hash: c.text for p in plans if p.action == "index" for c in p.chunks}
+        if not texts:
+            return {}
+        out = self.manifest.sparse_vectors(enc.identity, texts)
+        missing = [h for h in texts if h not in out]
+        if missing:
+            fresh = list(zip(missing, enc.embed_documents([texts[h] for h in missing]),
+                             strict=True))
+            with self.manifest.transaction() as db:
+                Manifest.put_sparse_vectors(db, enc.identity, fresh)
+            out.update(fresh)
         return out
 
     def _apply_locked(self, plans: list[FilePlan],
@@ -568,27 +573,13 @@ class Indexer:
         stats = RunStats()
         rows: dict[tuple[str, str], FileRow | None] = {
             (p.root, p.relpath): self.manifest.file(p.root, p.relpath) for p in plans}
-        writes: list[writer.GenWrite] = []
-        for i, handle in enumerate(self.generations.view.writing()):
-            if i == 0:
-                # The progress bar follows the active generation's embedding only.
-                vectors = self._vectors(handle, plans, stats, on_slice)
-                writes.append(writer.GenWrite(handle, plans, vectors))
-                continue
-            try:
-                gen_plans = self._plans_for(handle, plans)
-                vectors = self._vectors(handle, gen_plans, stats, None)
-            except Interrupted:
-                raise
-            except Exception as exc:
-                if is_transient(exc):
-                    raise
-                # The new model failing must not fail the files for the active one: the
-                # building generation lacks them for now, and its backfill retries them.
-                log.warning("building_generation_skipped", generation=handle.id,
-                            error=f"{type(exc).__name__}: {exc}"[:300])
-                continue
-            writes.append(writer.GenWrite(handle, gen_plans, vectors))
+        # Live changes go to the active generation only: an edit is searchable as soon as
+        # one model has embedded it. A building generation lacks the file until its
+        # backfill's next pass (which finds it by content hash): the new model's work
+        # never delays save -> searchable, and the gate waits until it is done.
+        handle = self.active
+        vectors = self._vectors(handle, plans, stats, on_slice)
+        writes = [writer.GenWrite(handle, plans, vectors, self._sparse(handle, plans))]
         if self.should_stop():
             raise Interrupted  # nothing written yet: the files stay as they were
         # Short of disk, Qdrant Edge dies of SIGBUS in its memory maps: check first.
@@ -731,9 +722,9 @@ class Indexer:
         self.check_space()
         self._set_stage("writing")
         gen_cursor = (handle.id, cursor) if cursor is not None else None
-        stats.add(writer.write_group(self.manifest, [writer.GenWrite(handle, plans, vectors)],
-                                     primary=False, rows=rows, before_flush=self.before_flush,
-                                     cursor=gen_cursor))
+        write = writer.GenWrite(handle, plans, vectors, self._sparse(handle, plans))
+        stats.add(writer.write_group(self.manifest, [write], primary=False, rows=rows,
+                                     before_flush=self.before_flush, cursor=gen_cursor))
         return stats
 
 

@@ -36,7 +36,7 @@ from repd.core.faults import crashpoint
 from repd.core.identity import fs_path
 from repd.errors import EngineError
 from repd.log import get_logger
-from repd.pipeline.generations import GenerationHandle
+from repd.pipeline.generations import CURRENT_VECTORS, GenerationHandle
 from repd.pipeline.modelstate import (
     GateLabels,
     GateReport,
@@ -61,11 +61,12 @@ T = TypeVar("T")
 #: Files and (estimated) chunks per backfill step: a step is a few seconds of CPU at most.
 BACKFILL_FILES = 64
 BACKFILL_CHUNKS = 256
-#: Chunks per embedding call in a backfill: a live change waits for at most one of these.
-BACKFILL_SLICE = 32
-#: Catch-up passes over the whole manifest after the cursor's pass, before the gate.
-CATCHUP_PASSES = 3
+#: Chunks per embedding call in a backfill: a live change waits for at most one of these
+#: (a fraction of a second on a CPU).
+BACKFILL_SLICE = 16
 SAMPLE_QUERIES = 20
+#: How often a finished migration waiting for its switch looks for live edits to copy.
+READY_CHECK_S = 5.0
 PUBLISH_EVERY_S = 1.0
 COUNT_EVERY_S = 5.0
 RATE_WINDOW_S = 60.0
@@ -96,6 +97,7 @@ class _Migration:
     message: str | None = None
     memory_bytes: int | None = None
     counted_at: float = 0.0
+    checked_at: float = 0.0
     window: deque[tuple[float, int]] = field(default_factory=deque)
 
 
@@ -121,6 +123,8 @@ class Migrations:
         self._failed: tuple[str, str] | None = None  # (model, why) of the last failed start
         self._snap = ModelSnapshot()
         self._published_at = 0.0
+        self._points: dict[int, int] = {}
+        self._gens_at = 0.0
         building = self.generations.view.building
         active = self.generations.active
         if building is not None and active is not None:
@@ -202,7 +206,15 @@ class Migrations:
         if last is None:
             manifest.set_meta(CONFIG_MODEL_KEY, active.row.model_name)
             last = active.row.model_name
-        if wanted == last and not self.engine.model_changed:
+        # An index made before sparse vectors moves to them with its own model (its dense
+        # vectors are cached, so only BM25 vectors are computed and the points rewritten).
+        outdated = active.row.vectors != CURRENT_VECTORS
+        if outdated and self._mig is None:
+            log.warning("index_layout_outdated", generation=active.id, vectors=active.row.vectors,
+                        message="the index has no sparse vectors: rebuilding it with them "
+                        "while it keeps answering (hybrid search needs them)")
+            wanted = active.row.model_name if wanted == last else wanted
+        elif wanted == last and not self.engine.model_changed:
             return
         mig = self._mig
         if mig is not None:
@@ -231,18 +243,40 @@ class Migrations:
 
     def background(self, should_yield: Callable[[], bool]) -> bool:
         """One bounded step of backfill (or the gate once it is done); True while there
-        is more to do. Raises ``Yielded`` when live work arrived mid-step."""
+        is more to do. Raises ``Yielded`` when live work arrived mid-step.
+
+        A finished migration waiting for `repd model switch` (state ``ready``) keeps its
+        generation in step with live edits, looking every few seconds.
+        """
         mig = self._mig
-        if mig is None or mig.handle is None or mig.state != "backfilling":
+        if mig is None or mig.handle is None or mig.state not in ("backfilling", "ready"):
             self._publish()
             return False
+        if mig.state == "ready":
+            now = time.monotonic()
+            if now - mig.checked_at < READY_CHECK_S:
+                self._publish()
+                return False
+            mig.checked_at = now
+            did = self._step(mig, 0, should_yield, save_cursor=False)
+            self._publish()
+            return did
+        if not self._step(mig, mig.cursor, should_yield, save_cursor=not mig.passes):
+            return self._end_of_pass(mig)
+        self._publish()
+        return True
+
+    def _step(self, mig: _Migration, after: int, should_yield: Callable[[], bool], *,
+              save_cursor: bool) -> bool:
+        """Write the next files the building generation lacks (by id after ``after``), or
+        clear what it holds of files no longer indexed; False when there was nothing."""
         handle = mig.handle
+        assert handle is not None
         manifest = self.engine.manifest
-        after = mig.cursor
         rows = manifest.files_to_backfill(handle.id, after, BACKFILL_FILES)
         if rows:
-            counts = manifest.chunk_counts(self.generations.active.id
-                                           if self.generations.active else handle.id,
+            active = self.generations.active
+            counts = manifest.chunk_counts(active.id if active else handle.id,
                                            [r.id for r in rows])
             budget, keep = 0, 0
             for r in rows:
@@ -253,35 +287,37 @@ class Migrations:
             rows = rows[:keep]
         clear = [] if rows else manifest.files_to_clear(handle.id, BACKFILL_FILES)
         if not rows and not clear:
-            return self._end_of_pass(mig)
+            return False
         changed: list[tuple[str, str]] = []
         saved = self.indexer.embed_slice
         self.indexer.embed_slice = BACKFILL_SLICE
         try:
             stats = self.indexer.backfill(
-                handle, rows, clear, str(rows[-1].id) if rows and not mig.passes else None,
+                handle, rows, clear, str(rows[-1].id) if rows and save_cursor else None,
                 should_yield, changed)
         finally:
             self.indexer.embed_slice = saved
         crashpoint("backfill")  # after a step's commit: the resume test's kill -9
         for root, path in changed:
             self.queue.put_path(Path(root), fs_path(path))
+        wrote = len(rows) - len(changed)
         if rows:
             mig.cursor = rows[-1].id
-            mig.pass_wrote += len(rows) - len(changed)
+            mig.pass_wrote += wrote
         now = time.monotonic()
-        mig.files_done += len(rows) - len(changed)
+        mig.files_done += wrote
         mig.chunks_embedded += stats.chunks_embedded
-        mig.window.append((now, len(rows) - len(changed)))
+        mig.window.append((now, wrote))
         while mig.window and mig.window[0][0] < now - RATE_WINDOW_S:
             mig.window.popleft()
-        self._publish()
-        return True
+        return wrote > 0 or bool(clear)
 
     def _end_of_pass(self, mig: _Migration) -> bool:
-        """The cursor reached the end: pass again from the start (edits made while the
-        model loaded, files the live path failed for the new model) or go to the gate."""
-        if mig.passes == 0 or (mig.pass_wrote and mig.passes < CATCHUP_PASSES):
+        """The cursor reached the end: pass again from the start (live edits, which only
+        the active generation receives at once, and files changed while the model
+        loaded) as long as a pass finds work, then go to the gate. The gate runs on this
+        thread right after a pass that found nothing, so no edit slips in between."""
+        if mig.passes == 0 or mig.pass_wrote:
             mig.passes += 1
             mig.cursor = 0
             mig.pass_wrote = 0
@@ -310,7 +346,7 @@ class Migrations:
             raise MigrationRefused("nothing is indexed yet")
         if from_config:
             self.engine.manifest.set_meta(CONFIG_MODEL_KEY, emb.model_name)
-        if emb.model_id == active.model_id:
+        if emb.model_id == active.model_id and active.row.vectors == CURRENT_VECTORS:
             return ModelCommandResult(f"{emb.model_name} is the model generation {active.id} "
                                       "was built with: nothing to do", active.id)
         try:
@@ -346,6 +382,10 @@ class Migrations:
             raise MigrationRefused(
                 f"the backfill of generation {mig.handle.id} is not finished ({done:.0%}); "
                 "the switch waits for every file to be in the new generation")
+        # Live edits since the backfill finished reached the active generation only:
+        # bring the new one up to date first (usually a few files).
+        while self._step(mig, 0, lambda: False, save_cursor=False):
+            pass
         report = self._gate(mig, force=force, labels=labels or self._config_labels())
         mig.gate = report
         if not report.ok:
@@ -541,7 +581,9 @@ class Migrations:
         for rec in records:
             text = str(rec.payload.get("text", ""))[:300]
             try:
-                hits, _ = search(handle.store, handle.embed_query, text, 10, per_file=True)
+                hits, _ = search(handle.store, handle.embed_query, text, 10, per_file=True,
+                                 mode=handle.default_mode(),
+                                 embed_sparse=handle.embed_sparse_query)
             except Exception as exc:
                 log.warning("gate_query_failed", generation=handle.id, error=str(exc))
                 continue
@@ -570,7 +612,9 @@ class Migrations:
         n = 0
         for handle in (old, new):
             def files(text: str, k: int, h: GenerationHandle = handle) -> list[tuple[str, str]]:
-                hits, _ = search(h.store, h.embed_query, text, k, per_file=True)
+                hits, _ = search(h.store, h.embed_query, text, k, per_file=True,
+                                 mode=h.default_mode(),
+                                 embed_sparse=h.embed_sparse_query)
                 return [(x.root, x.path) for x in hits]
             result = score_search(files, queries, qrels, resolver, k=10)
             out.append(result.means["ndcg@10"])
@@ -601,11 +645,11 @@ class Migrations:
             return
         self._published_at = now
         try:
-            self._snap = self._build_snapshot(now)
+            self._snap = self._build_snapshot(now, force)
         except Exception as exc:  # status must never take the worker down
             log.warning("model_status_failed", error=f"{type(exc).__name__}: {exc}")
 
-    def _build_snapshot(self, now: float) -> ModelSnapshot:
+    def _build_snapshot(self, now: float, force: bool) -> ModelSnapshot:
         manifest = self.engine.manifest
         mig = self._mig
         if mig is not None and mig.handle is not None and now - mig.counted_at > COUNT_EVERY_S:
@@ -613,10 +657,15 @@ class Migrations:
             mig.files_total = c["indexed"]
             mig.files_done = c["indexed"] - c["missing"]
             mig.counted_at = now
+        rows = manifest.generations()
+        if force or now - self._gens_at > COUNT_EVERY_S or len(rows) != len(self._points):
+            # COUNTs over a million chunk rows take a while: not on every step.
+            self._points = {g.id: manifest.chunk_count(g.id) for g in rows}
+            self._gens_at = now
         gens = tuple(GenerationSummary(
             g.id, g.model_name, g.model_id, g.dim, g.state,  # type: ignore[arg-type]
-            manifest.chunk_count(g.id), g.created_at, g.activated_at,
-            g.location.replace("{id}", str(g.id))) for g in manifest.generations())
+            self._points.get(g.id, 0), g.created_at, g.activated_at,
+            g.location.replace("{id}", str(g.id))) for g in rows)
         active = self.generations.active
         return ModelSnapshot(gens, self._migration_snapshot(mig, now),
                              active.id if active is not None else None)

@@ -27,7 +27,7 @@ import numpy as np
 from repd.adapters.manifest import ChunkRow, FileRow, Manifest
 from repd.core.faults import crashpoint
 from repd.core.identity import StatSig
-from repd.core.types import PointRecord
+from repd.core.types import PointRecord, SparseVec
 from repd.log import get_logger
 from repd.pipeline.generations import GenerationHandle
 from repd.pipeline.plan import FilePlan
@@ -40,11 +40,13 @@ _STATES = {"index": "indexed", "skip": "skipped", "fail": "failed"}
 
 @dataclass(frozen=True)
 class GenWrite:
-    """What one generation receives from a group: its plans and their vectors."""
+    """What one generation receives from a group: its plans and their vectors (and, for
+    a generation with sparse vectors, the chunks' BM25 vectors)."""
 
     handle: GenerationHandle
     plans: Sequence[FilePlan]
     vectors: Mapping[str, np.ndarray]
+    sparse: Mapping[str, SparseVec] | None = None
 
 
 def write_group(manifest: Manifest, writes: Sequence[GenWrite], *, primary: bool,
@@ -73,12 +75,14 @@ def write_group(manifest: Manifest, writes: Sequence[GenWrite], *, primary: bool
             if old_ids or new_ids:
                 intents.append((w.handle.id, p, old_ids + new_ids))
             stale.extend(set(old_ids) - set(new_ids))
+            ext = file_ext(p.relpath)
             for c, pid in zip(p.chunks, new_ids, strict=True):
                 points.append(PointRecord(pid, w.vectors[c.hash].tolist(), {
-                    "root": p.root, "path": p.relpath, "ordinal": c.ordinal,
+                    "root": p.root, "path": p.relpath, "ext": ext, "ordinal": c.ordinal,
                     "start_line": c.start_line, "end_line": c.end_line,
                     "chunk_hash": c.hash, "file_hash": p.content_hash,
-                    "mtime_ns": p.sig.mtime_ns, "text": c.text}))
+                    "mtime_ns": p.sig.mtime_ns, "text": c.text},
+                    w.sparse.get(c.hash) if w.sparse is not None else None))
         staged.append((w, points, stale))
 
     intent_ids: list[int] = []
@@ -158,6 +162,14 @@ def _commit_files(db: sqlite3.Connection, plans: Sequence[FilePlan],
     db.executemany(
         "UPDATE files SET size=?, mtime_ns=?, inode=?, ctime_ns=?, indexed_at_ns=? WHERE id=?",
         [(s.size, s.mtime_ns, s.inode, s.ctime_ns, at, fid) for fid, s, at in touched])
+
+
+def file_ext(relpath: str) -> str:
+    """The payload's ``ext``: the lower-cased extension with its dot, "" for none
+    (``--path '**/*.py'`` is filtered on it inside the store)."""
+    name = relpath.rsplit("/", 1)[-1]
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 else ""
 
 
 def _count(stats: RunStats, p: FilePlan) -> None:
