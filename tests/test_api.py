@@ -268,7 +268,8 @@ class FakeBackend:
             for i in range(min(req.k, 3))
         ]
         generation = "g1" if req.generation is None else str(req.generation)
-        return QueryResponse(hits=hits, took_ms=1.5, generation=generation)
+        return QueryResponse(hits=hits, took_ms=1.5, generation=generation,
+                             mode=req.mode or "hybrid")
 
     def files(self, state: IssueState | None, limit: int, offset: int) -> FilesResponse:
         """A page of the fixed issue list."""
@@ -478,8 +479,30 @@ def test_query(client: ApiClient, backend: FakeBackend) -> None:
 
 
 def test_query_defaults(client: ApiClient, backend: FakeBackend) -> None:
-    client.query("x")
+    out = client.query("x")
     assert backend.calls[-1][1] == QueryRequest(text="x", k=10)
+    assert backend.calls[-1][1].mode is None and backend.calls[-1][1].cwd is None
+    assert out["mode"] == "hybrid"  # what the daemon chose: the generation's default
+
+
+@pytest.mark.parametrize("mode", ["dense", "lexical", "hybrid"])
+def test_query_mode_and_cwd_travel(client: ApiClient, backend: FakeBackend, mode: Any) -> None:
+    out = client.query("x", path="notes/*.md", mode=mode, cwd="/home/someone")
+    assert backend.calls[-1][1] == QueryRequest(text="x", path="notes/*.md", mode=mode,
+                                                 cwd="/home/someone")
+    assert out["mode"] == mode
+
+
+def test_query_response_says_which_mode_answered() -> None:
+    hit = {"rank": 1, "score": 0.5, "root": ROOT, "path": "a.md", "start_line": 1,
+           "end_line": 2, "snippet": "s"}
+    base = {"hits": [hit], "took_ms": 1.0, "generation": "1"}
+    assert QueryResponse.model_validate(base).mode == "dense"  # a daemon from before modes
+    assert QueryResponse.model_validate({**base, "mode": "lexical"}).mode == "lexical"
+    schema = QueryResponse.model_json_schema()
+    assert set(schema["properties"]["mode"]["enum"]) == {"dense", "lexical", "hybrid"}
+    request = QueryRequest.model_json_schema()["properties"]
+    assert "mode" in request and "cwd" in request
 
 
 def test_files_filter_and_paging(client: ApiClient, backend: FakeBackend) -> None:
@@ -781,6 +804,8 @@ def test_malformed_json_is_400(server: ApiServer) -> None:
         ({"k": 3}, "text: Field required"),
         ({"text": "x", "colour": "red"}, "colour: Extra inputs are not permitted"),
         ({"text": "x", "root": "a\x00b"}, "root: must not contain NUL characters"),
+        ({"text": "x", "mode": "fuzzy"}, "mode: Input should be 'dense', 'lexical' or 'hybrid'"),
+        ({"text": "x", "cwd": "relative/dir"}, "cwd: must be an absolute path"),
         (["text"], "Input should be a valid dictionary"),
     ],
 )

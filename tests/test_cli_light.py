@@ -41,3 +41,33 @@ def test_query_without_index_is_a_clear_error(tmp_path: Path) -> None:
                           env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "nothing is indexed yet" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_invalid_path_glob_is_exit_2_with_the_reason_before_anything_loads(
+        tmp_path: Path) -> None:
+    for glob, reason in (("docs/[abc.md", "unbalanced '[' at position 6"),
+                         ("src/**/*.{py,pyi", "unbalanced '{' at position 10"),
+                         (str(tmp_path / "x}.md"), "unbalanced '}'")):
+        proc = subprocess.run([sys.executable, "-m", "repd.cli", "query", "anything", "--path",
+                               glob], env=cli_env(tmp_path), capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr
+        assert f"repd: invalid --path glob {glob!r}: {reason}" in proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+    assert heavy_modules(["query", "anything", "--path", "a[b"], tmp_path) == ""
+
+
+def test_a_path_that_exists_is_taken_literally(tmp_path: Path) -> None:
+    odd = tmp_path / "odd[1.md"  # an invalid glob, but a real file
+    odd.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "repd.cli", "query", "anything", "--path",
+                           str(odd)], env=cli_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert "invalid --path glob" not in proc.stderr
+    assert "nothing is indexed yet" in proc.stderr  # got as far as opening the index
+
+
+def test_query_mode_choices(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "repd.cli", "query", "x", "--mode", "fuzzy"],
+                          env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid choice: 'fuzzy'" in proc.stderr

@@ -100,8 +100,9 @@ def test_second_openers_leave_the_daemons_store_alone(daemon: DaemonProc,
 
 
 def test_api_errors_are_one_line_with_their_exit_code(daemon: DaemonProc) -> None:
-    sub = daemon.roots[0] / "sub"  # inside a root, but not a root itself
-    proc = run_cli(["query", "lava", "--root", str(sub)], daemon.env, check=False)
+    elsewhere = daemon.roots[0].parent / "not-a-root"  # outside every root
+    elsewhere.mkdir(exist_ok=True)
+    proc = run_cli(["query", "lava", "--root", str(elsewhere)], daemon.env, check=False)
     assert proc.returncode == 2, proc.stderr  # the daemon refused the request (HTTP 404)
     assert "is not an indexed root" in proc.stderr
     _one_clean_line(proc.stderr)

@@ -13,10 +13,13 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repd import __version__
 from repd.textsafe import printable
+
+if TYPE_CHECKING:
+    from repd.core.types import SearchMode
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -199,6 +202,10 @@ def cmd_query(args: argparse.Namespace) -> int:
     if not 1 <= args.k <= 100:
         print("repd: -k must be between 1 and 100", file=sys.stderr)
         return 2
+    problem = _path_arg_problem(args.path)
+    if problem:
+        print(f"repd: {printable(problem)}", file=sys.stderr)
+        return 2
     result = None if args.local else _query_daemon(text, args, api_socket(args))
     if result is None:
         result = _query_without_api(_load(args).settings, text, args)
@@ -217,6 +224,29 @@ def cmd_query(args: argparse.Namespace) -> int:
         # Names and text are anyone's data: no raw control characters to the terminal.
         print(hit_line(h["rank"], h["score"], printable(where), printable(h["snippet"]), width))
     return 0
+
+
+def _path_arg_problem(path: str | None) -> str | None:
+    """Why ``--path`` cannot be a glob (checked before anything loads), or None.
+
+    A path that exists as written is taken literally, whatever its characters."""
+    if not path or os.path.lexists(path):
+        return None
+    from repd.core.globs import GlobError, check_glob
+
+    try:
+        check_glob(path)
+    except GlobError as exc:
+        return f"invalid --path glob {path!r}: {exc}"
+    return None
+
+
+def _cwd() -> str | None:
+    """The current folder, or None when it is gone."""
+    try:
+        return str(Path.cwd())
+    except OSError:
+        return None
 
 
 def api_socket(args: argparse.Namespace) -> Path:
@@ -245,9 +275,14 @@ def _query_daemon(text: str, args: argparse.Namespace, socket: Path) -> dict[str
     try:
         client = ApiClient(socket, timeout=args.timeout)
         root = os.path.abspath(args.root) if args.root else None
-        res: dict[str, Any] = client.query(text, k=args.k, path=args.path, root=root,
+        # The daemon's folder is not ours: a relative --path written as a path (for
+        # example as `repd query` printed it) is resolved against this one there.
+        path = args.path
+        cwd = _cwd() if path is not None and not Path(path).is_absolute() else None
+        res: dict[str, Any] = client.query(text, k=args.k, path=path, root=root,
                                            files=args.files, wait_starting=args.timeout,
-                                           on_wait=told)
+                                           on_wait=told, mode=getattr(args, "mode", None),
+                                           cwd=cwd)
         return res
     except DaemonNotRunning:
         return None
@@ -303,26 +338,48 @@ def local_index(settings: Any) -> Iterator[Any]:
 
 
 def search_local(engine: Any, vector: list[float], text: str, k: int, path: str | None,
-                 root: str | None, files: bool) -> tuple[list[Any], float]:
-    """One search with a vector embedded beforehand: the store (and its lock, which a
-    starting daemon waits for) is opened only for the searches, after the embedding."""
+                 root: str | None, files: bool, *, mode: SearchMode = "dense",
+                 prefix: str | None = None) -> tuple[list[Any], float]:
+    """One search with a vector embedded beforehand (none for a lexical search): the store
+    (and its lock, which a starting daemon waits for) is opened only for the searches,
+    after the embedding. ``path``, ``root`` and ``prefix`` are a resolved scope's
+    (``repd.pipeline.search.resolve_scope``); ``mode`` one ``check_mode`` allowed."""
     from repd.adapters.store import StoreError
     from repd.errors import EngineError
     from repd.pipeline.search import search
 
     try:
-        return search(engine.store, lambda _text: vector, text, k, path, root, per_file=files)
+        store = engine.store
+        handle = engine.generations.active
+        sparse = handle.embed_sparse_query if handle is not None and mode != "dense" else None
+        return search(store, lambda _text: vector, text, k, path, root, per_file=files,
+                      mode=mode, embed_sparse=sparse, path_prefix=prefix)
     except StoreError as exc:
         raise EngineError(str(exc)) from None
 
 
+def local_scope(engine: Any, settings: Any, path: str | None, root: str | None) -> Any:
+    """``--path`` and ``--root`` resolved against the roots the index holds (and the
+    configured ones), relative to the current folder (``resolve_scope``)."""
+    from repd.pipeline.search import resolve_scope
+
+    roots = [*engine.manifest.roots(), *settings.roots]
+    return resolve_scope(path, root, roots, cwd=_cwd())
+
+
 def _query_local(settings: Any, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    from repd.pipeline.search import check_mode
+
     with local_index(settings) as engine:
-        vector = engine.embed_query(text)
-        root = str(Path(os.path.abspath(args.root))) if args.root else None
-        hits, took = search_local(engine, vector, text, args.k, args.path, root, args.files)
+        # Both refused before the model loads (seconds).
+        scope = local_scope(engine, settings, args.path, args.root)
+        mode = check_mode(getattr(args, "mode", None), engine.generation.vectors == "hybrid")
+        vector = engine.embed_query(text) if mode != "lexical" else []
+        hits, took = search_local(engine, vector, text, args.k, scope.glob, scope.root,
+                                  args.files, mode=mode, prefix=scope.prefix)
         gen = engine.generation.id
-    return {"hits": [h.as_dict() for h in hits], "took_ms": round(took, 2), "generation": gen}
+    return {"hits": [h.as_dict() for h in hits], "took_ms": round(took, 2),
+            "generation": gen, "mode": mode}
 
 
 # -- files -------------------------------------------------------------------------------
@@ -410,8 +467,15 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("query", parents=[common], help="search the index")
     q.add_argument("text", nargs="+", help="what to look for")
     q.add_argument("-k", type=int, default=10, help="number of results (1-100, default 10)")
-    q.add_argument("--path", help="only paths matching this glob (e.g. 'docs/**/*.md')")
-    q.add_argument("--root", help="only this root folder")
+    q.add_argument("--path", help="only paths matching this glob, relative to each root "
+                   "(e.g. 'docs/**/*.md', '**/*.{py,pyi}'), or a path as repd prints it "
+                   "(absolute, or relative to the current folder; a glob may follow its "
+                   "folders: ./src/*.py)")
+    q.add_argument("--root", help="only this root folder, or this folder inside a root")
+    q.add_argument("--mode", choices=["hybrid", "dense", "lexical"],
+                   help="hybrid (embeddings and BM25 fused), dense (embeddings) or lexical "
+                   "(BM25, exact words); default: hybrid when the index has sparse vectors, "
+                   "else dense")
     q.add_argument("--files", action="store_true",
                    help="one hit per file: the best chunk of each of the top files")
     q.add_argument("--json", action="store_true", help="print results as JSON")

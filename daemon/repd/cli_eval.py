@@ -35,14 +35,15 @@ from repd.evaluation import (
 if TYPE_CHECKING:  # the client is imported only when a daemon is asked
     from repd.api.client import ApiClient
 
-#: Retrieval modes a person may name; only ``dense`` exists yet (hybrid and lexical
-#: arrive with sparse vectors).
+#: Retrieval modes a person may name.
 MODES = ("dense", "hybrid", "lexical")
-AVAILABLE_MODES = ("dense",)
+#: All of them, on a generation with sparse vectors; a dense-only generation answers
+#: dense only, and the query path refuses the others with the way to get sparse vectors.
+AVAILABLE_MODES = MODES
 
-#: One query's hits, as the API returns them (dicts with ``root`` and ``path``), and the
-#: generation that answered.
-Answer = tuple[list[dict[str, Any]], str]
+#: One query's hits, as the API returns them (dicts with ``root`` and ``path``), the
+#: generation that answered and the mode it answered in.
+Answer = tuple[list[dict[str, Any]], str, str]
 
 
 def add_eval_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -72,9 +73,10 @@ def add_eval_command(sub: Any, common: argparse.ArgumentParser) -> None:
                     "being built by a model upgrade or one retired but kept can be measured "
                     "through a running daemon; without a daemon only the active generation "
                     "can be opened")
-    ev.add_argument("--mode", choices=MODES, default="dense",
-                    help="retrieval mode; only dense exists yet (hybrid and lexical come with "
-                    "sparse vectors)")
+    ev.add_argument("--mode", choices=MODES,
+                    help="retrieval mode: dense (embeddings), lexical (BM25) or hybrid (both, "
+                    "fused); default: the generation's, hybrid when it has sparse vectors; "
+                    "lexical and hybrid need a generation with sparse vectors")
     ev.add_argument("--json", action="store_true", help="print the result as JSON (with each "
                     "query's figures)")
     ev.add_argument("--save-run", type=Path, metavar="FILE",
@@ -98,9 +100,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         print("repd: --limit must be at least 1", file=sys.stderr)
         return 2
-    if args.mode not in AVAILABLE_MODES:
-        raise EngineError(f"--mode {args.mode} is not available yet: only dense retrieval "
-                          "exists (hybrid and lexical come with sparse vectors)")
+    if args.mode is not None and args.mode not in AVAILABLE_MODES:
+        raise EngineError(f"--mode {args.mode} is not available (one of "
+                          f"{', '.join(AVAILABLE_MODES)})")
     queries = load_queries(args.queries)
     qrels = load_qrels(args.qrels)
     resolve = DocResolver(load_mapping(args.mapping) if args.mapping else None)
@@ -118,13 +120,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     texts = [queries[q] for q in scored]
     answers, source = _run(texts, args)
     seconds = time.perf_counter() - t0
-    generation = answers[0][1]
-    if any(gen != generation for _, gen in answers):
+    generation, mode = answers[0][1], answers[0][2]
+    if any(gen != generation for _, gen, _ in answers):
         # Only possible without --generation: with it, every answer was checked to be N.
         raise EngineError("the active generation changed during the evaluation; run it again")
+    if any(m != mode for _, _, m in answers):
+        raise EngineError("the retrieval mode changed during the evaluation; run it again")
 
     runs = [(qid, [resolve(h["root"], h["path"]) for h in hits])
-            for qid, (hits, _) in zip(scored, answers, strict=True)]
+            for qid, (hits, _, _) in zip(scored, answers, strict=True)]
     result = evaluate(runs, qrels, recall_k=args.k)
     if args.save_run is not None:
         _save_run(args.save_run, runs)
@@ -132,13 +136,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                "judged_without_text": sum(1 for q in qrels if q not in queries),
                "limited": len(judged) - len(no_relevant) - len(scored)}
     if args.json:
-        out = {"generation": generation, "mode": args.mode, "source": source, "k": args.k,
+        out = {"generation": generation, "mode": mode, "source": source, "k": args.k,
                **result.as_dict(), "skipped": skipped, "seconds": round(seconds, 3)}
         out.pop("unjudged")
         out.pop("no_relevant")
         print(json.dumps(out, indent=2, ensure_ascii=False))
         return 0
-    _print_table(result, generation, args.mode, source, seconds, skipped)
+    _print_table(result, generation, mode, source, seconds, skipped)
     return 0
 
 
@@ -162,7 +166,7 @@ def _run(texts: list[str], args: argparse.Namespace) -> tuple[list[Answer], str]
     generation: int | None = args.generation
     # What `repd query --files -k K` would be given, with no filters.
     qargs = argparse.Namespace(k=args.k, path=None, root=None, files=True, local=args.local,
-                               timeout=args.timeout)
+                               timeout=args.timeout, mode=args.mode)
     if not args.local:
         socket = api_socket(args)
         first = _ask_daemon(texts[0], qargs, socket, generation)
@@ -206,15 +210,15 @@ def _ask_daemon(text: str, qargs: argparse.Namespace, socket: Path,
         return _query_daemon(text, qargs, socket)
     try:
         return _query_generation(ApiClient(socket, timeout=qargs.timeout), text, qargs.k,
-                                 generation, qargs.timeout)
+                                 generation, qargs.timeout, qargs.mode)
     except DaemonNotRunning:
         return None
 
 
 def _query_generation(client: ApiClient, text: str, k: int, generation: int,
-                      wait_starting: float) -> dict[str, Any]:
-    """``POST /v1/query`` with ``"generation": generation``, one hit per file, waiting
-    for a daemon that is still starting as ``repd query`` does."""
+                      wait_starting: float, mode: str | None = None) -> dict[str, Any]:
+    """``POST /v1/query`` with ``"generation": generation`` (and ``mode``), one hit per
+    file, waiting for a daemon that is still starting as ``repd query`` does."""
 
     def told() -> None:
         if sys.stderr.isatty():
@@ -222,7 +226,7 @@ def _query_generation(client: ApiClient, text: str, k: int, generation: int,
                   file=sys.stderr, flush=True)
 
     return client.query(text, k=k, files=True, generation=generation,
-                        wait_starting=wait_starting, on_wait=told)
+                        wait_starting=wait_starting, on_wait=told, mode=mode)
 
 
 def _through_daemon(texts: list[str], qargs: argparse.Namespace, socket: Path,
@@ -252,7 +256,7 @@ def _answer(res: dict[str, Any], generation: int | None) -> Answer:
         # A daemon that ignored the field would measure the active generation instead.
         raise EngineError(f"asked for generation {generation}, the daemon answered from "
                           f"generation {got}")
-    return res["hits"], got
+    return res["hits"], got, str(res.get("mode", "dense"))
 
 
 def _local(settings: Any, texts: list[str], args: argparse.Namespace) -> list[Answer]:
@@ -262,19 +266,23 @@ def _local(settings: Any, texts: list[str], args: argparse.Namespace) -> list[An
     waits for) is opened only for the searches.
     """
     from repd.cli import local_index, search_local
+    from repd.pipeline.search import check_mode
 
     with local_index(settings) as engine:
         gen = str(engine.generation.id)
         _check_generation(args.generation, gen)
+        # Refused before the model loads.
+        mode = check_mode(args.mode, engine.generation.vectors == "hybrid")
         progress = _progress(2 * len(texts))
         vectors: list[list[float]] = []
         for i, text in enumerate(texts, 1):
-            vectors.append(engine.embed_query(text))
+            vectors.append(engine.embed_query(text) if mode != "lexical" else [])
             progress(i)
         answers: list[Answer] = []
         for i, (text, vector) in enumerate(zip(texts, vectors, strict=True), len(texts) + 1):
-            hits, _ = search_local(engine, vector, text, args.k, None, None, files=True)
-            answers.append(([h.as_dict() for h in hits], gen))
+            hits, _ = search_local(engine, vector, text, args.k, None, None, files=True,
+                                   mode=mode)
+            answers.append(([h.as_dict() for h in hits], gen, mode))
             progress(i)
         progress(0)
         return answers

@@ -51,11 +51,12 @@ from repd.pipeline.modelstate import (
     ModelSnapshot,
 )
 from repd.pipeline.scanner import contained, real_bases
-from repd.pipeline.search import search
+from repd.pipeline.search import QueryError, check_mode, resolve_scope, search
 
 if TYPE_CHECKING:
     from repd.adapters.store import Store
     from repd.app import Daemon
+    from repd.core.types import SparseVec
     from repd.pipeline.worker import WorkerSnapshot
 
 
@@ -74,6 +75,11 @@ class QueryHandle(Protocol):
 
     def embed_query(self, text: str) -> list[float]:
         """``text`` embedded with the generation's own model."""
+        ...
+
+    def embed_sparse_query(self, text: str) -> SparseVec:
+        """``text``'s BM25 vector (generations with sparse vectors only; ``hybrid``, a
+        bool, says which, and is read with a default of False)."""
         ...
 
 
@@ -260,13 +266,18 @@ class DaemonService:
     # -- query ---------------------------------------------------------------------------
 
     def query(self, req: QueryRequest) -> QueryResponse:
-        """Search the active generation (or ``req.generation``) with its own model."""
+        """Search the active generation (or ``req.generation``) with its own model.
+
+        ``root`` may be a folder inside a root, ``path`` a glob or a path as the CLI
+        prints it (absolute, or relative to ``req.cwd``); the mode defaults to the
+        generation's (hybrid when it has sparse vectors). 400 for an invalid glob or a
+        mode the generation lacks, 404 for a folder outside every root.
+        """
         self._ready()
-        root = None
-        if req.root is not None:
-            root = os.path.abspath(req.root)
-            if Path(root) not in self.d.roots:
-                raise ApiError(404, f"{req.root} is not an indexed root", "unknown_root")
+        try:
+            scope = resolve_scope(req.path, req.root, self.d.roots, cwd=req.cwd)
+        except QueryError as exc:
+            raise ApiError(exc.status, exc.message, exc.code) from None
         generations = self.d.generations
         if generations is None:  # ready implies open; kept for the type checker's sake
             raise ApiError(503, "the daemon is starting; try again in a moment", "starting")
@@ -277,15 +288,22 @@ class DaemonService:
         except LookupError as exc:
             raise ApiError(404, str(exc.args[0]) if exc.args else str(exc),
                            "unknown_generation") from None
-        hits, took = search(handle.store, handle.embed_query, req.text, req.k,
-                            req.path, root, per_file=req.files)
+        hybrid = bool(getattr(handle, "hybrid", False))
+        try:
+            mode = check_mode(req.mode, hybrid)
+            hits, took = search(handle.store, handle.embed_query, req.text, req.k,
+                                scope.glob, scope.root, per_file=req.files, mode=mode,
+                                embed_sparse=handle.embed_sparse_query if hybrid else None,
+                                path_prefix=scope.prefix)
+        except QueryError as exc:
+            raise ApiError(exc.status, exc.message, exc.code) from None
         self.queries += 1
         self.query_seconds += took / 1000
         return QueryResponse(
             hits=[QueryHit(rank=h.rank, score=h.score, root=h.root, path=h.path,
                            start_line=max(1, h.start_line), end_line=max(1, h.end_line),
                            snippet=h.snippet) for h in hits],
-            took_ms=took, generation=str(handle.id))
+            took_ms=took, generation=str(handle.id), mode=mode)
 
     # -- files, actions ------------------------------------------------------------------
 

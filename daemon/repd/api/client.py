@@ -143,9 +143,12 @@ class ApiClient:
         self, text: str, k: int = 10, path: str | None = None, root: str | None = None,
         files: bool = False, *, wait_starting: float = 0.0,
         on_wait: Callable[[], None] | None = None, generation: int | None = None,
+        mode: str | None = None, cwd: str | None = None,
     ) -> dict[str, Any]:
         """Semantic search (``QueryResponse``); ``files``: one hit per file;
-        ``generation``: search that generation instead of the active one.
+        ``generation``: search that generation instead of the active one; ``mode``:
+        dense, lexical or hybrid (None: the generation's default); ``cwd``: the folder a
+        relative ``path`` written as a path is relative to (absolute).
 
         ``wait_starting``: seconds to keep asking a daemon that answers 503 "starting"
         (it is loading its model), with a short backoff; ``on_wait`` is called once,
@@ -160,6 +163,10 @@ class ApiClient:
             body["path"] = path
         if root is not None:
             body["root"] = root
+        if mode is not None:
+            body["mode"] = mode
+        if cwd is not None:
+            body["cwd"] = cwd
         deadline = time.monotonic() + wait_starting
         delay = STARTING_FIRST_DELAY_S
         waited = False

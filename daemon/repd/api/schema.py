@@ -286,6 +286,9 @@ class StatusResponse(_Response):
 
 # --- query --------------------------------------------------------------------------------
 
+SearchMode = Literal["dense", "lexical", "hybrid"]
+"""``dense``: embeddings only; ``lexical``: BM25 only; ``hybrid``: both, fused (RRF)."""
+
 
 class QueryRequest(_Request):
     """A semantic search over the active generation."""
@@ -300,19 +303,37 @@ class QueryRequest(_Request):
     path: str | None = Field(
         default=None,
         min_length=1,
-        max_length=1024,
+        max_length=4096,
         pattern=NO_NUL_PATTERN,
-        description="only files whose path relative to their root matches this glob",
+        description="only files whose path relative to their root matches this glob (`*`, "
+        "`**`, `?`, `[a-z]`, `{a,b}`, `\\` escapes; 400 `invalid_glob` with the reason "
+        "when it is not valid), or a path as the CLI prints it: absolute, or relative to "
+        "`cwd`, a glob allowed past its folders (404 `not_in_root` outside every root)",
     )
     root: str | None = Field(
         default=None,
         min_length=1,
         max_length=4096,
         pattern=NO_NUL_PATTERN,
-        description="only files under this root (absolute path)",
+        description="only files under this root, or under this folder inside a root "
+        "(absolute path; 404 `unknown_root` outside every root)",
+    )
+    cwd: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        pattern=ABSOLUTE_PATH_PATTERN,
+        description="the client's working folder: a relative `path` written as a path "
+        "(`.`, `..`, or with a `/`) whose folder exists there, inside a root, is taken "
+        "relative to it; null: `path` is always relative to each root",
     )
     files: bool = Field(
         default=False, description="one hit per file: the best chunk of each of the top k files")
+    mode: SearchMode | None = Field(
+        default=None,
+        description="dense (embeddings), lexical (BM25) or hybrid (both, fused); null: the "
+        "generation's default, hybrid when it has sparse vectors. Lexical and hybrid on a "
+        "generation without sparse vectors: 400 `no_sparse_vectors`")
     # The bounds before the validator, inside the union's integer branch: elsewhere pydantic
     # writes them as "ge"/"le" in the JSON Schema, which no client or fuzzer reads as bounds.
     generation: Annotated[
@@ -341,6 +362,7 @@ class QueryResponse(_Response):
     hits: list[QueryHit]
     took_ms: float = Field(ge=0)
     generation: str = Field(description="id of the generation that answered")
+    mode: SearchMode = Field(default="dense", description="the retrieval mode that answered")
 
 
 # --- files --------------------------------------------------------------------------------

@@ -1,18 +1,81 @@
-"""The query path: embed the question, search the active generation, filter, shape hits."""
+"""The query path: resolve the filters, embed the question, search one generation's store
+with the filters inside it, match the full glob, deepen until k, shape the hits.
+
+Filters run inside the store wherever it can: the root, a plain path prefix (the glob's
+literal folders, or the subfolder a ``--root`` names) and, on generations whose every
+point carries its ``ext`` payload, the file extensions a glob pins (``**/*.py``). The
+full glob is then matched here (``core/globs.py``, a linear-time matcher). When that, or
+one hit per file, leaves fewer than ``k`` hits, the store is asked again for twice as
+many candidates, until ``k`` are found or the store has no more (bounded by its size
+and :data:`MAX_CANDIDATES`): the common case stays one store call.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, get_args
 
 from repd.adapters.store import Store
-from repd.core.globs import literal_prefix, match_path
+from repd.core.globs import (
+    GlobError,
+    check_glob,
+    escape,
+    glob_exts,
+    literal_prefix,
+    match_path,
+    split_literal_head,
+)
+from repd.core.types import SearchMode, SparseVec
+from repd.errors import EXIT_CONFIG, RepdError
 
-# Over-fetch when a glob filters in Python, so k hits still come back.
-_GLOB_OVERFETCH = 8
+#: Candidates asked for at first, per result wanted, when hits are filtered here (a glob)
+#: or grouped by file: enough for the common case to take one store call.
+OVERFETCH = 8
+#: Most candidates one query reads while deepening (each carries its chunk's text).
+MAX_CANDIDATES = 20_000
+#: Longest snippet, in characters.
+SNIPPET_CHARS = 160
+#: The retrieval modes.
+MODES: tuple[str, ...] = get_args(SearchMode)
 
+NO_SPARSE_HINT = ("`repd model use <same model>` rebuilds the index with sparse vectors "
+                  "while it keeps answering")
+
+
+class QueryError(RepdError):
+    """A query that cannot be answered as asked (an invalid glob, a path outside every
+    root, a mode the generation lacks): the CLI's exit 2, the API's ``status``."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, message: str, *, status: int = 400, code: str = "bad_query") -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+
+
+def check_mode(mode: str | None, hybrid: bool, default: str | None = None) -> SearchMode:
+    """The mode a query runs in: ``mode``, else ``default``, else the generation's
+    default (hybrid when it has sparse vectors); QueryError when the generation has no
+    sparse vectors for a lexical or hybrid search."""
+    chosen = mode or default or ("hybrid" if hybrid else "dense")
+    if chosen not in MODES:
+        raise QueryError(f"unknown mode {chosen!r} (one of {', '.join(MODES)})",
+                         code="unknown_mode")
+    if chosen != "dense" and not hybrid:
+        raise QueryError(
+            f"{chosen} search needs sparse (BM25) vectors, and this index has none (only "
+            f"dense retrieval exists for it): {NO_SPARSE_HINT}", code="no_sparse_vectors")
+    return chosen  # type: ignore[return-value]  # one of MODES
+
+
+# -- hits ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class SearchHit:
@@ -25,12 +88,15 @@ class SearchHit:
     start_line: int
     end_line: int
     text: str
+    #: The question asked: the snippet is cut around the sentence that best matches it.
+    query: str = ""
 
     @property
     def snippet(self) -> str:
-        """The chunk on one line (a Markdown breadcrumb reads as its context), shortened."""
-        flat = " ".join(self.text.split())
-        return flat if len(flat) <= 160 else flat[:157] + "..."
+        """One line of at most :data:`SNIPPET_CHARS` characters: the chunk from the
+        sentence that shares the most words with the query (from its start when none
+        does better than the first)."""
+        return make_snippet(self.text, self.query)
 
     def as_dict(self) -> dict[str, Any]:
         """Wire form."""
@@ -39,30 +105,304 @@ class SearchHit:
                 "snippet": self.snippet}
 
 
+_WORD_RE = re.compile(r"[^\W_]+")
+_CAMEL_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
+# A sentence ends at ".", "!" or "?" before a space, or at a line break.
+_UNIT_RE = re.compile(r"[^\n]*?(?:[.!?](?=\s)|\n|$)")
+_STOPWORDS = frozenset(
+    "a an and are as at be but by can do does for from has have how i if in into is it its "
+    "me my no not of on or our so such than that the their then there these they this to "
+    "was we were what when where which who why will with you your".split())
+_SUFFIXES = ("ing", "ed", "es", "s", "ly")
+
+
+def _stem(word: str) -> str:
+    for suffix in _SUFFIXES:
+        if word.endswith(suffix) and len(word) > len(suffix) + 2:
+            return word[: -len(suffix)]
+    return word
+
+
+def _terms(text: str) -> set[str]:
+    """Lower-cased word stems, identifiers also split (``rotateKeys``, ``rotate_keys``)."""
+    out: set[str] = set()
+    for word in _WORD_RE.findall(text):
+        parts = _CAMEL_RE.findall(word) if word.isascii() else []
+        for w in (word, *parts):
+            w = w.lower()
+            if w not in _STOPWORDS:
+                out.add(_stem(w))
+    return out
+
+
+def _units(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each sentence or line of ``text`` that holds a word."""
+    return [(m.start(), m.end()) for m in _UNIT_RE.finditer(text)
+            if m.end() > m.start() and _WORD_RE.search(text, m.start(), m.end())]
+
+
+def make_snippet(text: str, query: str = "", width: int = SNIPPET_CHARS) -> str:
+    """``text`` on one line, at most ``width`` characters, from the sentence (or line)
+    that best matches ``query`` by shared words, longer words weighing more; from the
+    start when none matches better than the first. A sentence too long to show whole
+    begins a little before its first matching word. "... " marks a cut start, "..." a
+    cut end."""
+    wanted = _terms(query) if query else set()
+    start = 0
+    if wanted:
+        best, best_score = 0, 0.0
+        for n, (a, b) in enumerate(_units(text)):
+            found = wanted & _terms(text[a:b])
+            score = sum(1.0 + min(len(t), 10) / 10 for t in found)
+            if score > best_score:
+                best, best_score, start = n, score, a
+        if best == 0:
+            start = 0  # keep what comes before the first sentence (a heading path)
+    rest = " ".join(text[start:].split())
+    lead = "... " if start else ""
+    if len(lead) + len(rest) > width and wanted:
+        room = width - 4
+        first = next((m.start() for m in _WORD_RE.finditer(rest)
+                      if _terms(m.group()) & wanted), 0)
+        if first > room // 2:
+            cut = rest.rfind(" ", 0, max(0, first - room // 4))
+            rest, lead = rest[cut + 1:], "... "
+    if len(lead) + len(rest) > width:
+        rest = rest[: width - len(lead) - 3].rstrip() + "..."
+    return lead + rest
+
+
+# -- filters ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """What a query keeps: one root (or every root), a root-relative glob, and a plain
+    root-relative path prefix (from a subfolder given as the root)."""
+
+    root: str | None = None
+    glob: str | None = None
+    prefix: str | None = None
+
+
+def _known_roots(roots: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Indexed roots as the payload spells them, deepest first."""
+    out = {str(Path(os.path.abspath(r))) for r in roots}
+    return sorted(out, key=len, reverse=True)
+
+
+def _within(path: str, base: str) -> str | None:
+    """``path`` relative to ``base`` (POSIX, "" for itself), or None outside it."""
+    if path == base:
+        return ""
+    lead = base.rstrip("/") + "/"
+    return path[len(lead):] if path.startswith(lead) else None
+
+
+def locate(path: str, roots: Sequence[str]) -> tuple[str, str] | None:
+    """(root, path relative to it) for an absolute ``path`` inside one of ``roots`` (the
+    deepest), looking through symlinks when the path as written lies in none."""
+    norm = os.path.normpath(path)
+    for r in roots:
+        rel = _within(norm, r)
+        if rel is not None:
+            return r, rel
+    real = os.path.realpath(norm)
+    for r in roots:
+        rel = _within(real, os.path.realpath(r))
+        if rel is not None:
+            return r, rel
+    return None
+
+
+def _anchored(rel: str, rest: str = "") -> str | None:
+    """A glob anchored at the root: ``rel`` (literal) followed by ``rest`` (a glob)."""
+    parts = [p for p in (escape(rel) if rel else "", rest) if p]
+    return "/" + "/".join(parts) if parts else None
+
+
+def _path_scope(path: str, roots: Sequence[str], cwd: str | None) -> tuple[str | None, str | None]:
+    """(root or None, root-relative glob or None) for ``--path``.
+
+    An absolute path (a glob allowed past its literal folders) names its root; so does a
+    relative one written as a path (``.``, ``..``, or with a ``/``) whose folder part
+    exists relative to ``cwd`` inside a root. Anything else is a glob relative to each
+    root, as before. A path that exists exactly as written is taken literally, even
+    with ``[`` or ``*`` in its name.
+    """
+    absolute = Path(path).is_absolute()
+    dotted = path in (".", "..") or path.startswith(("../", "./"))
+    if not absolute and (cwd is None or not (dotted or "/" in path.strip("/"))):
+        return None, path
+    full = os.path.normpath(path if absolute else Path(cwd or "/") / path)
+    found = locate(full, roots)
+    if found is not None and os.path.lexists(full):
+        return found[0], _anchored(found[1])
+    head, rest = split_literal_head(path)
+    if not (absolute or dotted or head):
+        return None, path  # "**/*.py": no folder to be relative to
+    base = os.path.normpath(head or "/" if absolute else Path(cwd or "/") / head)
+    found = locate(base, roots)
+    if found is not None and (absolute or Path(base).is_dir()):
+        return found[0], _anchored(found[1], rest)
+    if absolute or path in (".", "..") or path.startswith("../"):
+        raise QueryError(f"{path} is not inside any indexed root", status=404,
+                         code="not_in_root")
+    return None, path  # "./docs/*.md" from outside every root: relative to each root
+
+
+def resolve_scope(path: str | None, root: str | None,
+                  roots: Iterable[str | os.PathLike[str]], *, cwd: str | None = None) -> Scope:
+    """The filters of ``--path`` and ``--root`` against the indexed ``roots``.
+
+    ``root``: a root, or a folder inside one (then the containing root plus a path
+    prefix); relative to ``cwd`` when not absolute. ``path``: a glob relative to each
+    root, or a path as the CLI prints it: absolute, or relative to ``cwd`` (the
+    client's folder), which turns into the root it lies in and a glob anchored there.
+    Raises :class:`QueryError`: 404 ``unknown_root`` / ``not_in_root`` for a folder
+    outside every root, 400 ``invalid_glob`` with the reason, 400 ``path_outside_root``
+    when ``path`` lies in another root than ``root``.
+    """
+    known = _known_roots(roots)
+    scope_root: str | None = None
+    prefix: str | None = None
+    if root is not None:
+        full = root if Path(root).is_absolute() else str(Path(cwd or Path.cwd()) / root)
+        found = locate(full, known)
+        if found is None:
+            raise QueryError(f"{root} is not an indexed root (nor a folder inside one)",
+                             status=404, code="unknown_root")
+        scope_root, rel = found
+        prefix = rel.rstrip("/") + "/" if rel else None
+    glob: str | None = None
+    if path is not None:
+        path_root, glob = _path_scope(path, known, cwd)
+        if path_root is not None:
+            if scope_root is not None and path_root != scope_root:
+                raise QueryError(f"--path {path} is not inside --root {root}",
+                                 code="path_outside_root")
+            scope_root = path_root
+        if glob is not None:
+            try:
+                check_glob(glob)
+            except GlobError as exc:
+                raise QueryError(f"invalid --path glob {path!r}: {exc}",
+                                 code="invalid_glob") from None
+    return Scope(scope_root, glob, prefix)
+
+
+# -- the search ------------------------------------------------------------------------------
+
+def _store_prefix(glob: str | None, prefix: str | None) -> tuple[str | None, bool]:
+    """The path prefix to push into the store, and False when the glob and the prefix
+    cannot both hold (nothing can match)."""
+    pushed = [p for p in (prefix, literal_prefix(glob) if glob else None) if p]
+    if len(pushed) < 2:
+        return (pushed[0] if pushed else None), True
+    a, b = pushed
+    if a.startswith(b):
+        return a, True
+    if b.startswith(a):
+        return b, True
+    return None, False
+
+
 def search(store: Store, embed_query: Callable[[str], Sequence[float]], text: str, k: int,
-           path_glob: str | None = None, root: str | None = None,
-           per_file: bool = False) -> tuple[list[SearchHit], float]:
+           path_glob: str | None = None, root: str | None = None, per_file: bool = False,
+           *, mode: SearchMode = "dense",
+           embed_sparse: Callable[[str], SparseVec] | None = None,
+           path_prefix: str | None = None, push_exts: bool | None = None,
+           rrf_k: int | None = None, weights: tuple[float, float] | None = None,
+           prefetch: int | None = None) -> tuple[list[SearchHit], float]:
     """Top ``k`` chunks for ``text`` (or, with ``per_file``, the best chunk of each of the
-    top ``k`` files); returns hits and the time taken in milliseconds."""
+    top ``k`` files); returns hits and the time taken in milliseconds.
+
+    ``path_glob``: root-relative (``core/globs.py``; QueryError when invalid); ``root``:
+    one root; ``path_prefix``: a plain root-relative prefix. ``mode``: dense, lexical
+    (``embed_sparse`` embeds the query's BM25 vector) or hybrid (both, fused in the
+    store; ``rrf_k``, ``weights`` and ``prefetch`` tune it). ``push_exts``: filter on
+    the payload's ``ext`` in the store (default: on hybrid stores, whose points all
+    carry it; older dense generations may hold points without it).
+    """
     t0 = time.perf_counter()
-    vector = embed_query(text)
-    prefix = literal_prefix(path_glob) if path_glob else None
-    limit = k * _GLOB_OVERFETCH if path_glob or per_file else k
-    raw = store.search(vector, limit, root=root, path_prefix=prefix or None)
+    if path_glob is not None:
+        try:
+            check_glob(path_glob)
+        except GlobError as exc:
+            raise QueryError(f"invalid --path glob {path_glob!r}: {exc}",
+                             code="invalid_glob") from None
+    if mode not in MODES:
+        raise QueryError(f"unknown mode {mode!r} (one of {', '.join(MODES)})",
+                         code="unknown_mode")
+    store_prefix, possible = _store_prefix(path_glob, path_prefix)
+    if not possible:
+        return [], (time.perf_counter() - t0) * 1000
+    opts: dict[str, Any] = {"root": root, "path_prefix": store_prefix}
+    # Only what differs from the defaults is passed: any Store accepts the call.
+    if push_exts is None:
+        push_exts = bool(getattr(store, "hybrid", False))
+    exts = glob_exts(path_glob) if path_glob and push_exts else None
+    if exts:
+        opts["exts"] = exts
+    if mode != "dense":
+        if embed_sparse is None:
+            raise ValueError(f"{mode} search needs embed_sparse")
+        opts["mode"] = mode
+        opts["sparse"] = embed_sparse(text)
+    for name, value in (("rrf_k", rrf_k), ("weights", weights), ("prefetch", prefetch)):
+        if value is not None:
+            opts[name] = value
+    vector: Sequence[float] = embed_query(text) if mode != "lexical" else []
+
+    verdicts: dict[str, bool] = {}  # a file's chunks share its path: match it once
+
+    def keep(path: str) -> bool:
+        verdict = verdicts.get(path)
+        if verdict is None:
+            verdict = verdicts[path] = (
+                (not path_prefix or path.startswith(path_prefix))
+                and (path_glob is None or match_path(path_glob, path)))
+        return verdict
+
+    filtered = path_glob is not None or per_file
+    limit = k * OVERFETCH if filtered else k
+    cap: int | None = None
+    while True:
+        raw = store.search(vector, limit, **opts)
+        hits = _shape(raw, k, keep, per_file, text)
+        if len(hits) >= k or len(raw) < limit:
+            break  # enough, or the store has no more
+        if cap is None:
+            cap = min(_count(store), MAX_CANDIDATES)
+        if limit >= cap:
+            break
+        limit = min(limit * 2, cap)
+    return hits, (time.perf_counter() - t0) * 1000
+
+
+def _count(store: Store) -> int:
+    try:
+        return int(store.count())
+    except Exception:  # a store that cannot count: deepen up to the bound
+        return MAX_CANDIDATES
+
+
+def _shape(raw: Sequence[Any], k: int, keep: Callable[[str], bool], per_file: bool,
+           query: str) -> list[SearchHit]:
     hits: list[SearchHit] = []
     seen: set[tuple[str, str]] = set()
     for h in raw:
         p = h.payload
-        if path_glob and not match_path(path_glob, str(p.get("path", ""))):
+        path = str(p.get("path", ""))
+        if not keep(path):
             continue
+        root = str(p.get("root", ""))
         if per_file:
-            key = (str(p.get("root", "")), str(p.get("path", "")))
-            if key in seen:
+            if (root, path) in seen:
                 continue
-            seen.add(key)
-        hits.append(SearchHit(len(hits) + 1, h.score, str(p.get("root", "")),
-                              str(p.get("path", "")), int(p.get("start_line", 0)),
-                              int(p.get("end_line", 0)), str(p.get("text", ""))))
+            seen.add((root, path))
+        hits.append(SearchHit(len(hits) + 1, float(h.score), root, path,
+                              int(p.get("start_line", 0)), int(p.get("end_line", 0)),
+                              str(p.get("text", "")), query))
         if len(hits) == k:
             break
-    return hits, (time.perf_counter() - t0) * 1000
+    return hits
