@@ -291,12 +291,16 @@ class Migrations:
         changed: list[tuple[str, str]] = []
         saved = self.indexer.embed_slice
         self.indexer.embed_slice = BACKFILL_SLICE
+        before = self._embedded(handle)
         try:
-            stats = self.indexer.backfill(
+            self.indexer.backfill(
                 handle, rows, clear, str(rows[-1].id) if rows and save_cursor else None,
                 should_yield, changed)
         finally:
             self.indexer.embed_slice = saved
+            # Counted from the model, not the step's figures: a step that yields to live
+            # work keeps the slices it embedded (cached) but returns no figures.
+            mig.chunks_embedded += self._embedded(handle) - before
         crashpoint("backfill")  # after a step's commit: the resume test's kill -9
         for root, path in changed:
             self.queue.put_path(Path(root), fs_path(path))
@@ -306,11 +310,16 @@ class Migrations:
             mig.pass_wrote += wrote
         now = time.monotonic()
         mig.files_done += wrote
-        mig.chunks_embedded += stats.chunks_embedded
         mig.window.append((now, wrote))
         while mig.window and mig.window[0][0] < now - RATE_WINDOW_S:
             mig.window.popleft()
         return wrote > 0 or bool(clear)
+
+    @staticmethod
+    def _embedded(handle: GenerationHandle) -> int:
+        """Texts the generation's model embedded since it loaded (0 before it loads)."""
+        emb = handle.loaded_embedder
+        return int(getattr(emb, "embedded_count", 0)) if emb is not None else 0
 
     def _end_of_pass(self, mig: _Migration) -> bool:
         """The cursor reached the end: pass again from the start (live edits, which only
@@ -704,7 +713,8 @@ def _size_of(path: Path) -> int:
     for root, _, names in os.walk(path):
         for n in names:
             try:
-                total += (Path(root) / n).lstat().st_size
+                # Allocated blocks, not st_size: Edge pre-allocates sparse 32 MiB files.
+                total += (Path(root) / n).lstat().st_blocks * 512
             except OSError:
                 continue
     return total
