@@ -332,7 +332,7 @@ def test_an_index_without_sparse_vectors_moves_to_them_without_embedding(
     root = tmp_path / "notes"
     write_corpus(root, 30)
     home = tmp_path / "home"
-    monkeypatch.setattr(repd.engine, "CURRENT_VECTORS", "dense")
+    monkeypatch.setattr(repd.engine, "current_vectors", lambda: "dense")
     engine = Engine(make_settings(data_dir(home)), writer=True)
     try:
         engine.indexer().reconcile(root, engine.rules(root))

@@ -373,7 +373,7 @@ def _query_local(settings: Any, text: str, args: argparse.Namespace) -> dict[str
     with local_index(settings) as engine:
         # Both refused before the model loads (seconds).
         scope = local_scope(engine, settings, args.path, args.root)
-        mode = check_mode(getattr(args, "mode", None), engine.generation.vectors == "hybrid")
+        mode = check_mode(getattr(args, "mode", None), engine.generation.hybrid)
         vector = engine.embed_query(text) if mode != "lexical" else []
         hits, took = search_local(engine, vector, text, args.k, scope.glob, scope.root,
                                   args.files, mode=mode, prefix=scope.prefix)

@@ -272,7 +272,7 @@ def _local(settings: Any, texts: list[str], args: argparse.Namespace) -> list[An
         gen = str(engine.generation.id)
         _check_generation(args.generation, gen)
         # Refused before the model loads.
-        mode = check_mode(args.mode, engine.generation.vectors == "hybrid")
+        mode = check_mode(args.mode, engine.generation.hybrid)
         progress = _progress(2 * len(texts))
         vectors: list[list[float]] = []
         for i, text in enumerate(texts, 1):

@@ -37,7 +37,7 @@ from repd.adapters.store import Store, StoreError
 from repd.core.ignore import IgnoreRules
 from repd.errors import ConfigError, EngineError
 from repd.log import get_logger
-from repd.pipeline.generations import CURRENT_VECTORS, GenerationHandle, Generations
+from repd.pipeline.generations import GenerationHandle, Generations, current_vectors
 from repd.pipeline.indexer import Indexer
 from repd.settings import Settings
 
@@ -257,7 +257,7 @@ class Engine:
             emb = self.embedder()
             self.generation = self.manifest.create_generation(
                 emb.model_name, emb.model_id, emb.dim, self._location(emb), "active",
-                CURRENT_VECTORS)
+                current_vectors())
             self.manifest.set_meta("config_model", self.settings.model)
         return self.generation
 
@@ -272,7 +272,8 @@ class Engine:
     def create_generation(self, emb: Any) -> GenerationHandle:
         """A new building generation for ``emb``'s model, its store created empty."""
         row = self.manifest.create_generation(emb.model_name, emb.model_id, emb.dim,
-                                              self._location(emb), "building", CURRENT_VECTORS)
+                                              self._location(emb), "building",
+                                              current_vectors())
         try:
             store = self._open_store(row, alias=False)
         except BaseException:
@@ -342,7 +343,7 @@ class Engine:
                     # damage it before failing on its own lock). Raises IndexBusy.
                     self._lock = DataLock.reader(self.data_dir)
                 return EdgeStore.open(self.data_dir / location, gen.dim,
-                                      hybrid=gen.vectors == "hybrid")
+                                      hybrid=gen.hybrid)
             from qdrant_client import QdrantClient
 
             from repd.adapters.store_server import ServerStore, set_alias
@@ -351,7 +352,7 @@ class Engine:
             client = QdrantClient(url=self.settings.store.url,
                                   api_key=key.get_secret_value() if key else None)
             store = ServerStore(client, location, gen.dim, owns_client=True,
-                                hybrid=gen.vectors == "hybrid")
+                                hybrid=gen.hybrid)
             if alias and self.writer:
                 # A no-op when the alias already points here: it moves only at a switch
                 # (or here, after a crash between the switch's commit and the move).

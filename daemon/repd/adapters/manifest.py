@@ -134,8 +134,14 @@ class Generation:
     cursor: str | None
     activated_at: float | None = None
     #: What each point holds: ``dense`` (one unnamed dense vector, generations made
-    #: before hybrid search) or ``hybrid`` (a named dense vector and a BM25 sparse one).
+    #: before hybrid search) or ``hybrid:<BM25 encoder identity>`` (a named dense vector
+    #: and a BM25 sparse one made by that encoder).
     vectors: str = "dense"
+
+    @property
+    def hybrid(self) -> bool:
+        """Whether the generation's points carry a BM25 sparse vector."""
+        return self.vectors.startswith("hybrid")
 
 
 @dataclass(frozen=True, slots=True)

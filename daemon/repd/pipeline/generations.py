@@ -24,10 +24,16 @@ from repd.log import get_logger
 
 log = get_logger("generations")
 
-#: What new generations store per point: a named dense vector and a BM25 sparse vector.
-#: An active generation made with less (``dense``) is migrated to it, same model, at
-#: start: its dense vectors come from the cache, so nothing is embedded again.
-CURRENT_VECTORS = "hybrid"
+
+
+def current_vectors() -> str:
+    """What new generations store per point: a named dense vector and a BM25 sparse vector
+    made by today's encoder (its identity names every parameter). An active generation
+    made otherwise (``dense``, or another BM25 setting) is migrated to it, same model, at
+    start: its dense vectors come from the cache, so nothing is embedded again."""
+    from repd.adapters.lexical import default_encoder
+
+    return f"hybrid:{default_encoder().identity}"
 
 
 class EmbedderLike(Protocol):
@@ -93,7 +99,7 @@ class GenerationHandle:
     @property
     def hybrid(self) -> bool:
         """Whether the generation's points carry a BM25 sparse vector beside the dense one."""
-        return self.row.vectors == "hybrid"
+        return self.row.hybrid
 
     def default_mode(self) -> SearchMode:
         """The retrieval mode a query gets unless it names one."""

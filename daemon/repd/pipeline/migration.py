@@ -36,7 +36,7 @@ from repd.core.faults import crashpoint
 from repd.core.identity import fs_path
 from repd.errors import EngineError
 from repd.log import get_logger
-from repd.pipeline.generations import CURRENT_VECTORS, GenerationHandle
+from repd.pipeline.generations import GenerationHandle, current_vectors
 from repd.pipeline.modelstate import (
     GateLabels,
     GateReport,
@@ -208,7 +208,7 @@ class Migrations:
             last = active.row.model_name
         # An index made before sparse vectors moves to them with its own model (its dense
         # vectors are cached, so only BM25 vectors are computed and the points rewritten).
-        outdated = active.row.vectors != CURRENT_VECTORS
+        outdated = active.row.vectors != current_vectors()
         if outdated and self._mig is None:
             log.warning("index_layout_outdated", generation=active.id, vectors=active.row.vectors,
                         message="the index has no sparse vectors: rebuilding it with them "
@@ -355,7 +355,7 @@ class Migrations:
             raise MigrationRefused("nothing is indexed yet")
         if from_config:
             self.engine.manifest.set_meta(CONFIG_MODEL_KEY, emb.model_name)
-        if emb.model_id == active.model_id and active.row.vectors == CURRENT_VECTORS:
+        if emb.model_id == active.model_id and active.row.vectors == current_vectors():
             return ModelCommandResult(f"{emb.model_name} is the model generation {active.id} "
                                       "was built with: nothing to do", active.id)
         try:
