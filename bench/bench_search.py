@@ -199,10 +199,12 @@ def main() -> None:
     report: dict[str, Any] = {
         "corpus": f"SciFact, {len(docs)} documents", "index_s": wall,
         "chunks": first["chunks_embedded"] + first["chunks_reused"]}
-    report["quality"] = quality(home, docs)
-    report["latency"] = latency(home, out / "corpus", args.queries)
-    report["size"] = size_and_throughput(out, docs[:args.size_docs])
-    (out / "bench_search.json").write_text(json.dumps(report, indent=1))
+    # Written after every part: a long run that fails late keeps what it measured.
+    for name, part in (("quality", lambda: quality(home, docs)),
+                       ("latency", lambda: latency(home, out / "corpus", args.queries)),
+                       ("size", lambda: size_and_throughput(out, docs[:args.size_docs]))):
+        report[name] = part()
+        (out / "bench_search.json").write_text(json.dumps(report, indent=1))
     q = report["quality"]
     print(f"{report['corpus']}, {report['chunks']} chunks, {q['queries']} train queries")
     for name in (*MODES, "plain dense MiniLM", "plain BM25 (bm25s)"):
