@@ -334,9 +334,7 @@ class Migrations:
         mig.state = "gating"
         self._publish(force=True)
         settings = self._settings().migration
-        labels = (GateLabels(settings.gate_queries, settings.gate_qrels, settings.gate_mapping)
-                  if settings.gate_queries and settings.gate_qrels else None)
-        report = self._gate(mig, force=False, labels=labels)
+        report = self._gate(mig, force=False, labels=self._config_labels())
         mig.gate = report
         mig.state = "ready"
         if report.ok and settings.auto_switch:
@@ -405,9 +403,11 @@ class Migrations:
         return self._do_switch(mig)
 
     def _config_labels(self) -> GateLabels | None:
+        """The labeled queries the config names for the gate, if any."""
         s = self._settings().migration
-        return GateLabels(s.gate_queries, s.gate_qrels, s.gate_mapping) \
-            if s.gate_queries and s.gate_qrels else None
+        if s.gate_queries is None or s.gate_qrels is None:
+            return None
+        return GateLabels(s.gate_queries, s.gate_qrels, s.gate_mapping)
 
     def _do_switch(self, mig: _Migration) -> ModelCommandResult:
         new = mig.handle
