@@ -219,7 +219,7 @@ def test_markdown_breadcrumbs_and_sections() -> None:
         "Sub title\n---------\n\nUnder a setext subheading.\n"
     )
     doc = Document(text, "markdown")
-    chunks = chunk_document(doc, words, 100)
+    chunks = chunk_document(doc, words, 100, merge_tiny=False)
     assert [c.text for c in chunks] == [
         "Intro before any heading.",
         "Install\n\nGet the package.",
@@ -231,6 +231,18 @@ def test_markdown_breadcrumbs_and_sections() -> None:
     ]
     assert [(c.start_line, c.end_line) for c in chunks][:3] == [(1, 1), (5, 5), (9, 9)]
     check(doc, chunks, words, 100)
+    # By default these sections, each under a tenth of the limit, join their neighbours:
+    # the intro goes ahead (it shares no heading with anything), the rest goes with the
+    # chunk whose heading path it shares more of; headings met inside stay in the body.
+    merged = chunk_document(doc, words, 100)
+    assert [c.text for c in merged] == [
+        "Intro before any heading.\n\n# Install\n\nGet the package.\n\n## Linux\n\nUse apt."
+        "\n\n### Debian\n\nUse apt-get on Debian.\n\n## macOS\n\nUse brew.",
+        "Setext Title\n\nUnder a setext heading.\n\nSub title\n---------\n\n"
+        "Under a setext subheading.",
+    ]
+    assert [(c.start_line, c.end_line) for c in merged] == [(1, 17), (22, 27)]
+    check(doc, merged, words, 100)
 
 
 def test_markdown_fences_lists_and_front_matter_stay_whole() -> None:
@@ -255,7 +267,7 @@ def test_rst_titles_give_breadcrumbs() -> None:
         "Usage\n-----\n\nUsage text.\n"
     )
     doc = Document(text, "rst")
-    chunks = chunk_document(doc, words, 100)
+    chunks = chunk_document(doc, words, 100, merge_tiny=False)
     assert [c.text for c in chunks] == [
         "Guide\n\nOverview text.",
         "Guide > Setup\n\nSetup text.",
@@ -271,6 +283,92 @@ def test_long_breadcrumbs_are_shortened_to_fit() -> None:
     chunks = chunk_document(doc, words, 20)
     assert all(n <= 20 for n in words([c.text for c in chunks]))
     assert chunks[0].text.startswith("Inner\n\n")
+
+
+# --- tiny chunks join a neighbour ---------------------------------------------------
+
+LONG = " ".join(f"word{i}" for i in range(30))  # 30 tokens for `words`: not tiny at 100
+
+
+def test_a_rst_label_at_the_top_joins_the_section_it_labels() -> None:
+    text = f".. _guide:\n\n=====\nGuide\n=====\n\n{LONG}\n"
+    doc = Document(text, "rst")
+    assert [c.text for c in chunk_document(doc, words, 100, merge_tiny=False)] == [
+        ".. _guide:", f"Guide\n\n{LONG}"]
+    [chunk] = chunk_document(doc, words, 100)
+    # No breadcrumb: nothing encloses both the label and the section; the title is in
+    # the body, as the source has it.
+    assert chunk.text == text.strip()
+    assert (chunk.start_line, chunk.end_line) == (1, 7)
+    check(doc, [chunk], words, 100)
+
+
+def test_a_label_alone_in_a_section_goes_with_the_subsection_it_introduces() -> None:
+    text = (f"Setup\n=====\n\n{LONG}\n\nOptions\n-------\n\n.. _install:\n\n"
+            f"Install\n~~~~~~~\n\n{LONG} more\n")
+    doc = Document(text, "rst")
+    chunks = chunk_document(doc, words, 100)
+    assert [c.text for c in chunks] == [
+        f"Setup\n\n{LONG}",
+        f"Setup > Options\n\n.. _install:\n\nInstall\n~~~~~~~\n\n{LONG} more",
+    ]
+    check(doc, chunks, words, 100)
+
+
+def test_a_one_line_section_joins_the_chunk_before_it() -> None:
+    text = f"# Doc\n\n## Usage\n\n{LONG}\n\n## Notes\n\nTBD.\n\n## Other\n\n{LONG} again\n"
+    doc = Document(text, "markdown")
+    chunks = chunk_document(doc, words, 100)
+    assert [c.text for c in chunks] == [
+        f"Doc > Usage\n\n{LONG}\n\n## Notes\n\nTBD.",
+        f"Doc > Other\n\n{LONG} again",
+    ]
+    check(doc, chunks, words, 100)
+
+
+def test_tiny_chunks_merge_only_within_the_limit() -> None:
+    full = " ".join(["w"] * 27)  # with its breadcrumb (1) and a heading (1): 29 of 30
+    text = f"# A\n\n{full}\n\n# B\n\nTBD.\n\n# C\n\n{full}\n"
+    doc = Document(text, "markdown")
+    chunks = chunk_document(doc, words, 30)
+    assert [c.text for c in chunks] == [f"A\n\n{full}", "B\n\nTBD.", f"C\n\n{full}"]
+    check(doc, chunks, words, 30)
+    # With room on one side, it takes that side, even against its heading path.
+    text = f"# A\n\n{full}\n\n## B\n\nTBD.\n\n# C\n\nshort but not tiny here\n"
+    chunks = chunk_document(Document(text, "markdown"), words, 30)
+    assert [c.text for c in chunks] == [
+        f"A\n\n{full}", "TBD.\n\n# C\n\nshort but not tiny here"]
+
+
+def test_a_non_additive_tokenizer_undoes_a_merge_past_the_cap() -> None:
+    def newlines_cost(texts: list[str]) -> list[int]:
+        return [len(t.split()) + 3 * t.count("\n") for t in texts]
+
+    text = "".join(f"## Part {i}\n\nTBD {i}.\n\n" for i in range(30))
+    doc = Document(text, "markdown")
+    chunks = chunk_document(doc, newlines_cost, 40)
+    check(doc, chunks, newlines_cost, 40)
+    assert len(chunks) < 30
+
+
+def test_merging_keeps_real_documents_valid() -> None:
+    # A Sphinx-like page: labels before titles, one-line sections, long prose.
+    rng = random.Random(5)
+    parts = []
+    for i in range(40):
+        parts += [f".. _part-{i}:", "", f"Part {i}", "=" * 8, "", paragraph(rng), ""]
+        if i % 3 == 0:
+            parts += [f"Note {i}", "-" * 8, "", "See above.", ""]
+    doc = Document("\n".join(parts), "rst")
+    before = chunk_document(doc, minilm, MAX, merge_tiny=False)
+    after = chunk_document(doc, minilm, MAX)
+    check(doc, after, minilm, MAX)
+    assert len(after) < len(before)
+    tiny = [c for c in after if minilm([c.text])[0] < MAX * 0.1]
+    assert not tiny, [c.text for c in tiny]
+    assert any(c.text.startswith(".. _part-0:") for c in before)
+    assert not any(c.text.strip().startswith(".. _part-") and "\n" not in c.text.strip()
+                   for c in after)
 
 
 # --- code -----------------------------------------------------------------------------

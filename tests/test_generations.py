@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,11 +24,12 @@ import pytest
 from repd.adapters.manifest import ChunkRow, FileRow, Manifest, recorded_generations
 from repd.adapters.store import Store, StoreError
 from repd.adapters.store_edge import EdgeStore
+from repd.core.chunking import CHUNKER_VERSION
 from repd.core.identity import StatSig, content_hash, point_id
 from repd.core.ignore import IgnoreRules
 from repd.core.types import Chunk
 from repd.pipeline import writer
-from repd.pipeline.generations import GenerationHandle, Generations, GenView
+from repd.pipeline.generations import GenerationHandle, Generations, GenView, current_vectors
 from repd.pipeline.indexer import Indexer, Yielded
 from repd.pipeline.plan import ZERO_SIG, FilePlan
 from repd.pipeline.stats import RunStats
@@ -768,8 +769,11 @@ def test_handle_loads_its_model_once_and_keys_chunking(manifest: Manifest, gens:
         return emb
     h = GenerationHandle(row, store, load)
     assert h.loaded_embedder is None and calls == []
-    assert h.chunking_key() == "tok-x:40"
+    # A row that records no chunker version was cut by chunker 1.
+    assert h.chunking_key() == "tok-x:40|chunker1"
     assert h.embedder is emb and h.embedder is emb and calls == [1]
+    today = GenerationHandle(replace(row, vectors=current_vectors()), store, load)
+    assert today.chunking_key() == f"tok-x:40|chunker{CHUNKER_VERSION}" != h.chunking_key()
     vec = h.embed_query("hello")
     assert len(vec) == 8 and abs(float(np.linalg.norm(vec)) - 1.0) < 1e-5
     h.release_model()

@@ -356,3 +356,55 @@ def test_an_index_without_sparse_vectors_moves_to_them_without_embedding(
         assert d.client.query("volcano", k=3)["mode"] == "hybrid"
     finally:
         d.stop()
+
+
+def test_an_index_cut_by_an_older_chunker_is_re_cut_by_a_migration(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An index whose generation records no chunker version (cut before tiny chunks were
+    merged) moves to today's chunker with the same model: the lone reST labels that were
+    chunks of their own join their sections, only the merged chunks are embedded, and a
+    label is no longer a hit of its own."""
+    import repd.core.chunking
+    import repd.engine
+    from repd.engine import Engine
+    from repd.pipeline.generations import current_vectors
+    from tests.helpers import make_settings
+
+    root = tmp_path / "docs"
+    write_corpus(root, 6)
+    long = ("The backup keys rotate every ninety days; the old key stays readable for a "
+            "week so that restores of older snapshots keep working. ") * 3
+    for name in ("keys", "restore", "vault"):
+        (root / f"{name}.rst").write_text(
+            f".. _{name}-guide:\n\n=====\nGuide {name}\n=====\n\n{long}\n", encoding="utf-8")
+    home = tmp_path / "home"
+    old_layout = current_vectors().rpartition(";chunker=")[0]
+    monkeypatch.setattr(repd.engine, "current_vectors", lambda: old_layout)
+    monkeypatch.setattr(repd.core.chunking, "TINY_FILL", 0.0)  # chunker 1: nothing merges
+    engine = Engine(make_settings(data_dir(home)), writer=True)
+    try:
+        engine.indexer().reconcile(root, engine.rules(root))
+        assert engine.generation is not None and engine.generation.vectors == old_layout
+    finally:
+        engine.close()
+    monkeypatch.undo()
+    before = manifest_counts(home)[1]
+
+    d = DaemonProc(home, [root]).start(wait_idle=False)
+    try:
+        def switched() -> dict[str, Any] | None:
+            st = d.client.model_status()
+            return st if st["active"] == "2" and st["migration"] is None else None
+        wait_for(switched, 300, "the move to today's chunker", every=0.3)
+        log = d.log.read_text()
+        assert "index_layout_outdated" in log
+        after = manifest_counts(home)[2]
+        assert after == before - 3  # each label joined its section
+        # Only the three merged chunks were new; every other vector came from the cache.
+        assert 0 < _embedded_by_migration(log) <= 3
+        hits = d.client.query("keys-guide", k=10, mode="lexical")["hits"]
+        labelled = [h for h in hits if h["path"] == "keys.rst"]
+        # One chunk from the label (line 1) through the section's prose (line 7).
+        assert [(h["start_line"], h["end_line"]) for h in labelled] == [(1, 7)]
+    finally:
+        d.stop()

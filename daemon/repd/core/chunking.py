@@ -4,6 +4,8 @@ Sections and blocks come from ``repd.core.structure``; blocks over the cap are s
 finer (code groups, lines, sentences, words, characters); ``repd.core.packing`` groups
 the pieces into chunks with content-defined boundaries. Each chunk body is an exact
 slice of ``Document.text``; Markdown and reST chunks get a heading breadcrumb first.
+Last, a chunk whose body is tiny (a lone reST label, a one-line section) joins a
+neighbour, across a section boundary too, when the two fit the cap together.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ from repd.core.types import Chunk, Document
 
 CountTokens = Callable[[list[str]], list[int]]
 
+#: What the chunker does to a text; bumped whenever the same document (and token
+#: counter) can give other chunks, so that an index knows its chunks are stale.
+#: 1: structure-aware packing with heading breadcrumbs. 2: tiny chunks join a neighbour.
+CHUNKER_VERSION = 2
+#: A chunk whose body (breadcrumb not counted) is under this share of the token limit is
+#: merged into a neighbour when the two fit together: a lone label, a heading with one
+#: short line, a stray import. Below ``packing.MIN_FILL``, under which chunks already
+#: merge within a section; this merge also crosses sections.
+TINY_FILL = 0.1
+
 _CRUMB_SEP = "\n\n"
 _NEWLINE = re.compile(r"\n")
 _PROSE_LEVELS = ("lines", "sentences", "words", "chars")
@@ -51,13 +63,21 @@ class _Piece:
     exact: bool = True  # False when tokens is a sum over glued blocks, not a count
 
 
-def chunk_document(doc: Document, count_tokens: CountTokens, max_tokens: int) -> list[Chunk]:
+def chunk_document(
+    doc: Document, count_tokens: CountTokens, max_tokens: int, *, merge_tiny: bool = True
+) -> list[Chunk]:
     """Cut ``doc`` into chunks of at most ``max_tokens`` tokens each (per ``count_tokens``).
 
     ``count_tokens`` counts many strings at once, without special tokens; it is called
     a few times per document, never per line. The same text always gives the same
     chunks. Markdown and reST chunks start with a breadcrumb of their enclosing
     headings (``Install > Linux``), counted within ``max_tokens``.
+
+    With ``merge_tiny`` (the default; off gives CHUNKER_VERSION 1's chunks), a chunk
+    whose body is under ``TINY_FILL`` of ``max_tokens`` joins the neighbour whose heading
+    path it shares more of (the one before on a tie), if both fit together. The merged
+    body is still one exact slice of the text, so the later section's heading line is in
+    it; the breadcrumb is the path the whole chunk lies in (see ``_merge_tiny``).
     """
     if max_tokens < 1:
         raise ValueError("max_tokens must be positive")
@@ -75,12 +95,16 @@ def chunk_document(doc: Document, count_tokens: CountTokens, max_tokens: int) ->
         for si, section_pieces in enumerate(pieces)
         for group in _pack_section(text, section_pieces, budgets[si])
     ]
-    groups = _enforce_cap(text, groups, [c for c, _ in crumbs], count_tokens, max_tokens)
+    groups, counts = _enforce_cap(text, groups, [c for c, _ in crumbs], count_tokens, max_tokens)
+    if merge_tiny:
+        merged = _merge_tiny(text, groups, counts, crumbs, count_tokens, max_tokens)
+    else:
+        merged = [(crumbs[si][0], group) for si, group in groups]
 
     line_starts = [0, *(m.end() for m in _NEWLINE.finditer(text))]
     chunks: list[Chunk] = []
-    for si, group in groups:
-        chunk_text = _chunk_text(text, group, crumbs[si][0])
+    for crumb, group in merged:
+        chunk_text = _chunk_text(text, group, crumb)
         chunks.append(
             Chunk(
                 ordinal=len(chunks),
@@ -274,11 +298,12 @@ def _enforce_cap(
     crumbs: list[str],
     count_tokens: CountTokens,
     max_tokens: int,
-) -> list[tuple[int, list[_Piece]]]:
+) -> tuple[list[tuple[int, list[_Piece]]], list[int]]:
     """Recount whole chunk texts and halve any that a non-additive tokenizer pushed over.
 
     With a WordPiece tokenizer a chunk's count is the sum of its pieces' and nothing
-    changes; tokenizers that merge across whitespace may need the halving.
+    changes; tokenizers that merge across whitespace may need the halving. Returns the
+    groups and each one's token count (breadcrumb included).
     """
     known = [
         len(g) == 1
@@ -287,22 +312,129 @@ def _enforce_cap(
         and _chunk_text(text, g, "") == text[g[0].start : g[0].end]
         for si, g in groups
     ]
+    sizes = [g[0].tokens if k else 0 for k, (_, g) in zip(known, groups, strict=True)]
     while not all(known):
         todo = [i for i, k in enumerate(known) if not k]
         counts = count_tokens([_chunk_text(text, groups[i][1], crumbs[groups[i][0]]) for i in todo])
-        over = {i for i, n in zip(todo, counts, strict=True) if n > max_tokens}
+        counted = dict(zip(todo, counts, strict=True))
         new_groups: list[tuple[int, list[_Piece]]] = []
         new_known: list[bool] = []
+        new_sizes: list[int] = []
         for i, (si, g) in enumerate(groups):
-            halves = _halve(text, g) if i in over else None
+            n = counted.get(i, sizes[i])
+            halves = _halve(text, g) if n > max_tokens else None
             if halves is None:
                 new_groups.append((si, g))
                 new_known.append(True)
+                new_sizes.append(n)
             else:
                 new_groups.extend((si, h) for h in halves)
                 new_known.extend([False, False])
-        groups, known = new_groups, new_known
-    return groups
+                new_sizes.extend([0, 0])
+        groups, known, sizes = new_groups, new_known, new_sizes
+    return groups, sizes
+
+
+def _crumb_parts(crumb: str) -> list[str]:
+    return crumb.split(" > ") if crumb else []
+
+
+def _shared(a: str, b: str) -> int:
+    """How many leading headings two breadcrumbs have in common."""
+    n = 0
+    for x, y in zip(_crumb_parts(a), _crumb_parts(b), strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _merge_tiny(
+    text: str,
+    groups: list[tuple[int, list[_Piece]]],
+    sizes: list[int],
+    crumbs: list[tuple[str, int]],
+    count_tokens: CountTokens,
+    max_tokens: int,
+) -> list[tuple[str, list[_Piece]]]:
+    """Join each tiny chunk to a neighbour, across sections too; ``(crumb, pieces)`` out.
+
+    A chunk is tiny when its body (its count less its breadcrumb's) is under
+    ``TINY_FILL`` of the cap. It joins the neighbour whose breadcrumb shares more
+    leading headings with its own (so a label or a one-line intro goes with the section
+    it introduces, a one-line subsection with its parent), the chunk before it on a tie
+    or when only that one fits. Sizes are planned from the counts in hand plus the text
+    between the two (a heading line, say), then every merged text is counted once more
+    and a merge that a non-additive tokenizer pushed over the cap is undone.
+
+    A merged chunk's breadcrumb is the one of its first chunk that is not tiny, cut to
+    the headings the tiny chunks before it share with it: the path the whole chunk lies
+    in. Headings opened inside the chunk are in its body, as the source has them.
+    """
+    n = len(groups)
+    limit = max_tokens * TINY_FILL
+    crumb = [crumbs[si][0] for si, _ in groups]
+    crumb_tokens = [crumbs[si][1] for si, _ in groups]
+    body = [max(0, sizes[i] - crumb_tokens[i]) for i in range(n)]
+    tiny = [b < limit for b in body]
+    if n < 2 or not any(tiny):
+        return [(crumb[i], g) for i, (_, g) in enumerate(groups)]
+    gap_at = [i for i in range(n - 1) if tiny[i] or tiny[i + 1]]
+    gap_counts = count_tokens(
+        [text[groups[i][1][-1].end : groups[i + 1][1][0].start] for i in gap_at]
+    )
+    gap = dict(zip(gap_at, gap_counts, strict=True))
+
+    runs: list[list[int]] = []  # indices of the groups each chunk is made of
+    size: list[int] = []  # planned tokens of each run
+    waits = False  # the last run is tiny and waits for the next chunk to join it
+    for i in range(n):
+        if runs and waits:
+            if size[-1] + gap[i - 1] + body[i] <= max_tokens:
+                runs[-1].append(i)
+                # the breadcrumb becomes the non-tiny one's (cut), never longer
+                size[-1] += gap[i - 1] + body[i]
+                waits = tiny[i] and sum(body[j] for j in runs[-1]) < limit
+                continue
+            waits = False
+        if tiny[i]:
+            back = bool(runs) and size[-1] + gap[i - 1] + body[i] <= max_tokens
+            ahead = i + 1 < n and sizes[i] + gap[i] + body[i + 1] <= max_tokens
+            if ahead and back:
+                ahead = _shared(crumb[i], crumb[i + 1]) > _shared(crumb[i], crumb[i - 1])
+            if back and not ahead:
+                runs[-1].append(i)
+                size[-1] += gap[i - 1] + body[i]
+                continue
+            waits = ahead
+        runs.append([i])
+        size.append(sizes[i])
+
+    merged = [(_run_crumb(run, crumb, tiny), run) for run in runs]
+    multi = [k for k, (_, run) in enumerate(merged) if len(run) > 1]
+    recount = count_tokens(
+        [_chunk_text(text, _pieces(groups, merged[k][1]), merged[k][0]) for k in multi]
+    )
+    over = {k for k, m in zip(multi, recount, strict=True) if m > max_tokens}
+    out: list[tuple[str, list[_Piece]]] = []
+    for k, (c, run) in enumerate(merged):
+        if k in over:  # a tokenizer that is not additive: keep the chunks apart
+            out.extend((crumb[i], groups[i][1]) for i in run)
+        else:
+            out.append((c, _pieces(groups, run)))
+    return out
+
+
+def _run_crumb(run: list[int], crumb: list[str], tiny: list[bool]) -> str:
+    anchor = next((i for i in run if not tiny[i]), run[0])
+    keep = min((_shared(crumb[i], crumb[anchor]) for i in run if i < anchor), default=None)
+    if keep is None:
+        return crumb[anchor]
+    return " > ".join(_crumb_parts(crumb[anchor])[:keep])
+
+
+def _pieces(groups: list[tuple[int, list[_Piece]]], run: list[int]) -> list[_Piece]:
+    return [p for i in run for p in groups[i][1]]
 
 
 def _halve(text: str, group: list[_Piece]) -> list[list[_Piece]] | None:

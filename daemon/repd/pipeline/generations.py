@@ -24,16 +24,27 @@ from repd.log import get_logger
 
 log = get_logger("generations")
 
+_CHUNKER_TAG = ";chunker="
 
 
 def current_vectors() -> str:
     """What new generations store per point: a named dense vector and a BM25 sparse vector
-    made by today's encoder (its identity names every parameter). An active generation
-    made otherwise (``dense``, or another BM25 setting) is migrated to it, same model, at
-    start: its dense vectors come from the cache, so nothing is embedded again."""
-    from repd.adapters.lexical import default_encoder
+    made by today's encoder (its identity names every parameter), over chunks cut by
+    today's chunker (``;chunker=N``, :data:`repd.core.chunking.CHUNKER_VERSION`).
 
-    return f"hybrid:{default_encoder().identity}"
+    An active generation made otherwise (``dense``, another BM25 setting, an older
+    chunker) is migrated to it, same model, at start: unchanged chunks' dense vectors
+    come from the cache, so only chunks the new chunker cut differently are embedded."""
+    from repd.adapters.lexical import default_encoder
+    from repd.core.chunking import CHUNKER_VERSION
+
+    return f"hybrid:{default_encoder().identity}{_CHUNKER_TAG}{CHUNKER_VERSION}"
+
+
+def chunker_version(vectors: str) -> int:
+    """The chunker version a generation's ``vectors`` record names (1 before it was kept)."""
+    _, tag, version = vectors.rpartition(_CHUNKER_TAG)
+    return int(version) if tag and version.isdigit() else 1
 
 
 class EmbedderLike(Protocol):
@@ -87,10 +98,14 @@ class GenerationHandle:
         return self._embedder
 
     def chunking_key(self) -> str:
-        """Equal for two generations whose models cut every text into the same chunks."""
+        """Equal for two generations whose chunks are the same for every text: same
+        tokenizer as it counts, same limit (the model's key) and same chunker version
+        (recorded in the generation's row, so an index cut by an older chunker is
+        re-cut by a migration instead of having its chunks copied)."""
         emb = self.embedder
         key = getattr(emb, "chunking_key", None)
-        return str(key) if key is not None else f"{emb.model_id}:{emb.max_tokens}"
+        model_key = str(key) if key is not None else f"{emb.model_id}:{emb.max_tokens}"
+        return f"{model_key}|chunker{chunker_version(self.row.vectors)}"
 
     def embed_query(self, text: str) -> list[float]:
         """The query's vector under this generation's model."""

@@ -206,13 +206,16 @@ class Migrations:
         if last is None:
             manifest.set_meta(CONFIG_MODEL_KEY, active.row.model_name)
             last = active.row.model_name
-        # An index made before sparse vectors moves to them with its own model (its dense
-        # vectors are cached, so only BM25 vectors are computed and the points rewritten).
+        # An index made before sparse vectors, or cut by an older chunker, moves to today's
+        # layout with its own model: dense vectors of unchanged chunks are cached, so only
+        # BM25 vectors and re-cut chunks are computed, and the points rewritten.
         outdated = active.row.vectors != current_vectors()
         if outdated and self._mig is None:
             log.warning("index_layout_outdated", generation=active.id, vectors=active.row.vectors,
-                        message="the index has no sparse vectors: rebuilding it with them "
-                        "while it keeps answering (hybrid search needs them)")
+                        wanted=current_vectors(),
+                        message="the index was built by an older repd (no sparse vectors, "
+                        "another BM25 setting or an older chunker): rebuilding it with the "
+                        "same model while it keeps answering")
             wanted = active.row.model_name if wanted == last else wanted
         elif wanted == last and not self.engine.model_changed:
             return
