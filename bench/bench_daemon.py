@@ -299,22 +299,28 @@ def main() -> None:
             t = time.perf_counter()
             server.append(d.client.query(q, k=10)["took_ms"])
             api.append(time.perf_counter() - t)
+        # With compiled bytecode, as an installed package has it, even where
+        # PYTHONDONTWRITEBYTECODE is set (then every run compiled each module again);
+        # the first runs write it.
+        cmd_env = {k: v for k, v in d.env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        cmd_env["PYTHONPYCACHEPREFIX"] = str(home / "pycache")
         cmd = []
-        for q in queries[:20]:
+        for i, q in enumerate(queries[:22]):
             t = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "repd.cli", "query", q], env=d.env,
+            subprocess.run([sys.executable, "-m", "repd.cli", "query", q], env=cmd_env,
                            capture_output=True, check=True)
-            cmd.append(time.perf_counter() - t)
+            if i >= 2:
+                cmd.append(time.perf_counter() - t)
         base = plain_query_encode_ms(queries)
         api_ms = f"{pct(api, 0.5) * 1000:.1f} / {pct(api, 0.95) * 1000:.1f} ms"
-        rows += [("query via API p50 / p95", f"{api_ms} (target p50 <= 30)"),
+        rows += [("query via API p50 / p95", f"{api_ms} (target p50 <= 10)"),
                  ("  of which embed + search in the daemon, p50",
                   f"{pct(server, 0.5):.1f} ms"),
                  ("  baseline: plain encode([query]) in-process, p50",
                   f"{pct(base, 0.5) * 1000:.1f} ms (API p50 / baseline "
                   f"{pct(api, 0.5) / pct(base, 0.5):.2f})"),
                  ("`repd query` whole command p50 / max",
-                  f"{pct(cmd, 0.5) * 1000:.0f} / {max(cmd) * 1000:.0f} ms (target <= 500)")]
+                  f"{pct(cmd, 0.5) * 1000:.0f} / {max(cmd) * 1000:.0f} ms (target p50 <= 100)")]
         rows += latency_under_load(d, root, queries, nonce)
         wait_quiet(d.pid)
         # storm: 5,000 new files (a branch switch), then every one rewritten (a formatter)
