@@ -21,7 +21,13 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from repd.adapters.manifest import ChunkRow, FileRow, Manifest, recorded_generations
+from repd.adapters.manifest import (
+    SCHEMA_VERSION,
+    ChunkRow,
+    FileRow,
+    Manifest,
+    recorded_generations,
+)
 from repd.adapters.store import Store, StoreError
 from repd.adapters.store_edge import EdgeStore
 from repd.core.chunking import CHUNKER_VERSION
@@ -214,7 +220,7 @@ def test_schema_v1_manifest_gets_gen_files_of_the_active_generation(tmp_path: Pa
 
     m = Manifest(path)
     try:
-        assert m.get_meta("schema_version") == "2"
+        assert m.get_meta("schema_version") == str(SCHEMA_VERSION)
         assert gen_files(m, 1) == {ids[rel]: (h, state) for rel, h, state, _ in files}
         assert m.chunks(1, ids["a.txt"]) == [ChunkRow(0, "c0", "p0", 1, 2)]
         # The active generation holds exactly what the files table says: nothing to do.
@@ -225,11 +231,11 @@ def test_schema_v1_manifest_gets_gen_files_of_the_active_generation(tmp_path: Pa
             Manifest.drop_gen_file(tx, 1, ids["c.txt"])
     finally:
         m.close()
-    # Migrated once: opening a version-2 manifest again does not copy the files table again.
+    # Migrated once: opening the migrated manifest again does not copy the files table again.
     m = Manifest(path)
     try:
         assert ids["c.txt"] not in gen_files(m, 1)
-        assert m.get_meta("schema_version") == "2"
+        assert m.get_meta("schema_version") == str(SCHEMA_VERSION)
     finally:
         m.close()
 

@@ -55,7 +55,7 @@ def test_vector_cache_round_trip_and_prune(m: Manifest) -> None:
     assert set(got) == {"h1", "h2"}
     np.testing.assert_array_equal(got["h2"], v + 1)
     assert m.vectors("other-model", ["h1"]) == {}
-    assert m.prune_vectors("model", keep_unreferenced=1) == 1
+    assert m.prune_vectors("model", budget_bytes=v.nbytes) == 1
 
 
 def test_intents_and_rollback(m: Manifest) -> None:

@@ -45,7 +45,7 @@ DAEMON_EMBED_SLICE = 128
 # Settings a reload applies at once; every other changed key logs "needs restart".
 _LIVE_KEYS = ("roots", "include", "exclude", "max_file_bytes", "max_chunks_per_file",
               "batch_tokens", "disk_reserve_mb", "watch", "log_level", "allow_secrets",
-              "model", "migration")
+              "model", "migration", "vector_cache_bytes")
 
 
 class Daemon:
@@ -108,6 +108,13 @@ class Daemon:
         indexer = self.engine.indexer(daemon=True)
         self.engine.embedder()  # READY means the model is loaded, not merely configured
         indexer.embed_slice = DAEMON_EMBED_SLICE
+        # HNSW is built when idle, but a long first index is never idle and one build
+        # over all of it would hold the GIL for minutes: build once this many points
+        # piled up too, under the watchdog's grace like the idle build.
+        from repd.adapters.store_edge import DEFAULT_BUILD_BACKLOG
+
+        indexer.build_backlog = DEFAULT_BUILD_BACKLOG
+        indexer.build_guard = lambda: self.gate.grace(600)
         indexer.allow_roots(self.roots)  # with follow_symlinks, links may lead into these
         self.phase = "recovering interrupted writes"
         recovered = indexer.recover()

@@ -25,7 +25,10 @@ import numpy as np
 from repd.core.identity import StatSig
 from repd.core.types import SparseVec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+#: Cache hits whose last-used time is kept in memory before it is written (see
+#: ``Manifest.vectors``); past this many the next read writes them out.
+TOUCH_BUFFER = 100_000
 #: Next to the manifest: one small JSON file per generation (model identity, vector size,
 #: store location), so a damaged manifest can be rebuilt from the store it describes.
 GENERATIONS_DIR = "generations"
@@ -78,11 +81,13 @@ CREATE TABLE IF NOT EXISTS gen_files (
     PRIMARY KEY (gen_id, file_id)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS vectors (
+    id INTEGER PRIMARY KEY,
     model_id TEXT NOT NULL,
     hash TEXT NOT NULL,
     vector BLOB NOT NULL,
-    PRIMARY KEY (model_id, hash)
-) WITHOUT ROWID;
+    used_at INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (model_id, hash)
+);
 CREATE TABLE IF NOT EXISTS intents (
     id INTEGER PRIMARY KEY,
     gen_id INTEGER NOT NULL,
@@ -167,6 +172,11 @@ def _gen_row(r: sqlite3.Row) -> Generation:
                       r["vectors"])
 
 
+def _clock() -> int:
+    """Wall-clock nanoseconds for the vector cache's last-used times (tests replace it)."""
+    return time.time_ns()
+
+
 class ManifestError(Exception):
     """The manifest cannot be opened; the message is one line."""
 
@@ -207,6 +217,10 @@ class Manifest:
         self.path = path
         self.readonly = readonly
         self._lock = threading.RLock()
+        #: Vector-cache hits not yet written: (model id, hash) -> last used (ns).
+        self._touched: dict[tuple[str, str], int] = {}
+        #: (caches, budget, the connection's total_changes) after the last prune.
+        self._pruned: tuple[tuple[str, ...], int, int] | None = None
         try:
             if readonly:
                 # mode=ro: never creates the file (a query on an empty data folder must
@@ -250,6 +264,7 @@ class Manifest:
             if "vectors" not in columns:  # made before hybrid search: dense points only
                 self._db.execute(
                     "ALTER TABLE generations ADD COLUMN vectors TEXT NOT NULL DEFAULT 'dense'")
+            self._vectors_table()
             found = self._db.execute(
                 "SELECT value FROM meta WHERE key='schema_version'").fetchone()
             if found is not None and int(found[0]) < 2:
@@ -263,6 +278,36 @@ class Manifest:
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
+
+    def _vectors_table(self) -> None:
+        """Schema 3: the vector cache as a rowid table with a last-used time, and the
+        index its least-recently-used order walks.
+
+        Schema 2 kept it ``WITHOUT ROWID``, whose rows may hold only ~1,000 bytes on a
+        4 KiB page before spilling into an overflow page of their own: a 384-float
+        vector (1,536 bytes) then took ~4.5 KiB on disk, three times its size (a rowid
+        table keeps rows up to ~4,000 bytes inline: 1.4 times, and 4x faster inserts).
+        Such a table is copied once into the new form (its entries all at ``used_at``
+        0: equally old, so the first prune keeps an arbitrary subset of the unreferenced
+        ones within the budget). SQLite reuses the freed pages; the file does not shrink.
+        """
+        row = self._db.execute(
+            "SELECT sql FROM sqlite_master WHERE type='table' AND name='vectors'").fetchone()
+        if row is not None and "WITHOUT ROWID" in str(row[0]).upper():
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(vectors)")}
+            used = "used_at" if "used_at" in columns else "0"
+            body = _SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS vectors ("):]
+            body = body[:body.index(";")].replace("IF NOT EXISTS vectors (", "vectors_new (")
+            self._db.execute("DROP INDEX IF EXISTS vectors_lru")
+            self._db.execute(body)
+            self._db.execute("INSERT INTO vectors_new (model_id, hash, vector, used_at)"
+                             f" SELECT model_id, hash, vector, {used} FROM vectors")
+            self._db.execute("DROP TABLE vectors")
+            self._db.execute("ALTER TABLE vectors_new RENAME TO vectors")
+        # Covers the prune's walk (newest first, per cache) and its referenced-or-not
+        # test on the hash, so only the rows it deletes or keeps are read.
+        self._db.execute(
+            "CREATE INDEX IF NOT EXISTS vectors_lru ON vectors (model_id, used_at, hash)")
 
     def _files_ids_never_reused(self) -> None:
         """Rebuild a ``files`` table made before ids were AUTOINCREMENT (schema 1).
@@ -301,8 +346,12 @@ class Manifest:
         return None if first == "ok" else "; ".join(str(r[0]) for r in rows)
 
     def close(self) -> None:
-        """Close the connection."""
+        """Close the connection (writing out the vector cache's pending last-used times)."""
         with self._lock:
+            if self._touched and not self.readonly:
+                # Best effort: a lost touch only makes an entry look older than it is.
+                with contextlib.suppress(sqlite3.Error), self.transaction() as db:
+                    self._flush_touches(db)
             self._db.close()
 
     @contextmanager
@@ -583,7 +632,13 @@ class Manifest:
     # -- vectors (a cache keyed by model identity and chunk text hash) --------------------
 
     def vectors(self, model_id: str, hashes: Iterable[str]) -> dict[str, np.ndarray]:
-        """Known vectors for these chunk hashes under this model."""
+        """Known vectors for these chunk hashes under this model.
+
+        Each hit counts as a use for the cache's least-recently-used order. The time is
+        kept in memory and written with the next prune (or once ``TOUCH_BUFFER`` hits
+        are pending, or at close), not here: a read must not cost a synchronous write
+        transaction. A crash loses only those times, which makes entries look older.
+        """
         wanted = list(dict.fromkeys(hashes))
         out: dict[str, np.ndarray] = {}
         for i in range(0, len(wanted), 500):
@@ -594,15 +649,35 @@ class Manifest:
                 (model_id, *part),
             ):
                 out[r[0]] = np.frombuffer(r[1], dtype=np.float32)
+        if out and not self.readonly:
+            self._touch(model_id, out)
         return out
+
+    def _touch(self, model_id: str, hashes: Iterable[str]) -> None:
+        now = _clock()
+        with self._lock:
+            self._touched.update(((model_id, h), now) for h in hashes)
+            if len(self._touched) >= TOUCH_BUFFER and not self._db.in_transaction:
+                with self.transaction() as db:
+                    self._flush_touches(db)
+
+    def _flush_touches(self, db: sqlite3.Connection) -> None:
+        """Write the pending last-used times (inside a caller's transaction)."""
+        with self._lock:
+            pending, self._touched = self._touched, {}
+        # max(): an entry written (put) after it was read keeps the later time.
+        db.executemany(
+            "UPDATE vectors SET used_at=max(used_at, ?) WHERE model_id=? AND hash=?",
+            [(at, mid, h) for (mid, h), at in pending.items()])
 
     @staticmethod
     def put_vectors(db: sqlite3.Connection, model_id: str,
                     items: Iterable[tuple[str, np.ndarray]]) -> None:
-        """Store vectors inside a caller's transaction."""
+        """Store vectors inside a caller's transaction (each counts as just used)."""
+        now = _clock()
         db.executemany(
-            "INSERT OR IGNORE INTO vectors (model_id, hash, vector) VALUES (?,?,?)",
-            [(model_id, h, np.asarray(v, dtype=np.float32).tobytes()) for h, v in items],
+            "INSERT OR IGNORE INTO vectors (model_id, hash, vector, used_at) VALUES (?,?,?,?)",
+            [(model_id, h, np.asarray(v, dtype=np.float32).tobytes(), now) for h, v in items],
         )
 
     def sparse_vectors(self, encoder_id: str, hashes: Iterable[str]) -> dict[str, SparseVec]:
@@ -620,24 +695,55 @@ class Manifest:
     def put_sparse_vectors(db: sqlite3.Connection, encoder_id: str,
                            items: Iterable[tuple[str, SparseVec]]) -> None:
         """Cache BM25 vectors inside a caller's transaction (count, indices, values)."""
+        now = _clock()
         rows = []
         for h, v in items:
             head = np.array([len(v.indices)], dtype=np.uint32)
             blob = (head.tobytes() + np.asarray(v.indices, dtype=np.uint32).tobytes()
                     + np.asarray(v.values, dtype=np.float32).tobytes())
-            rows.append((encoder_id, h, blob))
-        db.executemany("INSERT OR IGNORE INTO vectors (model_id, hash, vector) VALUES (?,?,?)",
-                       rows)
+            rows.append((encoder_id, h, blob, now))
+        db.executemany("INSERT OR IGNORE INTO vectors (model_id, hash, vector, used_at)"
+                       " VALUES (?,?,?,?)", rows)
 
-    def prune_vectors(self, model_id: str, keep_unreferenced: int) -> int:
-        """Drop cached vectors no chunk uses, beyond ``keep_unreferenced`` of them."""
+    def prune_vectors(self, model_ids: str | Sequence[str], budget_bytes: int) -> int:
+        """Bound the cached vectors no chunk uses to ``budget_bytes``; returns rows deleted.
+
+        ``model_ids``: the caches (model or BM25 encoder identities) that share the
+        budget. Vectors some chunk row references (of any generation) are always kept:
+        they are the index's own, and recovery rewrites files from them without
+        embedding. The unreferenced ones (kept so that a move, a copy or an undo is not
+        embedded again) are kept most recently used first while their bytes fit the
+        budget; the rest, the least recently used, are deleted.
+        """
+        ids = [model_ids] if isinstance(model_ids, str) else list(dict.fromkeys(model_ids))
+        if not ids:
+            return 0
+        # The walk costs seconds on a large index (6 s for 300k chunks on a busy 2-core
+        # machine) and the daemon prunes once a minute when idle: when nothing at all was
+        # written since the last prune with the same budget, nothing can be due. (This
+        # process is the manifest's only writer, so its own change count tells.)
+        key = (tuple(ids), budget_bytes)
+        with self._lock:
+            if self._pruned == (*key, self._db.total_changes):
+                return 0
+        marks = ",".join("?" * len(ids))
         with self.transaction() as db:
+            self._flush_touches(db)
+            # Walks the vectors_lru index; only unreferenced rows are read for their size.
             rows = db.execute(
-                "SELECT hash FROM vectors WHERE model_id=? AND hash NOT IN"
-                " (SELECT hash FROM chunks)", (model_id,)).fetchall()
-            extra = [r[0] for r in rows[keep_unreferenced:]]
-            db.executemany("DELETE FROM vectors WHERE model_id=? AND hash=?",
-                           [(model_id, h) for h in extra])
+                f"SELECT model_id, hash, length(vector) FROM vectors"
+                f" WHERE model_id IN ({marks}) AND hash NOT IN (SELECT hash FROM chunks)"
+                f" ORDER BY used_at DESC, hash", ids).fetchall()
+            kept = 0
+            extra: list[tuple[str, str]] = []
+            for mid, h, size in rows:
+                if not extra and kept + int(size) <= budget_bytes:
+                    kept += int(size)
+                else:  # strict LRU: once one does not fit, every older one goes
+                    extra.append((mid, h))
+            db.executemany("DELETE FROM vectors WHERE model_id=? AND hash=?", extra)
+        with self._lock:
+            self._pruned = (*key, self._db.total_changes)
         return len(extra)
 
     # -- intents -------------------------------------------------------------------------

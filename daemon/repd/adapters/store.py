@@ -112,8 +112,13 @@ class Store(Protocol):
     def info(self) -> dict[str, object]:
         """Backend facts for status: points, indexed vectors, segments, index state."""
 
-    def maybe_build_index(self) -> bool:
-        """Build or refresh the ANN index when the store is large enough; True if it ran."""
+    def maybe_build_index(self, *, backlog: int | None = None) -> bool:
+        """Build or refresh the ANN index when the store is large enough; True if it ran.
+
+        ``backlog``: only once at least this many points were written since the last
+        build (a bulk write's backstop, so no single build grows with the write; stores
+        that build in the background ignore it).
+        """
 
     def close(self) -> None:
         """Release files and locks."""

@@ -28,6 +28,14 @@ from repd.core.types import Hit, PointRecord, SearchMode, SparseVec
 #: this many points, which bounds the GIL pause it causes: 2-3 s on an idle 2-core
 #: machine, up to 11 s on a saturated one (bench/store_edge_bench.py).
 DEFAULT_INDEX_THRESHOLD = 8192
+#: Unindexed points written by this process at which a writer that otherwise builds only
+#: when idle (the daemon) builds anyway: ``optimize()`` seals the whole unindexed backlog
+#: into one segment in one GIL-holding call, however large (40,000 points: 185 s on a
+#: saturated 2-core machine), so the backlog must never grow far past the threshold.
+#: Equal to the threshold: a bulk write then builds as ``repd index`` does, each build
+#: over about the threshold; ordinary editing rarely writes that much between two idle
+#: checks, so it still builds when idle.
+DEFAULT_BUILD_BACKLOG = DEFAULT_INDEX_THRESHOLD
 #: Points per ``iter_ids`` page.
 DEFAULT_PAGE_SIZE = 1024
 
@@ -87,6 +95,10 @@ class EdgeStore:
         self.index_threshold = index_threshold
         self.page_size = page_size
         self._shard: qe.EdgeShard | None = shard
+        #: At least the unindexed points this process wrote (for ``backlog``): points
+        #: upserted since the last build, capped below the threshold when optimize()
+        #: found nothing due (then fewer than the threshold are unindexed).
+        self.written_since_build = 0
         self._deleting = False  # closed by drop(), folder not yet (all) deleted
         self._moved = False  # drop() renamed the folder out of the way
         self._dropped = False
@@ -200,6 +212,7 @@ class EdgeStore:
             shard.update(qe.UpdateOperation.upsert_points(batch))
         except Exception as exc:
             raise self._error("upsert", exc) from exc
+        self.written_since_build += len(batch)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete points by id; unknown ids are ignored.
@@ -388,14 +401,23 @@ class EdgeStore:
             "hybrid": self.hybrid,
         }
 
-    def maybe_build_index(self) -> bool:
+    def maybe_build_index(self, *, backlog: int | None = None) -> bool:
         """Seal the unindexed points into an HNSW segment once they reach the threshold.
 
         Blocks every Python thread (Edge holds the GIL) for about the time needed to
-        build HNSW over ``index_threshold`` points; call it right after each write
-        batch so the unindexed part never grows far past the threshold: a shard that
-        did (say, written by a process that never called this) gets one long build
-        over all of it (50k points: about 100 s on a busy 2-core machine).
+        build HNSW over the unindexed points; call it right after each write batch so
+        the unindexed part never grows far past the threshold: a shard that did (say,
+        written by a process that never called this, or a daemon that builds only when
+        idle and never was during a long first index) gets one long build over all of
+        it, in one call (30k points: 137 s on a saturated 2-core machine; the engine
+        does not split it by ``max_segment_points``).
+
+        ``backlog``: do nothing until ``written_since_build`` reaches it. A writer that
+        prefers to build when idle calls this after each batch with ``backlog``
+        (``DEFAULT_BUILD_BACKLOG``) as a backstop: each build then covers at most about
+        ``max(backlog, index_threshold)`` points plus one batch. (After a restart the
+        count starts at 0; a backlog left by the previous process is built at the next
+        idle call, or together with the next ``backlog`` points.)
 
         The same ``optimize()`` call also runs whatever else the engine has due, each
         job bounded by ``max_segment_points``: vacuuming a segment with over 20 % of
@@ -403,6 +425,8 @@ class EdgeStore:
         when nothing is due. Returns True if the optimizer changed anything.
         """
         shard = self._open_shard()
+        if backlog is not None and self.written_since_build < backlog:
+            return False
         try:
             if int(shard.info().points_count) < self.index_threshold:
                 return False
@@ -410,9 +434,14 @@ class EdgeStore:
             # ours, and it knows the size of the appendable segment, which info() does
             # not tell (indexed_vectors keeps counting deleted points until a vacuum).
             # When nothing is due, optimize() returns False in about 0.05 ms.
-            return bool(shard.optimize())
+            built = bool(shard.optimize())
         except Exception as exc:
             raise self._error("index build", exc) from exc
+        # Built: the whole backlog is sealed. Nothing due: fewer than the threshold
+        # are unindexed (overwrites and deletes count in the upserts, not in it).
+        self.written_since_build = (
+            0 if built else min(self.written_since_build, self.index_threshold - 1))
+        return built
 
     def close(self) -> None:
         """Flush and release the shard and its WAL lock; later calls raise StoreError."""

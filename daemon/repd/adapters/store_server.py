@@ -272,7 +272,7 @@ class ServerStore:
             "hybrid": self.hybrid,
         }
 
-    def maybe_build_index(self) -> bool:
+    def maybe_build_index(self, *, backlog: int | None = None) -> bool:
         """Always False: the server's own optimizers build HNSW in the background."""
         self._open_client()
         return False

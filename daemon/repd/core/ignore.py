@@ -21,6 +21,7 @@ still apply. Ancestors are walked iteratively, so a tree of any depth is fine.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -252,6 +253,138 @@ def _soft_file(name: str, lower: str) -> bool:
     return dot > 0 and lower[dot + 1 :] in BINARY_EXTENSIONS
 
 
+# A named group in a pattern's regex (pathspec marks directory matches with one); made
+# anonymous when the regexes of a rule file are joined (group names must be unique).
+_NAMED_GROUP = re.compile(r"(?<!\\)\(\?P<\w+>")
+_LEADS = ("/", "./")
+_ANY_DEPTH = "(?:.+/)?"
+
+
+class _Matcher:
+    """One rule file's (or glob list's) patterns, with a cheap test in front.
+
+    Nearly every path matches no pattern at all, and pathspec finds that out by trying
+    each pattern's regex in turn from Python (most of a scan's time went there). All the
+    regexes are joined into one alternation, tried once, in C: when it does not match,
+    no pattern does and the verdict is "no opinion"; when it does, pathspec decides, so
+    git's semantics (last match wins, negation, directory patterns) stay pathspec's.
+    A rule file whose regexes cannot be joined simply goes without the shortcut.
+    """
+
+    __slots__ = ("_any", "_spec")
+
+    def __init__(self, spec: GitIgnoreSpec) -> None:
+        self._spec = spec
+        self._any = _joined(spec)
+
+    def check(self, path: str) -> bool | None:
+        """True (ignore/include), False (negated), None (no pattern matches ``path``)."""
+        any_ = self._any
+        # (A path pathspec would first strip of "/" or "./" is left to pathspec.)
+        if any_ is not None and any_.search(path) is None and not path.startswith(_LEADS):
+            return None
+        return self._spec.check_file(path).include
+
+
+def _joined(spec: GitIgnoreSpec) -> re.Pattern[str] | None:
+    """One regex matching wherever one of ``spec``'s active patterns matches (it may match
+    more, never less), or None when the patterns cannot be joined."""
+    parts: list[str] = []
+    flags: set[int] = set()
+    for pat in spec.patterns:
+        if pat.include is None:
+            continue  # a comment or blank line: pathspec skips it too
+        regex = getattr(pat, "regex", None)
+        if not isinstance(regex, re.Pattern) or not isinstance(regex.pattern, str):
+            return None
+        parts.append(_NAMED_GROUP.sub("(?:", regex.pattern))
+        flags.add(regex.flags)
+    if not parts:
+        return re.compile(r"(?!)")  # nothing can match
+    if len(flags) != 1:
+        return None
+    flag = flags.pop()
+    if flag & re.MULTILINE:
+        return None
+    if all(p.startswith("^") and _anchored(p) for p in parts):
+        # Most patterns match at any depth, ``^(?:.+/)?X``, which the engine retries at
+        # every character of the path. One shared ``^(?:[^/]*/)*`` tries each X only at
+        # the folder boundaries. It matches every string ``(?:.+/)?`` matches (and the
+        # empty prefix), so the join still matches wherever a pattern does.
+        heads = [p[1:].removeprefix(_ANY_DEPTH) for p in parts]
+        joined = "^(?:[^/]*/)*(?:" + "|".join(f"(?:{h})" for h in heads) + ")"
+    else:
+        joined = "|".join(f"(?:{p})" for p in parts)
+    try:
+        return re.compile(joined, flag)
+    except (re.error, RecursionError, OverflowError):
+        return None  # e.g. a backreference to a renamed group: pathspec alone decides
+
+
+def _anchored(pattern: str) -> bool:
+    """True when every match of ``pattern`` starts at ``^``: its first element is the
+    anchor (a top-level alternation such as ``^a|b`` parses as one branch element
+    instead, and moving its ``^`` out would anchor ``b`` too). Unknown counts as False."""
+    try:
+        from re import _parser  # type: ignore[attr-defined]
+
+        items = list(_parser.parse(pattern))
+        return bool(items) and items[0] == (_parser.AT, _parser.AT_BEGINNING)
+    except Exception:
+        return False
+
+
+class DirRules:
+    """The rules for the entries of one folder, worked out once for the whole folder.
+
+    A scan asks about every file; :meth:`file_ignored` then costs the file name's own
+    checks and one regex per rule file that applies, with no walk up the ancestors.
+    Built by :meth:`IgnoreRules.for_dir`; valid until the rules are invalidated.
+    """
+
+    __slots__ = ("_chain", "_exclude", "_include", "_rules", "ignored", "prefix")
+
+    def __init__(self, rules: IgnoreRules, dir_rel: str, ignored: bool,
+                 chain: tuple[tuple[int, _Matcher], ...]) -> None:
+        self._rules = rules
+        #: The folder itself is ignored (or lies below an ignored one): so is all of it.
+        self.ignored = ignored
+        #: The folder's path with a trailing slash ("" for the root).
+        self.prefix = dir_rel + "/" if dir_rel else ""
+        prefix = self.prefix
+        # Each rule file sees paths relative to its own folder; deepest first, so the
+        # first opinion found is the one git keeps.
+        self._chain = tuple((prefix[cut:], m) for cut, m in reversed(chain))
+        self._exclude = rules._exclude
+        self._include = rules._include
+
+    def file_ignored(self, name: str) -> bool:
+        """True when the file ``name`` of this folder must not be indexed."""
+        if self.ignored:
+            return True
+        lower = name.lower()
+        if _hard(name, lower, False):
+            return True
+        rel = self.prefix + name
+        if self._exclude is not None:
+            user = self._exclude.check(rel)
+            if user is not None:
+                return user
+        if _soft_file(name, lower):
+            return True
+        for sub, matcher in self._chain:
+            hit = matcher.check(sub + name)
+            if hit is not None:  # the deepest rule file with an opinion decides
+                if hit:
+                    return True
+                break
+        return self._include is not None and not self._include.check(rel)
+
+    def dir_ignored(self, name: str) -> bool:
+        """True when the sub-folder ``name`` must not be walked."""
+        return self.ignored or self._rules.is_ignored(self.prefix + name, True)
+
+
 class IgnoreRules:
     """Decides whether a path under ``root`` is left out of the index.
 
@@ -274,16 +407,16 @@ class IgnoreRules:
         # abspath, not resolve(): paths must look like the ones watchdog reports.
         self.root = Path(os.path.abspath(root))
         self.use_gitignore = use_gitignore
-        self._include = GitIgnoreSpec.from_lines(include) if include else None
-        self._exclude = GitIgnoreSpec.from_lines(exclude) if exclude else None
+        self._include = _Matcher(GitIgnoreSpec.from_lines(include)) if include else None
+        self._exclude = _Matcher(GitIgnoreSpec.from_lines(exclude)) if exclude else None
         if private_dirs is None:
             from repd import paths  # local import: only the default needs the XDG lookup
 
             private_dirs = (paths.data_dir(), paths.cache_dir())
         self._private = frozenset(self._inside(p) for p in private_dirs) - {None, ""}
         self._lock = threading.RLock()
-        self._specs: dict[str, GitIgnoreSpec | None] = {}  # dir -> its own rule files
-        self._chains: dict[str, tuple[tuple[int, GitIgnoreSpec], ...]] = {}
+        self._specs: dict[str, _Matcher | None] = {}  # dir -> its own rule files
+        self._chains: dict[str, tuple[tuple[int, _Matcher], ...]] = {}
         self._dirs: dict[str, bool] = {}  # dir -> ignored (itself or an ancestor)
 
     def _inside(self, path: Path) -> str | None:
@@ -303,11 +436,16 @@ class IgnoreRules:
         if is_dir:
             return self._dir_ignored(relpath)
         parent, _, name = relpath.rpartition("/")
-        if parent and self._dir_ignored(parent):
-            return True
-        if self._own(relpath, parent, name, is_dir=False):
-            return True
-        return self._include is not None and not self._include.match_file(relpath)
+        return self.for_dir(parent).file_ignored(name)
+
+    def for_dir(self, dir_rel: str) -> DirRules:
+        """The rules for the entries of the folder ``dir_rel`` ("" for the root), to ask
+        about many of its files at the cost of one."""
+        dir_rel = dir_rel.strip("/")
+        if dir_rel == ".":
+            dir_rel = ""
+        ignored = bool(dir_rel) and self._dir_ignored(dir_rel)
+        return DirRules(self, dir_rel, ignored, () if ignored else self._chain(dir_rel))
 
     def invalidate(self, dir_relpath: str = "") -> None:
         """Forget cached rules of ``dir_relpath``: one of its RULE_FILES changed."""
@@ -351,7 +489,7 @@ class IgnoreRules:
             return True
         user = None
         if self._exclude is not None:
-            user = self._exclude.check_file(rel + "/" if is_dir else rel).include
+            user = self._exclude.check(rel + "/" if is_dir else rel)
         if user is not None:
             return user
         if is_dir:
@@ -366,15 +504,14 @@ class IgnoreRules:
         return any(os.path.lexists(base / marker) for marker in DIR_MARKERS)
 
     def _rule_files_ignore(self, rel: str, parent: str, is_dir: bool) -> bool:
-        verdict = False
-        for cut, spec in self._chain(parent):
+        for cut, matcher in reversed(self._chain(parent)):
             sub = rel[cut:]
-            hit = spec.check_file(sub + "/" if is_dir else sub).include
+            hit = matcher.check(sub + "/" if is_dir else sub)
             if hit is not None:  # deeper files override shallower ones
-                verdict = hit
-        return verdict
+                return hit
+        return False
 
-    def _chain(self, dir_rel: str) -> tuple[tuple[int, GitIgnoreSpec], ...]:
+    def _chain(self, dir_rel: str) -> tuple[tuple[int, _Matcher], ...]:
         """Specs that apply inside ``dir_rel``, root first, with the prefix length to cut."""
         chain = self._chains.get(dir_rel)
         if chain is not None:
@@ -384,7 +521,7 @@ class IgnoreRules:
             # (the root's chain at worst), then extend the chain folder by folder.
             todo: list[str] = []
             cur: str | None = dir_rel
-            head: tuple[tuple[int, GitIgnoreSpec], ...] = ()
+            head: tuple[tuple[int, _Matcher], ...] = ()
             while cur is not None:
                 known = self._chains.get(cur)
                 if known is not None:
@@ -399,7 +536,7 @@ class IgnoreRules:
                 self._chains[path] = head
             return head
 
-    def _spec(self, dir_rel: str) -> GitIgnoreSpec | None:
+    def _spec(self, dir_rel: str) -> _Matcher | None:
         if dir_rel in self._specs:
             return self._specs[dir_rel]
         base = self.root / dir_rel
@@ -418,7 +555,7 @@ class IgnoreRules:
                     raise TransientError(f"cannot read {path}: {exc.strerror or exc}") from exc
                 continue  # absent or unreadable (EACCES): no rules from it, as git does
             lines += _valid_lines(path, text.splitlines())
-        spec = GitIgnoreSpec.from_lines(lines) if lines else None
+        spec = _Matcher(GitIgnoreSpec.from_lines(lines)) if lines else None
         self._specs[dir_rel] = spec
         return spec
 

@@ -10,6 +10,8 @@ backfill of a migration uses the same steps for one generation (:meth:`Indexer.b
 
 from __future__ import annotations
 
+import contextlib
+import os
 import stat as stat_mod
 import threading
 import time
@@ -21,7 +23,7 @@ import numpy as np
 
 from repd.adapters.manifest import FileRow, Generation, Manifest
 from repd.adapters.store import Store
-from repd.core.identity import RACY_WINDOW_NS, StatSig, is_racy, stored_path
+from repd.core.identity import RACY_WINDOW_NS, stored_path
 from repd.core.ignore import IgnoreRules
 from repd.core.secrets import SecretPolicy
 from repd.core.types import Chunk, SparseVec
@@ -30,7 +32,7 @@ from repd.log import get_logger
 from repd.pipeline import writer
 from repd.pipeline.generations import EmbedderLike, GenerationHandle, Generations
 from repd.pipeline.plan import ZERO_SIG, FilePlan, Planner
-from repd.pipeline.scanner import contained, walk
+from repd.pipeline.scanner import contained, walk_folders
 from repd.pipeline.stats import RunStats
 
 __all__ = ["Indexer", "Interrupted", "RunStats", "Yielded"]
@@ -45,10 +47,10 @@ log = get_logger("indexer")
 # memory stays bounded and progress is committed often.
 GROUP_CHUNKS = 2048
 GROUP_FILES = 512
-# Vectors of chunk texts no file holds any more are kept up to this many, so undoing an
-# edit or restoring a deleted file costs no embedding; past that, the surplus is dropped
-# (in no particular order: SQLite keeps no last-use time for them).
-VECTOR_CACHE_SPARE = 50_000
+# Bytes of cached vectors of chunk texts no file holds any more (the ``vector_cache_bytes``
+# setting's default): kept so undoing an edit or restoring a deleted file costs no
+# embedding; past it the least recently used are dropped (Manifest.prune_vectors).
+VECTOR_CACHE_BYTES = 256 * 2**20
 # Chunks embedded per call between two heartbeats and stop checks: a few seconds of work
 # on a CPU, so a long file never outlives the systemd watchdog or delays SIGTERM.
 EMBED_SLICE_CHUNKS = 256
@@ -83,12 +85,19 @@ class Indexer:
         self._planners: dict[int, Planner] = {}
         self.stage = "idle"  # what the engine is doing right now, for status
         self.group_chunks = GROUP_CHUNKS
-        # One-shot runs build HNSW as they go; the daemon does it when idle instead.
+        # One-shot runs build HNSW as they go; the daemon does it when idle instead, but
+        # also here once ``build_backlog`` points were written since the last build (a
+        # long first index is never idle, and one build over all of it would hold the
+        # GIL for minutes). ``build_guard`` wraps each such build (the watchdog's grace).
         self.build_index_inline = True
+        self.build_backlog: int | None = None
+        self.build_guard: Callable[[], contextlib.AbstractContextManager[object]] = (
+            contextlib.nullcontext)
         self.group_files = GROUP_FILES
         self.group_seconds = GROUP_SECONDS
         self.embed_slice = EMBED_SLICE_CHUNKS
         self.max_chunks_per_file = MAX_CHUNKS_PER_FILE
+        self.vector_cache_bytes = VECTOR_CACHE_BYTES
         # Hooks the owner sets: a heartbeat with the chunks just embedded (progress and the
         # systemd watchdog), a stop request checked between slices, a free-space check
         # before each write (raises DiskFullError), and the stage for status.
@@ -139,6 +148,7 @@ class Indexer:
         self.planner.max_file_bytes = settings.max_file_bytes
         self.planner.secrets = SecretPolicy(tuple(settings.allow_secrets))
         self.max_chunks_per_file = settings.max_chunks_per_file
+        self.vector_cache_bytes = settings.vector_cache_bytes
         self.follow_symlinks = settings.watch.follow_symlinks
 
     def _set_stage(self, stage: str) -> None:
@@ -234,42 +244,43 @@ class Indexer:
     def _reconcile(self, root: Path, rules: IgnoreRules, subdir: str,
                    progress: Progress | None, should_stop: Callable[[], bool]) -> RunStats:
         root_s = str(root)
+        # The manifest's view of the folder, read in one query; each file found is popped
+        # from it, so what is left at the end is what the walk did not find.
         known = self.manifest.scan_view(root_s, stored_path(subdir))
         stats = RunStats()
         todo: list[str] = []
         skips: list[FilePlan] = []
-        seen: set[str] = set()
         unlisted: list[str] = []  # folders that could not be listed: keep what is below
-        for entry in walk(root, rules, subdir, self._follow, self.planner.allowed_roots):
-            # Names that are not valid UTF-8 are kept in their escaped stored form: SQLite,
-            # payloads and point ids refuse lone surrogates (it aborted the whole root).
-            rel = stored_path(entry.relpath)
-            seen.add(rel)
-            stats.seen += 1
-            if entry.folder:
-                unlisted.append(rel)
-            row = known.get(rel)
-            st = entry.st
-            if st is None:
+        unchanged = 0
+        skipped = stats.skipped
+        for folder in walk_folders(root, rules, subdir, self._follow,
+                                   self.planner.allowed_roots):
+            for entry in folder.others:
+                # Names that are not valid UTF-8 are kept in their escaped stored form:
+                # SQLite, payloads and point ids refuse lone surrogates.
+                rel = stored_path(entry.relpath)
+                if entry.folder:
+                    unlisted.append(rel)
+                row = known.pop(rel, None)
                 if row is None or row[4] != "skipped" or row[6] != entry.skip_reason:
-                    skips.append(FilePlan(root_s, rel, ZERO_SIG, time.time_ns(),
-                                          "skip", reason=entry.skip_reason,
-                                          detail=entry.skip_detail))
+                    skips.append(FilePlan(root_s, rel, ZERO_SIG, time.time_ns(), "skip",
+                                          reason=entry.skip_reason, detail=entry.skip_detail))
                 else:
-                    stats.skipped[entry.skip_reason or "unknown"] += 1
-                continue
-            # The stat compare of git's index, on the plain tuple (see _unchanged).
-            if (row is not None and row[4] != "dirty" and row[0] == st.st_size
-                    and row[1] == st.st_mtime_ns and row[2] == st.st_ino
-                    and row[3] == st.st_ctime_ns
-                    and max(st.st_mtime_ns, st.st_ctime_ns) < row[5] - RACY_WINDOW_NS):
-                stats.unchanged += 1
-                if row[4] == "skipped":
-                    stats.skipped[row[6] or "unknown"] += 1
-                continue
-            todo.append(rel)
+                    skipped[entry.skip_reason or "unknown"] += 1
+            # The hot loop of a no-op scan: one dict pop and one stat compare per file.
+            for rel, st in folder.files:
+                key = rel if rel.isascii() and "\\" not in rel else stored_path(rel)
+                row = known.pop(key, None)
+                if row is not None and unchanged_since(row, st):
+                    unchanged += 1
+                    if row[4] == "skipped":
+                        skipped[row[6] or "unknown"] += 1
+                    continue
+                todo.append(key)
+            stats.seen += len(folder.files) + len(folder.others)
+        stats.unchanged += unchanged
         gone = [FilePlan(root_s, p, ZERO_SIG, time.time_ns(), "delete")
-                for p in known if p not in seen and not _below_any(p, unlisted)]
+                for p in known if not _below_any(p, unlisted)]
         total = len(todo)
         stats.add(self._apply_in_groups(skips + gone))
         if progress:
@@ -336,7 +347,7 @@ class Indexer:
                 continue
             if row is not None:
                 known[key] = row
-                if st is not None and not is_link and self._unchanged(row, StatSig.of(st)):
+                if st is not None and not is_link and unchanged_since(scan_row(row), st):
                     stats.unchanged += 1
                     continue
             todo.append(key)
@@ -353,10 +364,18 @@ class Indexer:
         return self._apply_in_groups([FilePlan(root_s, p, ZERO_SIG, time.time_ns(), "delete")
                                       for p in gone])
 
-    def prune_vector_cache(self, keep_unreferenced: int = VECTOR_CACHE_SPARE) -> int:
-        """Bound the cache of vectors no chunk uses any more (kept for undo and moves)."""
-        return sum(self.manifest.prune_vectors(h.model_id, keep_unreferenced)
-                   for h in self.generations.view.writing())
+    def prune_vector_cache(self, budget_bytes: int | None = None) -> int:
+        """Bound the cache of vectors no chunk uses any more (kept for undo and moves) to
+        ``budget_bytes`` (default: the ``vector_cache_bytes`` setting), least recently
+        used first; the dense vectors of every generation being written and the BM25
+        vectors of the hybrid ones share the budget. Returns the entries dropped."""
+        caches = [h.model_id for h in self.generations.view.writing()]
+        if any(h.hybrid for h in self.generations.view.writing()):
+            from repd.adapters.lexical import default_encoder
+
+            caches.append(default_encoder().identity)
+        budget = self.vector_cache_bytes if budget_bytes is None else budget_bytes
+        return self.manifest.prune_vectors(caches, budget)
 
     def drop_root(self, root: Path) -> RunStats:
         """Remove every file of a root from the index (the root left the config)."""
@@ -371,13 +390,6 @@ class Indexer:
         for i in range(0, len(plans), self.group_files):
             stats.add(self._apply(plans[i:i + self.group_files]))
         return stats
-
-    @staticmethod
-    def _unchanged(row: FileRow, sig: StatSig) -> bool:
-        if row.state == "dirty" or row.sig != sig:
-            return False
-        # Stat matches; trust it unless the file may have changed within the same tick.
-        return not is_racy(sig, row.indexed_at_ns)
 
     def _run_paths(self, root: Path, relpaths: list[str], known: dict[str, FileRow],
                    stats: RunStats, progress: Progress | None,
@@ -596,7 +608,21 @@ class Indexer:
             self._set_stage("indexing")
             for w in writes:
                 w.handle.store.maybe_build_index()
+        elif written.points_written:
+            self._build_backstop([w.handle for w in writes])
         return stats
+
+    def _build_backstop(self, handles: Sequence[GenerationHandle]) -> None:
+        """Build HNSW now if ``build_backlog`` points piled up unbuilt (see __init__)."""
+        if self.build_backlog is None:
+            return
+        for h in handles:
+            # Only a store that counts its backlog (Edge) can be due; asking first keeps
+            # the guard (a watchdog notification) off every other group.
+            if getattr(h.store, "written_since_build", 0) >= self.build_backlog:
+                self._set_stage("indexing")
+                with self.build_guard():
+                    h.store.maybe_build_index(backlog=self.build_backlog)
 
     # -- backfill (a migration's new generation) -----------------------------------------
 
@@ -725,9 +751,39 @@ class Indexer:
         write = writer.GenWrite(handle, plans, vectors, self._sparse(handle, plans))
         stats.add(writer.write_group(self.manifest, [write], primary=False, rows=rows,
                                      before_flush=self.before_flush, cursor=gen_cursor))
+        # A migration's backfill of a large index is one long write too.
+        self._build_backstop([handle])
         return stats
 
 
 def _below_any(path: str, folders: Sequence[str]) -> bool:
     """True when ``path`` is one of ``folders`` or lies below one ("." is the root)."""
     return any(f == "." or path == f or path.startswith(f + "/") for f in folders)
+
+
+#: A file as :meth:`Manifest.scan_view` gives it: (size, mtime_ns, inode, ctime_ns, state,
+#: indexed_at_ns, reason).
+ScanRow = tuple[int, int, int, int, str, int, "str | None"]
+
+
+def scan_row(row: FileRow) -> ScanRow:
+    """A full manifest row in the form :meth:`Manifest.scan_view` gives: (size, mtime_ns,
+    inode, ctime_ns, state, indexed_at_ns, reason)."""
+    sig = row.sig
+    return (sig.size, sig.mtime_ns, sig.inode, sig.ctime_ns, row.state, row.indexed_at_ns,
+            row.reason)
+
+
+def unchanged_since(row: ScanRow, st: os.stat_result) -> bool:
+    """git's index rule: trust a file whose stat equals the recorded one (size, mtime_ns,
+    inode, ctime_ns) unless the row is ``dirty`` or the file is "racy": its times fall
+    within RACY_WINDOW_NS of the moment it was read, where one timestamp tick could hide a
+    second write (``core.identity.is_racy``; with the stat equal, the row's times are the
+    file's). ``row`` is in :meth:`Manifest.scan_view`'s form (see :func:`scan_row`).
+
+    The one stat rule of both the scan and single-path events; on plain values, since
+    the scan calls it once per file.
+    """
+    return (row[0] == st.st_size and row[1] == st.st_mtime_ns and row[2] == st.st_ino
+            and row[3] == st.st_ctime_ns and row[4] != "dirty"
+            and max(row[1], row[3]) < row[5] - RACY_WINDOW_NS)

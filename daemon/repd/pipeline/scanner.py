@@ -67,21 +67,53 @@ def contained(root: Path, relpath: str, follow_symlinks: bool,
     return _within(real, bases)
 
 
+@dataclass(slots=True)
+class Folder:
+    """What the walk found in one folder.
+
+    ``files``: the regular files the rules let through, as (path relative to the root,
+    stat) pairs: plain tuples, since a scan handles one per file and a no-op scan of a
+    large tree is mostly this. ``others``: everything else worth recording (symlinks,
+    unreadable entries, a folder that cannot be listed, files that are not regular).
+    """
+
+    files: list[tuple[str, os.stat_result]]
+    others: list[Entry]
+
+
 def walk(root: Path, rules: IgnoreRules, subdir: str = "",
          follow_symlinks: bool = False, allowed_roots: Sequence[Path] = ()) -> Iterator[Entry]:
-    """Yield every file below ``root/subdir`` that is not ignored.
+    """Yield every file below ``root/subdir`` that is not ignored (see :func:`walk_folders`).
+
+    Within a folder, the entries of ``Folder.others`` come before its files.
+    """
+    for folder in walk_folders(root, rules, subdir, follow_symlinks, allowed_roots):
+        yield from folder.others
+        for rel, st in folder.files:
+            yield Entry(rel, st)
+
+
+def walk_folders(root: Path, rules: IgnoreRules, subdir: str = "",
+                 follow_symlinks: bool = False,
+                 allowed_roots: Sequence[Path] = ()) -> Iterator[Folder]:
+    """Walk ``root/subdir`` folder by folder, yielding what each holds that is not ignored.
 
     Symlinks are reported as skipped (reason ``symlink``) unless ``follow_symlinks``;
     when followed, a symlink loop or a dangling link is reported as ``unreadable``, and a
     link to a folder outside the root and every ``allowed_roots`` as ``outside_roots``.
     A folder that cannot be listed is one ``unreadable`` entry with ``folder`` set.
     Raises TransientError when listing or stat fails for a reason that may pass.
+
+    The ignore rules are worked out once per folder (:meth:`IgnoreRules.for_dir`); a
+    file costs its name's checks, the ``DirEntry`` type bits (no system call) and one
+    ``stat``: the file's own, which the caller compares with the manifest.
     """
     bases = real_bases(root, allowed_roots if follow_symlinks else ())
     seen_dirs: set[tuple[int, int]] = set()
     start = subdir.strip("/")
     if start and not _start_inside(root, start, follow_symlinks, bases):
-        yield Entry(start, None, "outside_roots", "leads outside the indexed roots")
+        yield Folder([], [Entry(start, None, "outside_roots",
+                                "leads outside the indexed roots")])
         return
     stack = [start]
     while stack:
@@ -103,11 +135,63 @@ def walk(root: Path, rules: IgnoreRules, subdir: str = "",
             if is_transient(exc):
                 raise TransientError(
                     f"cannot list folder {abs_dir}: {exc.strerror or exc}") from exc
-            yield Entry(rel_dir or ".", None, "unreadable",
-                        f"cannot list folder: {exc.strerror or exc}", folder=True)
+            yield Folder([], [Entry(rel_dir or ".", None, "unreadable",
+                                    f"cannot list folder: {exc.strerror or exc}",
+                                    folder=True)])
             continue
-        for de in entries:
-            yield from _entry(root, rules, rel_dir, de, follow_symlinks, bases, stack)
+        yield _folder(root, rules, rel_dir, entries, follow_symlinks, bases, stack)
+
+
+def _folder(root: Path, rules: IgnoreRules, rel_dir: str, entries: list[os.DirEntry[str]],
+            follow_symlinks: bool, bases: Sequence[str], stack: list[str]) -> Folder:
+    """Sort one folder's entries into files, other entries and sub-folders to walk."""
+    here = rules.for_dir(rel_dir)
+    prefix = here.prefix
+    file_ignored = here.file_ignored
+    files: list[tuple[str, os.stat_result]] = []
+    others: list[Entry] = []
+    is_reg = stat_mod.S_ISREG
+    for de in entries:
+        # The fast path: a plain file or folder, told apart by the listing's type bits.
+        # Links and anything odd take the careful path below.
+        try:
+            if de.is_symlink():
+                found = _entry(root, rules, rel_dir, de, follow_symlinks, bases, stack)
+                if found is not None:
+                    if found.st is not None:
+                        files.append((found.relpath, found.st))
+                    else:
+                        others.append(found)
+                continue
+            is_dir = de.is_dir()
+        except OSError as exc:
+            if is_transient(exc):
+                raise TransientError(
+                    f"cannot stat {root / (prefix + de.name)}: {exc.strerror or exc}") from exc
+            others.append(Entry(prefix + de.name, None, "unreadable", exc.strerror or str(exc)))
+            continue
+        name = de.name
+        if is_dir:
+            if not here.dir_ignored(name):
+                stack.append(prefix + name)
+            continue
+        if file_ignored(name):
+            continue
+        try:
+            st = de.stat()
+        except OSError as exc:
+            if is_transient(exc):
+                raise TransientError(
+                    f"cannot stat {root / (prefix + name)}: {exc.strerror or exc}") from exc
+            if isinstance(exc, FileNotFoundError):
+                continue  # vanished between listing and stat: nothing to index
+            others.append(Entry(prefix + name, None, "unreadable", exc.strerror or str(exc)))
+            continue
+        if is_reg(st.st_mode):
+            files.append((prefix + name, st))
+        else:
+            others.append(Entry(prefix + name, None, "not_a_file", "not a regular file"))
+    return Folder(files, others)
 
 
 def _start_inside(root: Path, start: str, follow: bool, bases: Sequence[str]) -> bool:
@@ -120,31 +204,31 @@ def _start_inside(root: Path, start: str, follow: bool, bases: Sequence[str]) ->
 
 
 def _entry(root: Path, rules: IgnoreRules, rel_dir: str, de: os.DirEntry[str],
-           follow_symlinks: bool, bases: Sequence[str], stack: list[str]) -> Iterator[Entry]:
+           follow_symlinks: bool, bases: Sequence[str], stack: list[str]) -> Entry | None:
+    """The careful path, for a symlink: what to record of it (None: nothing, or a folder
+    pushed on ``stack``)."""
     rel = _join(rel_dir, de.name)
     try:
         is_link = de.is_symlink()
         if is_link and not follow_symlinks:
             if not rules.is_ignored(rel, False):
-                yield Entry(rel, None, "symlink", "symlinks are not followed")
-            return
+                return Entry(rel, None, "symlink", "symlinks are not followed")
+            return None
         is_dir = de.is_dir(follow_symlinks=True)
     except OSError as exc:
         if is_transient(exc):
             raise TransientError(f"cannot stat {root / rel}: {exc.strerror or exc}") from exc
-        yield Entry(rel, None, "unreadable", exc.strerror or str(exc))
-        return
+        return Entry(rel, None, "unreadable", exc.strerror or str(exc))
     if rules.is_ignored(rel, is_dir):
-        return
+        return None
     if is_link:
         real = os.path.realpath(root / rel)
         if not _within(real, bases) and Path(real).exists():  # dangling: reported below
             # A followed link may lead only into the root or another configured root.
-            yield Entry(rel, None, "outside_roots", "symlink leads outside the indexed roots")
-            return
+            return Entry(rel, None, "outside_roots", "symlink leads outside the indexed roots")
     if is_dir:
         stack.append(rel)
-        return
+        return None
     try:
         st = de.stat(follow_symlinks=True)
     except OSError as exc:
@@ -154,10 +238,8 @@ def _entry(root: Path, rules: IgnoreRules, rel_dir: str, de: os.DirEntry[str],
         if isinstance(exc, FileNotFoundError) and is_link:
             detail = "dangling symlink"
         elif isinstance(exc, FileNotFoundError):
-            return  # vanished between listing and stat: nothing to index
-        yield Entry(rel, None, "unreadable", detail)
-        return
+            return None  # vanished between listing and stat: nothing to index
+        return Entry(rel, None, "unreadable", detail)
     if not stat_mod.S_ISREG(st.st_mode):
-        yield Entry(rel, None, "not_a_file", "not a regular file")
-        return
-    yield Entry(rel, st)
+        return Entry(rel, None, "not_a_file", "not a regular file")
+    return Entry(rel, st)
