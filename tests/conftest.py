@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +12,33 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One OpenVINO export folder for the whole run and every daemon it starts (tests/helpers
+# cli_env passes it on), kept between runs: each test has its own XDG_CACHE_HOME, and an
+# export per test would cost tens of seconds each. Exports are per model identity,
+# written atomically and verified at load, so sharing the folder is safe.
+os.environ.setdefault("REPD_OPENVINO_CACHE",
+                      os.path.join(tempfile.gettempdir(), f"repd-tests-openvino-{os.getuid()}"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _openvino_export_ready() -> None:
+    """Make the default model's OpenVINO export once, before any daemon needs it.
+
+    A daemon test waits a bounded time for its daemon to start; an export (tens of
+    seconds on a busy machine) inside that wait would make the first one flaky. Cheap
+    when optimum-intel is absent or the folder already holds an export.
+    """
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("openvino") is None:
+        return
+    folder = Path(os.environ["REPD_OPENVINO_CACHE"])
+    if any(folder.glob("sentence-transformers_all-MiniLM-L6-v2_*/repd-export.json")):
+        return
+    from repd.adapters.embedder import Embedder
+
+    Embedder.load("sentence-transformers/all-MiniLM-L6-v2", device="cpu", backend="auto")
 
 
 @pytest.fixture(scope="session")

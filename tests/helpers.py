@@ -61,6 +61,8 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
         "XDG_RUNTIME_DIR": str(home / "run"), "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1", "REPD_DEVICE": "cpu",
     })
+    if "REPD_OPENVINO_CACHE" in os.environ:  # the run's one export folder (tests/conftest.py)
+        env["REPD_OPENVINO_CACHE"] = os.environ["REPD_OPENVINO_CACHE"]
     env.update(extra)
     return env
 

@@ -254,7 +254,11 @@ def test_memory_bytes(embedder: Embedder, minilm_path: Path, tiny_models: dict[s
     from sentence_transformers import SentenceTransformer
 
     plain = SentenceTransformer(str(minilm_path), device="cpu")
-    assert embedder.memory_bytes == _module_bytes(plain)
+    if embedder.backend == "openvino":
+        # The export drops what inference never reads (the pooler, the position ids).
+        assert 0.97 * _module_bytes(plain) < (embedder.memory_bytes or 0) <= _module_bytes(plain)
+    else:
+        assert embedder.memory_bytes == _module_bytes(plain)
     # 22.7 M float32 parameters, the position ids buffer: about 87 MiB.
     assert 85 * 2**20 < (embedder.memory_bytes or 0) < 90 * 2**20
     tiny = Embedder.load(str(tiny_models["a"]), device="cpu")

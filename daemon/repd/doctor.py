@@ -112,11 +112,15 @@ def roots_of(status: dict[str, Any] | None) -> list[Path] | None:
 
 
 def check_device(settings: Settings) -> Check:
-    """Which device the model would run on."""
-    from repd.adapters.device import choose_device
+    """Which device, and which runtime (torch or OpenVINO), the model would run on."""
+    from repd.adapters.device import choose_backend, choose_device
+    from repd.adapters.openvino_export import openvino_available
 
     try:
-        return Check("device", "ok", f"{settings.device} -> {choose_device(settings.device)}")
+        device = choose_device(settings.device)
+        backend = choose_backend(settings.backend, device, openvino_available)
+        return Check("device", "ok", f"{settings.device} -> {device}, "
+                     f"backend {settings.backend} -> {backend}")
     except Exception as exc:
         return Check("device", "fail", str(exc))
 
@@ -127,11 +131,12 @@ def check_model(settings: Settings) -> Check:
 
     t0 = time.perf_counter()
     try:
-        emb = Embedder.load(settings.model, device=settings.device)
+        emb = Embedder.load(settings.model, device=settings.device, backend=settings.backend)
     except Exception as exc:
         return Check("model", "fail", f"{settings.model}: {exc}")
     return Check("model", "ok", f"{settings.model}: dim {emb.dim}, max {emb.max_tokens} tokens, "
-                 f"loaded in {time.perf_counter() - t0:.1f}s on {emb.device}")
+                 f"loaded in {time.perf_counter() - t0:.1f}s on {emb.device} "
+                 f"({emb.backend}, backend = {settings.backend})")
 
 
 def check_daemon_and_store(settings: Settings) -> list[Check]:

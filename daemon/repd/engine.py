@@ -211,7 +211,7 @@ class Engine:
         try:
             return Embedder.load(name, device=self.settings.device,
                                  token_budget=self.settings.batch_tokens,
-                                 cache_dir=paths.cache_dir())
+                                 cache_dir=paths.cache_dir(), backend=self.settings.backend)
         except EmbedderError as exc:
             raise EngineError(str(exc)) from None
 

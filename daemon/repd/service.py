@@ -229,7 +229,8 @@ class DaemonService:
             paused=bool(worker is not None and worker.paused.is_set()),
             model=ModelInfo(name=gen.model_name if gen else d.settings.model,
                             id=gen.model_id if gen else None, dim=gen.dim if gen else None,
-                            device=getattr(emb, "device", None)),
+                            device=getattr(emb, "device", None),
+                            backend=getattr(emb, "backend", None)),
             generation=GenerationInfo(id=str(gen.id), state=gen.state,  # type: ignore[arg-type]
                                       points=_int(info.get("points"))) if gen else None,
             queue=QueueInfo(pending=pending, scans=depth.get("scans", 0),

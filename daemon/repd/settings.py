@@ -112,6 +112,10 @@ class Settings(BaseSettings):
                     "or content looks like a secret")
     model: str = Field(default=DEFAULT_MODEL, description="Hugging Face name or local path")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps")
+    backend: Literal["auto", "torch", "openvino"] = Field(
+        default="auto",
+        description="auto (OpenVINO on a CPU when installed, else torch), torch or openvino; "
+                    "same vectors either way")
     batch_tokens: int = Field(default=16384, ge=256, description="padded tokens per batch")
     max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_chunks_per_file: int = Field(
@@ -119,6 +123,10 @@ class Settings(BaseSettings):
     disk_reserve_mb: int = Field(
         default=256, ge=0,
         description="free MiB kept in the data folder; below it writing pauses (disk_full)")
+    vector_cache_bytes: int = Field(
+        default=256 * 2**20, ge=0,
+        description="bytes of cached vectors no file uses any more (an undo, a move or a "
+                    "restored file then needs no embedding); least recently used go first")
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     store: StoreSettings = Field(default_factory=StoreSettings)
@@ -190,7 +198,8 @@ class LoadedSettings:
 #: ``REPD_`` variables that are not settings: the config file's name, fault injection
 #: for the crash tests, the benchmarks' data. Names under a prefix listed in
 #: ``NON_SETTING_ENV_PREFIXES`` are free for tests and tools.
-NON_SETTING_ENV = frozenset({"REPD_CONFIG", "REPD_CRASH_AT", "REPD_FAULT", "REPD_SCIFACT"})
+NON_SETTING_ENV = frozenset({"REPD_CONFIG", "REPD_CRASH_AT", "REPD_FAULT", "REPD_SCIFACT",
+                             "REPD_OPENVINO_CACHE"})
 NON_SETTING_ENV_PREFIXES = ("REPD_TEST_", "REPD_BENCH_")
 ENV_PREFIX = "REPD_"
 

@@ -130,3 +130,28 @@ def cpu_threads(
     if limit is not None:
         threads = min(threads, max(1, math.ceil(limit)))
     return max(1, threads)
+
+
+def choose_backend(requested: str, device: str, available: Callable[[], bool]) -> str:
+    """Resolve the ``backend`` setting (``auto|torch|openvino``) for a resolved ``device``.
+
+    ``auto`` is OpenVINO on the CPU when ``available()`` (optimum-intel and openvino
+    import), torch otherwise (a GPU, MPS, or OpenVINO not installed). An explicit
+    ``openvino`` that cannot run raises :class:`EmbedderError` naming the way out.
+    """
+    name = requested.strip().lower()
+    if name == "torch":
+        return "torch"
+    if name == "auto":
+        return "openvino" if device == "cpu" and available() else "torch"
+    if name == "openvino":
+        if device != "cpu":
+            raise EmbedderError(
+                f"backend 'openvino' runs on the CPU only, but the device is {device!r}; "
+                "set device = \"cpu\", or backend = \"auto\" to use torch on the GPU")
+        if not available():
+            raise EmbedderError(
+                "backend 'openvino' requested but optimum-intel/openvino is not installed "
+                "(pip install 'repd[openvino]'), or set backend = \"auto\"")
+        return "openvino"
+    raise EmbedderError(f"backend {requested!r} is not valid; use auto, torch or openvino")

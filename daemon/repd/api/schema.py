@@ -182,6 +182,8 @@ class ModelInfo(_Response):
     )
     dim: int | None = Field(default=None, ge=1, description="vector size; null until loaded")
     device: str | None = Field(default=None, description="cpu, cuda:0, mps...; null until loaded")
+    backend: str | None = Field(default=None,
+                                description="torch or openvino; null until loaded")
 
 
 class GenerationInfo(_Response):

@@ -1,0 +1,128 @@
+"""Running a SentenceTransformer's transformer through OpenVINO on the CPU.
+
+The model comes from :mod:`repd.adapters.openvino_export` (sentence-transformers'
+``backend="openvino"``). optimum-intel's model object runs every call through one infer
+request shared by all threads, which is unsafe from two threads at once; so the fast path
+here keeps one infer request per calling thread, on one of two compiled copies of the
+same network:
+
+* the *bulk* copy runs with :func:`~repd.adapters.device.cpu_threads` inference threads
+  (one stream): a batch uses every core we may;
+* the *small* copy runs on one thread, for inputs of at most ``_SMALL_RUN_TOKENS`` padded
+  tokens (a search query). A query never queues behind a bulk batch on the bulk copy's
+  stream, and a one-thread run does not stall at OpenMP-style barriers on a busy machine.
+
+The pooling and normalization modules after the transformer are sentence-transformers'
+own, fed the token embeddings as torch tensors, so the vectors equal ``encode()``'s
+(``_check_fast_path`` verifies that at load; if they differ, ``encode()`` is used,
+serialized by a lock because of the shared request).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repd.adapters.device import cpu_threads
+from repd.adapters.embedder import (
+    _SMALL_RUN_TOKENS,
+    Prepared,
+    _SentenceTransformerBackend,
+    _Tokenized,
+)
+
+__all__ = ["OpenVinoBackend", "bulk_config"]
+
+
+def bulk_config(threads: int | None = None) -> dict[str, str]:
+    """The OpenVINO CPU settings for bulk batches: latency hint, one stream, our core count.
+
+    Precision is pinned to f32: on a CPU with bf16 support OpenVINO otherwise computes
+    in bf16 (1.7x faster here, but cosine to torch only ~0.99997 and a text's vector
+    then depends on its batch at 1e-3), which would make it another representation
+    (another model identity), not the same model on another runtime.
+    """
+    return {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "f32",
+            "INFERENCE_NUM_THREADS": str(threads or cpu_threads())}
+
+
+class OpenVinoBackend(_SentenceTransformerBackend):
+    """A SentenceTransformer whose transformer is an optimum-intel OpenVINO model."""
+
+    def __init__(self, model: Any, export_dir: Path) -> None:
+        self._export_dir = export_dir
+        transformer = model[0]
+        auto_model = transformer.auto_model
+        auto_model.compile()  # optimum compiles lazily; we want the bulk copy now
+        self._bulk = auto_model.request
+        self._network = auto_model.model
+        self._small: Any = None
+        self._inputs = set(auto_model.input_names)
+        self._output_name = getattr(transformer, "module_output_name", "token_embeddings")
+        self._heads = list(model)[1:]
+        self._local = threading.local()
+        self._compile_lock = threading.Lock()
+        self._encode_lock = threading.Lock()
+        super().__init__(model, "cpu")
+
+    def _small_model(self) -> Any:
+        with self._compile_lock:
+            if self._small is None:
+                import openvino as ov
+
+                self._small = ov.Core().compile_model(self._network, "CPU", bulk_config(1))
+            return self._small
+
+    def _request(self, small: bool) -> Any:
+        """This thread's infer request on the small or the bulk copy (made on first use)."""
+        attr = "small" if small else "bulk"
+        request = getattr(self._local, attr, None)
+        if request is None:
+            compiled = self._small_model() if small else self._bulk
+            request = compiled.create_infer_request()
+            setattr(self._local, attr, request)
+        return request
+
+    def run(self, prepared: Prepared, batch: Sequence[int]) -> np.ndarray:
+        if not isinstance(prepared, _Tokenized):
+            return super().run(prepared, batch)  # encode(), through _encode's lock
+        import torch
+
+        features = self._features(prepared, batch)
+        inputs = {k: v for k, v in features.items() if k in self._inputs}
+        if "token_type_ids" in self._inputs and "token_type_ids" not in inputs:
+            inputs["token_type_ids"] = np.zeros_like(features["input_ids"])
+        width = features["input_ids"].shape[1]
+        request = self._request(small=len(batch) * width <= _SMALL_RUN_TOKENS)
+        result = request.infer(inputs)
+        hidden = np.array(result[request.model_outputs[0]], copy=True)
+        with torch.inference_mode():
+            state: dict[str, Any] = {k: torch.from_numpy(v) for k, v in features.items()}
+            state[self._output_name] = torch.from_numpy(hidden)
+            for module in self._heads:
+                state = module(state)
+            vectors = torch.nn.functional.normalize(state["sentence_embedding"].float(), p=2, dim=1)
+            return np.asarray(vectors.numpy(), dtype=np.float32)
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        with self._encode_lock:  # optimum's model shares one infer request between threads
+            return super()._encode(texts)
+
+    def memory_bytes(self) -> int:
+        """Bytes of the network's constants (its weights), as the bulk copy holds them.
+
+        Not equal to the torch module's size: the export leaves out what feature
+        extraction never runs (BERT's pooler) and buffers such as position ids.
+        """
+        return sum(int(op.get_byte_size()) for op in self._network.get_ops()
+                   if op.get_type_name() == "Constant")
+
+    # is_out_of_memory is torch's (inherited): OpenVINO raises none of those, so batch
+    # halving, which is for accelerators with fixed memory, never starts here.
+
+    def release_memory(self) -> None:
+        """Nothing cached to give back on the CPU."""

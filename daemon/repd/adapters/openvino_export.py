@@ -1,0 +1,252 @@
+"""OpenVINO exports of a model: made once per model identity, kept in the cache, reused.
+
+sentence-transformers exports a model to OpenVINO IR when asked for ``backend="openvino"``
+and the model folder has no IR; that costs seconds to tens of seconds (the torch model is
+traced), so the export is saved under :func:`export_root` in a folder named for the model
+identity and every later load reads it (well under a second).
+
+An export is written to a temporary folder beside its final place and renamed there in
+one step, so two processes exporting the same model at once never see each other's half
+work: the loser of the rename drops its copy and uses the winner's. The folder carries a
+``repd-export.json`` marker (written last, before the rename) holding the identity, the
+library versions and the torch model's vectors for two probe texts; a load that finds the
+marker missing, the files of another size, or the probe vectors no longer reproduced puts
+the folder aside and exports again, with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from repd import paths
+from repd.adapters.device import EmbedderError
+from repd.log import get_logger
+
+__all__ = ["CACHE_ENV", "MARKER", "ExportReport", "export_root", "load_or_export",
+           "openvino_available"]
+
+log = get_logger("openvino")
+
+#: Where exports live when set (an absolute path); default ``$XDG_CACHE_HOME/repd/openvino``.
+#: Tests point every daemon they start at one session-wide folder through it.
+CACHE_ENV = "REPD_OPENVINO_CACHE"
+MARKER = "repd-export.json"
+_MARKER_VERSION = 1
+# The torch and OpenVINO vectors of one text agree to ~1e-6 in fp32; far below this a
+# probe that moved means damaged or foreign files, not rounding.
+_PROBE_MIN_COSINE = 0.9999
+
+
+def openvino_available() -> bool:
+    """Whether ``optimum.intel`` and ``openvino`` import (the OpenVINO backend can run)."""
+    try:
+        import openvino  # noqa: F401
+        import optimum.intel  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything at import
+        return False
+    return True
+
+
+def export_root() -> Path:
+    """The folder holding one export per model identity (see :data:`CACHE_ENV`)."""
+    value = os.environ.get(CACHE_ENV)
+    if value and Path(value).is_absolute():
+        return Path(value)
+    return paths.cache_dir() / "openvino"
+
+
+def _folder_name(model_id: str) -> str:
+    """A folder name for ``name@digest``: ``/`` and ``@`` (which Hugging Face reads as a
+    revision) and other unsafe characters become ``_``; the digest keeps it unique."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", model_id)
+
+
+class ExportReport:
+    """What :func:`load_or_export` did: ``exported`` (bool), ``seconds``, ``path``."""
+
+    __slots__ = ("exported", "path", "seconds")
+
+    def __init__(self, path: Path, exported: bool, seconds: float) -> None:
+        self.path = path
+        self.exported = exported
+        self.seconds = seconds
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str] = {}
+    for pkg in ("openvino", "optimum-intel", "sentence-transformers", "transformers"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "?"
+    return out
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return np.asarray((a * b).sum(axis=1))
+
+
+def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
+    return np.asarray(model.encode(list(texts), convert_to_numpy=True, normalize_embeddings=True,
+                                   show_progress_bar=False), dtype=np.float32)
+
+
+# Their advice to save the export (we do), their guess whether a folder holds one (we
+# tell them), and the tracer's warnings while exporting: noise in a daemon's log.
+_CHATTY_LOGGERS = ("optimum", "sentence_transformers.backend", "nncf")
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in _CHATTY_LOGGERS]
+    for logger, _ in saved:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in saved:
+            logger.setLevel(level)
+
+
+def _open(folder: Path, ov_config: dict[str, str]) -> Any:
+    from sentence_transformers import SentenceTransformer
+
+    with _quiet():
+        model = SentenceTransformer(str(folder), device="cpu", backend="openvino",
+                                    model_kwargs={"ov_config": dict(ov_config)})
+    model.eval()
+    return model
+
+
+def _check(folder: Path, model_id: str, ov_config: dict[str, str],
+           probes: Sequence[str]) -> tuple[Any | None, str]:
+    """The export at ``folder`` opened and verified, or ``(None, why it is unusable)``."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None, "no readable marker (an interrupted or foreign export)"
+    if not isinstance(marker, dict) or marker.get("version") != _MARKER_VERSION:
+        return None, "marker of another version"
+    if marker.get("model_id") != model_id:
+        return None, f"marker names {marker.get('model_id')!r}"
+    if marker.get("files") != _file_sizes(folder):
+        return None, "files missing or of another size"
+    try:
+        model = _open(folder, ov_config)
+        got = _encode(model, probes)
+    except Exception as exc:
+        return None, f"cannot be loaded: {type(exc).__name__}: {str(exc).strip()[:200]}"
+    want = np.asarray(marker.get("probe_vectors"), dtype=np.float32)
+    # "not >=" so that NaN (weights overwritten with garbage) counts as a mismatch.
+    if want.shape != got.shape or not float(_cosines(want, got).min()) >= _PROBE_MIN_COSINE:
+        return None, "its vectors no longer match the ones recorded at export"
+    return model, ""
+
+
+def _set_aside(folder: Path, why: str) -> None:
+    log.warning("openvino_export_damaged", path=str(folder), reason=why,
+                action="exporting again")
+    aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}-{time.time_ns()}")
+    try:
+        folder.rename(aside)  # another process may have done it first: then it is gone
+    except OSError:
+        return
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _export(source: str, folder: Path, model_id: str, ov_config: dict[str, str],
+            probes: Sequence[str], reference: Callable[[], np.ndarray]) -> Any:
+    """Export ``source`` into ``folder`` through a temporary sibling and one rename."""
+    from sentence_transformers import SentenceTransformer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        with _quiet():
+            model = SentenceTransformer(source, device="cpu", backend="openvino",
+                                        model_kwargs={"ov_config": dict(ov_config),
+                                                      "export": True})
+        model.eval()
+        want = reference()
+        got = _encode(model, probes)
+        worst = float(_cosines(want, got).min()) if want.shape == got.shape else -1.0
+        if not worst >= _PROBE_MIN_COSINE:
+            raise EmbedderError(
+                f"the OpenVINO export of {model_id} gives other vectors than torch "
+                f"(probe cosine {worst:.6f}); use backend = \"torch\"")
+        model.save_pretrained(str(tmp))
+        marker = {"version": _MARKER_VERSION, "model_id": model_id, "source": source,
+                  "created": time.time(), "libraries": _versions(),
+                  "files": _file_sizes(tmp), "probe_texts": list(probes),
+                  "probe_vectors": want.tolist()}
+        (tmp / MARKER).write_text(json.dumps(marker))
+        tmp.chmod(0o755 & ~_umask())  # mkdtemp makes it 0700; honour the umask instead
+        try:
+            tmp.rename(folder)
+        except OSError:
+            # Another process renamed its export there first: the same identity, so the
+            # same model; keep theirs (it may be in use) and drop ours.
+            log.info("openvino_export_raced", path=str(folder))
+        return model
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_or_export(source: str, model_id: str, ov_config: dict[str, str],
+                   probes: Sequence[str], reference: Callable[[], np.ndarray],
+                   root: Path | None = None) -> tuple[Any, ExportReport]:
+    """The OpenVINO SentenceTransformer for ``model_id``, from its saved export or a new one.
+
+    ``reference`` gives the torch model's vectors for ``probes``; it is called only when
+    exporting (it loads the torch model). Raises :class:`EmbedderError` on failure.
+    """
+    folder = (root or export_root()) / _folder_name(model_id)
+    t0 = time.perf_counter()
+    if folder.exists():
+        model, why = _check(folder, model_id, ov_config, probes)
+        if model is not None:
+            return model, ExportReport(folder, False, time.perf_counter() - t0)
+        _set_aside(folder, why)
+    log.info("openvino_exporting", model_id=model_id, path=str(folder))
+    try:
+        model = _export(source, folder, model_id, ov_config, probes, reference)
+    except EmbedderError:
+        raise
+    except Exception as exc:
+        raise EmbedderError(
+            f"cannot export {model_id} to OpenVINO: {type(exc).__name__}: "
+            f"{(str(exc).strip().splitlines() or [''])[0]}") from exc
+    seconds = time.perf_counter() - t0
+    log.info("openvino_exported", model_id=model_id, path=str(folder), seconds=round(seconds, 1))
+    return model, ExportReport(folder, True, seconds)

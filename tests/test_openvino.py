@@ -1,0 +1,199 @@
+"""The OpenVINO backend: same vectors and identity as torch, one export per model, reused.
+
+The tests with the real model skip only when optimum-intel/openvino is not installed
+(`pip install -e '.[openvino]'`); the choice of backend is tested either way.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from repd.adapters import openvino_export
+from repd.adapters.device import EmbedderError, choose_backend, cpu_threads
+from repd.adapters.embedder import Embedder
+from repd.adapters.openvino_export import MARKER, openvino_available
+from repd.settings import Settings
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+needs_openvino = pytest.mark.skipif(
+    not openvino_available(),
+    reason="optimum-intel[openvino] is not installed (pip install -e '.[openvino]')")
+
+_CLAIMS = [
+    "Vitamin D deficiency is associated with an increased risk of multiple sclerosis.",
+    "Macrophages polarize toward an M2 phenotype in the tumour microenvironment.",
+    "Statin therapy reduces cardiovascular events in patients with normal cholesterol.",
+    "The BRCA1 protein participates in homologous recombination repair of DNA breaks.",
+    "Gut microbiota composition differs between lean and obese twins.",
+    "Aspirin use lowers the incidence of colorectal cancer over twenty years.",
+    "CRISPR interference silences gene expression without cutting the genome.",
+    "Sleep deprivation impairs the consolidation of declarative memory.",
+    "Insulin resistance precedes the onset of type 2 diabetes by a decade.",
+    "Telomere shortening limits the replicative lifespan of human fibroblasts.",
+]
+
+
+def _texts() -> list[str]:
+    """50 texts of varied length: single claims, abstracts of a few, and ones past 256 tokens."""
+    out: list[str] = []
+    for i in range(50):
+        n = 1 + (i * 7) % 20  # 1 to 20 claims: from ~15 tokens to past the 256-token limit
+        out.append(" ".join(_CLAIMS[(i + j) % len(_CLAIMS)] for j in range(n)))
+    out[3] = "p53"
+    out[4] = "What causes DNA damage in cells?"
+    return out
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.asarray((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+
+
+# -- choosing the backend (no model, runs everywhere) -----------------------------------
+
+def test_auto_picks_openvino_on_cpu_only_when_installed() -> None:
+    assert choose_backend("auto", "cpu", lambda: True) == "openvino"
+    assert choose_backend("auto", "cpu", lambda: False) == "torch"
+    assert choose_backend("auto", "cuda", lambda: True) == "torch"
+    assert choose_backend("auto", "mps", lambda: True) == "torch"
+    assert choose_backend("torch", "cpu", lambda: True) == "torch"
+    assert choose_backend("openvino", "cpu", lambda: True) == "openvino"
+
+
+def test_openvino_where_it_cannot_run_is_a_clear_error() -> None:
+    with pytest.raises(EmbedderError, match=r"CPU only.*cuda:1"):
+        choose_backend("openvino", "cuda:1", lambda: True)
+    with pytest.raises(EmbedderError, match=r"not installed.*repd\[openvino\]"):
+        choose_backend("openvino", "cpu", lambda: False)
+    with pytest.raises(EmbedderError, match="not valid"):
+        choose_backend("onnx", "cpu", lambda: True)
+
+
+def test_backend_setting_is_validated() -> None:
+    assert Settings().backend == "auto"
+    assert Settings(backend="openvino").backend == "openvino"
+    with pytest.raises(ValueError, match="backend"):
+        Settings(backend="onnx")
+
+
+def test_openvino_unavailable_when_its_import_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optimum.intel", None)  # import raises ImportError
+    assert openvino_available() is False
+
+
+def test_auto_loads_torch_when_openvino_does_not_import(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "optimum.intel", None)
+    emb = Embedder.load(MODEL, device="cpu", backend="auto")
+    assert emb.backend == "torch"
+    with pytest.raises(EmbedderError, match="not installed"):
+        Embedder.load(MODEL, device="cpu", backend="openvino")
+
+
+# -- the real model through OpenVINO ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[Embedder, Embedder]:
+    """The same model through torch and through OpenVINO (the run's shared export folder)."""
+    torch_emb = Embedder.load(MODEL, device="cpu", backend="torch")
+    ov_emb = Embedder.load(MODEL, device="cpu", backend="openvino")
+    return torch_emb, ov_emb
+
+
+@needs_openvino
+def test_same_vectors_and_same_identity_as_torch(pair: tuple[Embedder, Embedder]) -> None:
+    torch_emb, ov_emb = pair
+    assert (torch_emb.backend, ov_emb.backend) == ("torch", "openvino")
+    # Same vectors means same representation: an index built with torch is served as is.
+    assert ov_emb.model_id == torch_emb.model_id
+    assert ov_emb.chunking_key == torch_emb.chunking_key
+    assert (ov_emb.dim, ov_emb.max_tokens) == (torch_emb.dim, torch_emb.max_tokens)
+    texts = _texts()
+    assert max(torch_emb.count_tokens(texts)) > torch_emb.max_tokens  # truncation is covered
+    a, b = torch_emb.embed(texts), ov_emb.embed(texts)
+    assert a.shape == b.shape == (50, 384)
+    assert float(_cos(a, b).min()) >= 0.9999
+    query = ["does vitamin D protect against multiple sclerosis?"]
+    assert float(_cos(torch_emb.embed(query), ov_emb.embed(query))[0]) >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+
+
+@needs_openvino
+def test_fast_path_equals_encode_and_threads_fit_the_cores(
+        pair: tuple[Embedder, Embedder]) -> None:
+    _, ov_emb = pair
+    runner: Any = ov_emb._backend
+    assert runner.fast  # the pre-tokenized path passed its check against encode()
+    texts = _texts()[:12]
+    via_encode = runner._encode(texts)
+    np.testing.assert_allclose(ov_emb.embed(texts), via_encode, atol=1e-4)
+    assert int(runner._bulk.get_property("INFERENCE_NUM_THREADS")) == cpu_threads()
+
+
+@needs_openvino
+def test_queries_and_a_bulk_batch_from_two_threads(pair: tuple[Embedder, Embedder]) -> None:
+    """Each thread has its own infer request: concurrent calls give the same vectors."""
+    torch_emb, ov_emb = pair
+    bulk, query = _texts(), ["telomere length and ageing"]
+    want_bulk, want_query = torch_emb.embed(bulk), torch_emb.embed(query)
+    errors: list[str] = []
+
+    def embed_bulk() -> None:
+        for _ in range(3):
+            if float(_cos(ov_emb.embed(bulk), want_bulk).min()) < 0.9999:
+                errors.append("bulk")
+
+    worker = threading.Thread(target=embed_bulk)
+    worker.start()
+    for _ in range(20):
+        if float(_cos(ov_emb.embed(query), want_query)[0]) < 0.9999:
+            errors.append("query")
+    worker.join()
+    assert errors == []
+
+
+@needs_openvino
+def test_export_is_made_once_reused_and_redone_when_damaged(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pair: tuple[Embedder, Embedder]) -> None:
+    torch_emb, _ = pair
+    monkeypatch.setenv(openvino_export.CACHE_ENV, str(tmp_path / "exports"))
+    calls: list[str] = []
+    real_export = openvino_export._export
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(str(args[1]))
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(openvino_export, "_export", counted)
+    texts = _texts()[:10]
+
+    first = Embedder.load(MODEL, device="cpu", backend="openvino")
+    assert len(calls) == 1
+    folder = Path(calls[0])
+    assert folder.parent == tmp_path / "exports" and (folder / MARKER).is_file()
+    assert not [p for p in folder.parent.iterdir() if p != folder]  # no temp folder left
+    marker_mtime = (folder / MARKER).stat().st_mtime_ns
+
+    second = Embedder.load(MODEL, device="cpu", backend="openvino")
+    assert len(calls) == 1  # loaded from the saved export, not exported again
+    assert (folder / MARKER).stat().st_mtime_ns == marker_mtime
+    assert second.model_id == first.model_id == torch_emb.model_id
+
+    # Same size, other bytes: only the probe vectors recorded at export can tell.
+    weights = folder / "openvino" / "openvino_model.bin"
+    data = bytearray(weights.read_bytes())
+    half = len(data) // 2
+    data[half:] = b"\x7f" * (len(data) - half)  # every weight there becomes ~3e38
+    weights.write_bytes(bytes(data))
+    third = Embedder.load(MODEL, device="cpu", backend="openvino")
+    assert len(calls) == 2  # set aside and exported again
+    assert float(_cos(third.embed(texts), torch_emb.embed(texts)).min()) >= 0.9999
+
+    (folder / MARKER).unlink()  # an export interrupted before its marker
+    Embedder.load(MODEL, device="cpu", backend="openvino")
+    assert len(calls) == 3
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
