@@ -21,7 +21,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 #: Libraries that log through the stdlib: warnings and errors only, unless debugging.
 _NOISY = ("httpx", "httpcore", "urllib3", "filelock", "sentence_transformers",
-          "transformers", "huggingface_hub", "watchdog", "uvicorn", "asyncio")
+          "transformers", "huggingface_hub", "watchdog", "uvicorn", "asyncio", "optimum",
+          "nncf")
 
 #: Read by huggingface_hub (and through it transformers) when they are first imported.
 PROGRESS_BAR_ENV = {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}
@@ -55,6 +56,28 @@ def quiet_progress_bars() -> None:
             hf_logging.enable_propagation()
         except Exception:
             pass
+    route_optimum_logs()
+    _set_library_levels(_state["level"])
+
+
+def route_optimum_logs() -> None:
+    """Send optimum's records (the OpenVINO backend) to the root handler, as transformers'.
+
+    Like transformers, optimum gives its root logger a stderr handler of its own, with
+    propagation off and its own level, the first time one of its modules asks for a
+    logger: its lines would then reach the daemon's log as plain text among the JSON.
+    Called before and after loading a model through it (that is when it configures).
+    """
+    if "optimum.utils.logging" not in sys.modules:
+        return
+    try:
+        from optimum.utils import logging as optimum_logging
+
+        optimum_logging._configure_library_root_logger()  # now, not during a later call
+        optimum_logging.disable_default_handler()
+        optimum_logging.enable_propagation()
+    except Exception:  # another optimum version: its lines stay plain, nothing breaks
+        pass
     _set_library_levels(_state["level"])
 
 

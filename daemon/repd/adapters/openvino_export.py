@@ -114,12 +114,21 @@ def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
 
 
 # Their advice to save the export (we do), their guess whether a folder holds one (we
-# tell them), and the tracer's warnings while exporting: noise in a daemon's log.
-_CHATTY_LOGGERS = ("optimum", "sentence_transformers.backend", "nncf")
+# tell them), the tracer's warnings and transformers' load report and deprecation notes
+# while exporting: noise in a daemon's log (plain text among its JSON lines).
+_CHATTY_LOGGERS = ("optimum", "sentence_transformers.backend", "nncf", "transformers")
 
 
 @contextmanager
 def _quiet() -> Iterator[None]:
+    # optimum sets its loggers' level and handler the first time one of its modules asks
+    # for a logger, which would be inside the calls below (optimum.intel imports lazily):
+    # import its logging module first, or it would undo what is set here.
+    import optimum.utils.logging  # noqa: F401
+
+    from repd.log import route_optimum_logs
+
+    route_optimum_logs()
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in _CHATTY_LOGGERS]
     for logger, _ in saved:
         logger.setLevel(logging.ERROR)
