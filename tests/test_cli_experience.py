@@ -161,6 +161,10 @@ def test_the_first_minutes(tmp_path: Path) -> None:
         # The human status fits 80 columns, the roots table included.
         status = run_cli(["status"], {**d.env, "COLUMNS": "80"})
         assert "state: idle" in status.stdout and "ROOT" in status.stdout
+        # The model line names the backend that runs it (auto picks it).
+        backend = d.status()["model"]["backend"]
+        assert backend in {"torch", "openvino"}
+        assert f"on cpu ({backend})" in status.stdout, status.stdout
         assert all(text_width(ln) <= 80 for ln in status.stdout.splitlines()), status.stdout
     finally:
         code = d.stop()
