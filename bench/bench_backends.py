@@ -226,14 +226,7 @@ def main() -> None:
                                                         "p95": pct(busy, 0.95)}
 
     # 5. nDCG@10 (dense, best chunk per document).
-    from repd.evaluation import load_qrels, load_queries
-
-    ids = {d["_id"] for d in docs}
-    queries = load_queries(data / "queries.jsonl")
-    qrels = {q: {d: g for d, g in j.items() if d in ids}
-             for q, j in load_qrels(data / "qrels" / "train.tsv").items()}
-    qrels = {q: j for q, j in qrels.items() if j}
-    qids = [q for q in queries if q in qrels]
+    queries, qrels, qids = bench_engine.judged_queries(data, docs)
     qtexts = [queries[q] for q in qids]
     qvecs = {"plain torch encode": tt.embed(qtexts), "repd torch": tt.embed(qtexts),
              "repd openvino": ov.embed(qtexts)}

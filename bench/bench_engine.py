@@ -148,20 +148,29 @@ def locality(out: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
             "rename_embedded": ren["chunks_embedded"]}
 
 
+def judged_queries(data: Path, docs: list[dict[str, Any]]
+                   ) -> tuple[dict[str, str], dict[str, dict[str, int]], list[str]]:
+    """SciFact train queries with judgments among ``docs`` (all of them unless --docs):
+    the query texts, those judgments, and the ids of the queries that have any."""
+    from repd.evaluation import load_qrels, load_queries
+
+    ids = {d["_id"] for d in docs}
+    queries = load_queries(data / "queries.jsonl")
+    qrels = {qid: {d: g for d, g in judged.items() if d in ids}
+             for qid, judged in load_qrels(data / "qrels" / "train.tsv").items()}
+    qrels = {qid: judged for qid, judged in qrels.items() if judged}
+    return queries, qrels, [q for q in queries if q in qrels]
+
+
 def quality(home: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
 
     from repd.engine import Engine
-    from repd.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k
+    from repd.evaluation import ndcg_at_k, recall_at_k
     from repd.pipeline.search import search
     from repd.settings import Settings
 
-    ids = {d["_id"] for d in docs}
-    queries = load_queries(DATA / "queries.jsonl")
-    # Judgments of the documents indexed (all of them unless --docs).
-    qrels = {qid: {d: g for d, g in judged.items() if d in ids}
-             for qid, judged in load_qrels(DATA / "qrels" / "train.tsv").items()}
-    qrels = {qid: judged for qid, judged in qrels.items() if judged}
-    qids = [q for q in queries if q in qrels]
+    assert DATA is not None
+    queries, qrels, qids = judged_queries(DATA, docs)
 
     eng = Engine(Settings(store={"path": home / "data" / "repd"}), writer=False)
     repd_runs: dict[str, list[str]] = {}

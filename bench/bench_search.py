@@ -41,18 +41,13 @@ MODES = ("dense", "lexical", "hybrid")
 def quality(home: Path, docs: list[dict[str, Any]]) -> dict[str, Any]:
     """nDCG@10 / recall@100 per mode through repd's search, and the two plain baselines."""
     from repd.engine import Engine
-    from repd.evaluation import load_qrels, load_queries, ndcg_at_k, recall_at_k
+    from repd.evaluation import ndcg_at_k, recall_at_k
     from repd.pipeline.search import search
     from repd.settings import Settings
 
     data = be.DATA
     assert data is not None
-    ids = {d["_id"] for d in docs}
-    queries = load_queries(data / "queries.jsonl")
-    qrels = {q: {d: g for d, g in j.items() if d in ids}
-             for q, j in load_qrels(data / "qrels" / "train.tsv").items()}
-    qrels = {q: j for q, j in qrels.items() if j}
-    qids = [q for q in queries if q in qrels]
+    queries, qrels, qids = be.judged_queries(data, docs)
 
     def mean(f: Any, runs: dict[str, list[str]]) -> float:
         return float(np.mean([f(runs[q], qrels[q]) for q in qids]))
