@@ -46,7 +46,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -58,6 +57,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.store_edge_bench import GilWatch  # noqa: E402
 from repd.adapters import store_edge  # noqa: E402
 from repd.adapters.lexical import default_encoder  # noqa: E402
 from repd.adapters.manifest import Manifest  # noqa: E402
@@ -98,42 +98,6 @@ def du_bytes(path: Path) -> int:
             with contextlib.suppress(OSError):
                 total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
     return total
-
-
-class StallWatch:
-    """A thread that sleeps 5 ms in a loop and keeps every gap over 20 ms between ticks."""
-
-    def __init__(self) -> None:
-        self.gaps: list[tuple[float, float]] = []
-        self.ticks = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="stall-watch", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        last = time.perf_counter()
-        while not self._stop.is_set():
-            time.sleep(0.005)
-            now = time.perf_counter()
-            self.ticks += 1
-            if now - last > 0.020:
-                self.gaps.append((last, now))
-            last = now
-
-    def stop(self) -> None:
-        """Stop ticking."""
-        self._stop.set()
-        self._thread.join()
-
-    def longest(self, spans: Sequence[tuple[float, float]] | None = None,
-                inside: bool = True) -> float:
-        """The longest gap overlapping (``inside``) or not overlapping any of ``spans``."""
-        best = 0.0
-        for a, b in self.gaps:
-            hit = spans is not None and any(a < s1 and b > s0 for s0, s1 in spans)
-            if spans is None or hit == inside:
-                best = max(best, b - a)
-        return best
 
 
 class FakeEmbedder:
@@ -255,7 +219,7 @@ def write_all(engine: Engine, root: Path, files: int, per_file: int,
     handle = engine.generations.active
     assert handle is not None
     enc = default_encoder()
-    watch = StallWatch()
+    watch = GilWatch()
     builds: list[tuple[float, float]] = []
     group_s: list[float] = []
     chunks = 0

@@ -24,7 +24,7 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,12 +38,15 @@ ROOTS = ("alpha", "beta", "gamma")
 
 
 class GilWatch:
-    """A thread ticking every 5 ms; ``max_gap`` is the longest gap seen since ``reset``."""
+    """A thread ticking every 5 ms; ``max_gap`` is the longest gap seen since ``reset``,
+    ``gaps`` every gap over 20 ms as (start, end) perf_counter times, ``ticks`` the count."""
 
     def __init__(self) -> None:
         self.max_gap = 0.0
+        self.gaps: list[tuple[float, float]] = []
+        self.ticks = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._run, name="gil-watch", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -51,17 +54,32 @@ class GilWatch:
         while not self._stop.is_set():
             time.sleep(0.005)
             now = time.perf_counter()
+            self.ticks += 1
             self.max_gap = max(self.max_gap, now - last)
+            if now - last > 0.020:
+                self.gaps.append((last, now))
             last = now
 
     def reset(self) -> None:
         """Forget the gaps seen so far."""
         self.max_gap = 0.0
+        self.gaps = []
 
     def stop(self) -> None:
         """Stop the ticking thread."""
         self._stop.set()
         self._thread.join()
+
+    def longest(self, spans: Sequence[tuple[float, float]] | None = None,
+                inside: bool = True) -> float:
+        """The longest gap over 20 ms overlapping (``inside``) or not overlapping any of
+        ``spans`` (all gaps when ``spans`` is None)."""
+        best = 0.0
+        for a, b in self.gaps:
+            hit = spans is not None and any(a < s1 and b > s0 for s0, s1 in spans)
+            if spans is None or hit == inside:
+                best = max(best, b - a)
+        return best
 
 
 @contextmanager
