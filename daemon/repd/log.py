@@ -50,35 +50,41 @@ def quiet_progress_bars() -> None:
             from transformers.utils import logging as hf_logging
 
             hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-            # transformers prints "[transformers] ..." through a handler of its own and
-            # does not propagate; route it to the root handler (JSON or console) instead.
-            hf_logging.disable_default_handler()
-            hf_logging.enable_propagation()
         except Exception:
             pass
-    route_optimum_logs()
+    _route_library_logs("transformers.utils.logging")
+    _route_library_logs("optimum.utils.logging")
     _set_library_levels(_state["level"])
 
 
 def route_optimum_logs() -> None:
-    """Send optimum's records (the OpenVINO backend) to the root handler, as transformers'.
+    """Send optimum's records (the OpenVINO backend) to the root handler, as transformers'
+    are; the export calls it before loading a model through optimum (see
+    :func:`_route_library_logs` for why)."""
+    _route_library_logs("optimum.utils.logging")
+    _set_library_levels(_state["level"])
 
-    Like transformers, optimum gives its root logger a stderr handler of its own, with
-    propagation off and its own level, the first time one of its modules asks for a
-    logger: its lines would then reach the daemon's log as plain text among the JSON.
-    Called before and after loading a model through it (that is when it configures).
+
+def _route_library_logs(module: str) -> None:
+    """Route a Hugging Face style library logger (transformers', optimum's) to the root
+    handler (JSON or console), if ``module``, its logging module, is imported.
+
+    Such a library gives its root logger a stderr handler of its own, with propagation
+    off, the first time one of its modules asks for a logger: its lines ("[transformers]
+    ...", optimum's export advice) would reach the daemon's log as plain text among the
+    JSON. Configuring it now means a later call inside a model load cannot redo that.
     """
-    if "optimum.utils.logging" not in sys.modules:
+    lib = sys.modules.get(module)
+    if lib is None:
         return
     try:
-        from optimum.utils import logging as optimum_logging
-
-        optimum_logging._configure_library_root_logger()  # now, not during a later call
-        optimum_logging.disable_default_handler()
-        optimum_logging.enable_propagation()
-    except Exception:  # another optimum version: its lines stay plain, nothing breaks
+        configure = getattr(lib, "_configure_library_root_logger", None)
+        if callable(configure):
+            configure()
+        lib.disable_default_handler()
+        lib.enable_propagation()
+    except Exception:  # another version without these: its lines stay plain, nothing breaks
         pass
-    _set_library_levels(_state["level"])
 
 
 def _set_library_levels(lvl: int) -> None:
