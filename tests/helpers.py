@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +83,24 @@ def index_json(root: Path, env: dict[str, str]) -> dict[str, Any]:
     """``repd index ROOT --json`` parsed."""
     out: dict[str, Any] = json.loads(run_cli(["index", str(root), "--json"], env).stdout)
     return out
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """The standard library's HTTP client over a Unix socket: for tests that send requests
+    repd's own client never would (repd talks through ``repd.api.client._exchange``)."""
+
+    def __init__(self, socket_path: str, timeout: float) -> None:
+        # The host only fills the Host header; the socket path decides where we go.
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = socket_path
+
+    def connect(self) -> None:
+        """Open the Unix socket (instead of a TCP connection)."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock

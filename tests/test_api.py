@@ -23,12 +23,7 @@ from pydantic import SecretStr
 from starlette.types import Message
 
 from repd.api.backend import ApiError
-from repd.api.client import (
-    ApiClient,
-    ApiRequestError,
-    DaemonNotRunning,
-    UnixHTTPConnection,
-)
+from repd.api.client import ApiClient, ApiRequestError, DaemonNotRunning
 from repd.api.schema import (
     API_VERSION,
     ActionResponse,
@@ -62,6 +57,7 @@ from repd.pipeline.modelstate import (
 )
 from repd.service import action_response, migration_info, model_status_response
 from repd.settings import ApiSettings
+from tests.helpers import UnixHTTPConnection
 
 ROOT = "/home/someone/notes"
 LIMIT = 4096  # max_request_bytes for these tests (the settings floor is 1024)

@@ -198,42 +198,6 @@ def _dechunk(reader: _Reader) -> bytes:
             raise BadReply("a chunk does not end with CRLF")
 
 
-def _unix_http_connection_class() -> type:
-    """``http.client.HTTPConnection`` over a Unix socket (for tests and tools that want
-    the standard library's full client; repd itself talks through ``_exchange``)."""
-    import http.client
-    import socket
-
-    class UnixHTTPConnection(http.client.HTTPConnection):
-        """An HTTPConnection whose transport is a Unix stream socket."""
-
-        def __init__(self, socket_path: str, timeout: float) -> None:
-            # The host only fills the Host header; the socket path decides where we go.
-            super().__init__("localhost", timeout=timeout)
-            self.socket_path = socket_path
-
-        def connect(self) -> None:
-            """Open the Unix socket (instead of a TCP connection)."""
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout)
-            try:
-                sock.connect(self.socket_path)
-            except BaseException:
-                sock.close()
-                raise
-            self.sock = sock
-
-    return UnixHTTPConnection
-
-
-def __getattr__(name: str) -> Any:
-    # Built on first use: importing http.client here would cost every `repd query`.
-    if name == "UnixHTTPConnection":
-        cls = globals()[name] = _unix_http_connection_class()
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 class ApiClient:
     """Talks to a running daemon over its Unix socket, or over TCP with a bearer token.
 
