@@ -161,10 +161,12 @@ def test_the_first_minutes(tmp_path: Path) -> None:
         # The human status fits 80 columns, the roots table included.
         status = run_cli(["status"], {**d.env, "COLUMNS": "80"})
         assert "state: idle" in status.stdout and "ROOT" in status.stdout
-        # The model line names the backend that runs it (auto picks it).
-        backend = d.status()["model"]["backend"]
-        assert backend in {"torch", "openvino"}
-        assert f"on cpu ({backend})" in status.stdout, status.stdout
+        # The model line names the backend that runs it and its precision (auto picks both).
+        model = d.status()["model"]
+        assert model["backend"] in {"torch", "openvino"}
+        assert model["precision"] in {"f32", "bf16"}
+        assert f"on cpu ({model['backend']}, {model['precision']})" in status.stdout, \
+            status.stdout
         assert all(text_width(ln) <= 80 for ln in status.stdout.splitlines()), status.stdout
     finally:
         code = d.stop()

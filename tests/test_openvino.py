@@ -14,8 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from repd.adapters import openvino_export
-from repd.adapters.device import EmbedderError, choose_backend, cpu_threads
+from repd.adapters import embedder, openvino_backend, openvino_export
+from repd.adapters.device import (
+    EmbedderError,
+    choose_backend,
+    choose_precision,
+    cpu_threads,
+    openvino_cpu_capabilities,
+)
 from repd.adapters.embedder import Embedder
 from repd.adapters.openvino_export import MARKER, openvino_available
 from repd.settings import Settings
@@ -48,6 +54,12 @@ def _texts() -> list[str]:
     out[3] = "p53"
     out[4] = "What causes DNA damage in cells?"
     return out
+
+
+def _precision_of(compiled: Any) -> str:
+    """A compiled model's precision as repd names it (OpenVINO says ``<Type: 'bfloat16'>``)."""
+    hint = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+    return "bf16" if "bfloat16" in hint or "bf16" in hint else "f32" if "32" in hint else hint
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -94,6 +106,20 @@ def test_auto_loads_torch_when_openvino_does_not_import(monkeypatch: pytest.Monk
         Embedder.load(MODEL, device="cpu", backend="openvino")
 
 
+def test_precision_is_bf16_only_where_the_cpu_computes_it() -> None:
+    native, emulated = (lambda: {"FP32", "BF16", "INT8"}), (lambda: {"FP32", "INT8"})
+    assert choose_precision("auto", native) == "bf16"
+    assert choose_precision("auto", emulated) == "f32"
+    assert choose_precision(" F32 ", native) == "f32"
+    assert choose_precision("bf16", native) == "bf16"
+    with pytest.raises(EmbedderError, match="no native bf16"):
+        choose_precision("bf16", emulated)
+    with pytest.raises(EmbedderError, match="not valid; use auto, f32 or bf16"):
+        choose_precision("fp8", native)
+    with pytest.raises(ValueError, match="openvino_precision"):
+        Settings(openvino_precision="fp8")  # type: ignore[arg-type]
+
+
 # -- the real model through OpenVINO ------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -120,6 +146,44 @@ def test_same_vectors_and_same_identity_as_torch(pair: tuple[Embedder, Embedder]
     query = ["does vitamin D protect against multiple sclerosis?"]
     assert float(_cos(torch_emb.embed(query), ov_emb.embed(query))[0]) >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+
+
+@needs_openvino
+def test_auto_precision_is_the_cpus_and_keeps_torchs_vectors(
+        pair: tuple[Embedder, Embedder]) -> None:
+    """auto computes in bf16 where the CPU has it (about 1.7x f32 here), still torch's vectors."""
+    torch_emb, ov_emb = pair
+    expected = "bf16" if "BF16" in openvino_cpu_capabilities() else "f32"
+    assert ov_emb.precision == expected and torch_emb.precision == "f32"
+    runner: Any = ov_emb._backend
+    assert _precision_of(runner._bulk) == expected
+    # The query copy (one thread) computes in the same precision as the bulk copy.
+    ov_emb.embed(["p53"])
+    assert _precision_of(runner._small) == expected
+    # A text's vector hardly depends on the batch it is in: alone against in a batch.
+    texts = _texts()[:20]
+    batch = ov_emb.embed(texts)
+    alone = np.concatenate([ov_emb.embed([t]) for t in texts])
+    assert float(_cos(batch, alone).min()) >= 0.9999
+    f32 = Embedder.load(MODEL, device="cpu", backend="openvino", openvino_precision="f32")
+    assert f32.precision == "f32" and f32.model_id == ov_emb.model_id
+    assert float(_cos(f32.embed(texts), torch_emb.embed(texts)).min()) >= 0.99999
+
+
+@needs_openvino
+def test_a_precision_that_moves_the_vectors_is_not_kept(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """bf16 asked for where no cosine can pass: auto falls back to f32 loudly, bf16 refuses."""
+    # Whatever this CPU has, ask for bf16 and make the bar impossible to clear.
+    monkeypatch.setattr(embedder, "choose_precision", lambda requested: "bf16")
+    monkeypatch.setattr(openvino_backend, "SAME_VECTORS_MIN_COSINE", 1.01)
+    fallen = Embedder.load(MODEL, device="cpu", backend="openvino", openvino_precision="auto")
+    assert fallen.precision == "f32"
+    runner: Any = fallen._backend
+    assert _precision_of(runner._bulk) == "f32"
+    assert "openvino_precision_unfaithful" in capsys.readouterr().out
+    with pytest.raises(EmbedderError, match="gives other vectors than f32"):
+        Embedder.load(MODEL, device="cpu", backend="openvino", openvino_precision="bf16")
 
 
 @needs_openvino

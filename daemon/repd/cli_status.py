@@ -93,9 +93,10 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
         label = "phase" if st.get("state") == "starting" else "PROBLEM"
         lines += wrap_field(label, st["problem"], cols)
     loaded = m.get("dim") is not None
-    # The backend (torch, openvino) beside the device: the same vectors either way, but
-    # it is what decides the speed, and `auto` picks it.
-    backend = f" ({m['backend']})" if m.get("backend") else ""
+    # The backend (torch, openvino) and its precision beside the device: the same vectors
+    # either way, but they decide the speed, and `auto` picks them.
+    runtime = ", ".join(str(m[k]) for k in ("backend", "precision") if m.get(k))
+    backend = f" ({runtime})" if runtime else ""
     model = (f"{m['name']}  dim {m['dim']}  on {m.get('device') or '-'}{backend}" if loaded
              else f"{m['name']}  (not loaded yet)")
     lines += wrap_field("model", model, cols)

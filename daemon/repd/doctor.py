@@ -113,14 +113,18 @@ def roots_of(status: dict[str, Any] | None) -> list[Path] | None:
 
 def check_device(settings: Settings) -> Check:
     """Which device, and which runtime (torch or OpenVINO), the model would run on."""
-    from repd.adapters.device import choose_backend, choose_device
+    from repd.adapters.device import choose_backend, choose_device, choose_precision
     from repd.adapters.openvino_export import openvino_available
 
     try:
         device = choose_device(settings.device)
         backend = choose_backend(settings.backend, device, openvino_available)
+        precision = ""
+        if backend == "openvino":
+            precision = (f", openvino_precision {settings.openvino_precision} -> "
+                         f"{choose_precision(settings.openvino_precision)}")
         return Check("device", "ok", f"{settings.device} -> {device}, "
-                     f"backend {settings.backend} -> {backend}")
+                     f"backend {settings.backend} -> {backend}{precision}")
     except Exception as exc:
         return Check("device", "fail", str(exc))
 
@@ -131,12 +135,13 @@ def check_model(settings: Settings) -> Check:
 
     t0 = time.perf_counter()
     try:
-        emb = Embedder.load(settings.model, device=settings.device, backend=settings.backend)
+        emb = Embedder.load(settings.model, device=settings.device, backend=settings.backend,
+                            openvino_precision=settings.openvino_precision)
     except Exception as exc:
         return Check("model", "fail", f"{settings.model}: {exc}")
     return Check("model", "ok", f"{settings.model}: dim {emb.dim}, max {emb.max_tokens} tokens, "
                  f"loaded in {time.perf_counter() - t0:.1f}s on {emb.device} "
-                 f"({emb.backend}, backend = {settings.backend})")
+                 f"({emb.backend} {emb.precision}, backend = {settings.backend})")
 
 
 def check_daemon_and_store(settings: Settings) -> list[Check]:

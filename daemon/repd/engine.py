@@ -211,7 +211,8 @@ class Engine:
         try:
             return Embedder.load(name, device=self.settings.device,
                                  token_budget=self.settings.batch_tokens,
-                                 cache_dir=paths.cache_dir(), backend=self.settings.backend)
+                                 cache_dir=paths.cache_dir(), backend=self.settings.backend,
+                                 openvino_precision=self.settings.openvino_precision)
         except EmbedderError as exc:
             raise EngineError(str(exc)) from None
 

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
         default="auto",
         description="auto (OpenVINO on a CPU when installed, else torch), torch or openvino; "
                     "same vectors either way")
+    openvino_precision: Literal["auto", "f32", "bf16"] = Field(
+        default="auto",
+        description="what OpenVINO computes in: auto (bf16 where the CPU has it natively, "
+                    "else f32), f32 or bf16; bf16 is kept only if its vectors stay f32's "
+                    "(cosine >= 0.9999), so an index needs no migration either way")
     batch_tokens: int = Field(default=16384, ge=256, description="padded tokens per batch")
     max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_chunks_per_file: int = Field(

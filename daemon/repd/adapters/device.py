@@ -155,3 +155,32 @@ def choose_backend(requested: str, device: str, available: Callable[[], bool]) -
                 "(pip install 'repd[openvino]'), or set backend = \"auto\"")
         return "openvino"
     raise EmbedderError(f"backend {requested!r} is not valid; use auto, torch or openvino")
+
+
+def openvino_cpu_capabilities() -> set[str]:
+    """OpenVINO's ``OPTIMIZATION_CAPABILITIES`` for the CPU (``BF16`` where it is native)."""
+    import openvino as ov
+
+    return {str(c).upper() for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")}
+
+
+def choose_precision(requested: str,
+                     capabilities: Callable[[], set[str]] = openvino_cpu_capabilities) -> str:
+    """Resolve the ``openvino_precision`` setting (``auto|f32|bf16``) for this CPU.
+
+    ``auto`` is bf16 where the CPU computes it natively (AVX-512 BF16, AMX; OpenVINO's
+    own default there) and f32 elsewhere, where bf16 would be emulated and slower. An
+    explicit ``bf16`` on a CPU without it raises :class:`EmbedderError`: OpenVINO would
+    quietly compute f32 and the setting would lie.
+    """
+    name = requested.strip().lower()
+    if name == "f32":
+        return "f32"
+    if name in ("auto", "bf16"):
+        native = "BF16" in capabilities()
+        if name == "bf16" and not native:
+            raise EmbedderError(
+                "openvino_precision 'bf16' requested but this CPU has no native bf16 "
+                "(AVX-512 BF16 or AMX); set openvino_precision = \"auto\" or \"f32\"")
+        return "bf16" if native else "f32"
+    raise EmbedderError(f"openvino_precision {requested!r} is not valid; use auto, f32 or bf16")

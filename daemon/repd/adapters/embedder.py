@@ -13,7 +13,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from repd.adapters.device import EmbedderError, choose_backend, choose_device, cpu_threads
+from repd.adapters.device import (
+    EmbedderError,
+    choose_backend,
+    choose_device,
+    choose_precision,
+    cpu_threads,
+)
 from repd.core.batching import halve, padded_cost, plan_batches
 from repd.log import get_logger
 
@@ -86,7 +92,8 @@ class Embedder:
 
     def __init__(self, backend: Backend, *, model_name: str, model_id: str, device: str,
                  token_budget: int = DEFAULT_TOKEN_BUDGET, max_batch: int = 256,
-                 serialize_runs: bool = False, backend_name: str = "torch") -> None:
+                 serialize_runs: bool = False, backend_name: str = "torch",
+                 precision: str | None = None) -> None:
         if token_budget < 1:
             raise ValueError(f"token_budget must be >= 1, got {token_budget}")
         self._backend = backend
@@ -94,6 +101,7 @@ class Embedder:
         self._model_id = model_id
         self._device = device
         self._backend_name = backend_name
+        self._precision = precision or ("fp16" if device.startswith("cuda") else "f32")
         self._budget = token_budget
         self._max_batch = max_batch
         self._state_lock = threading.Lock()
@@ -109,7 +117,8 @@ class Embedder:
 
     @classmethod
     def load(cls, model: str, device: str = "auto", token_budget: int = DEFAULT_TOKEN_BUDGET,
-             cache_dir: Path | None = None, backend: str = "auto") -> Embedder:
+             cache_dir: Path | None = None, backend: str = "auto",
+             openvino_precision: str = "auto") -> Embedder:
         """Load ``model`` (a Hugging Face name or a local directory) onto ``device``.
 
         ``sentence-transformers/all-MiniLM-L6-v2`` (or ``all-MiniLM-L6-v2``) loads from
@@ -117,8 +126,10 @@ class Embedder:
         ``cache_dir`` keeps the weight hashes behind :attr:`model_id` so that reloading
         costs no rehash. ``backend`` is ``auto`` (OpenVINO on the CPU when installed,
         else torch), ``torch`` or ``openvino`` (see :func:`choose_backend`); both give the
-        same vectors and the same :attr:`model_id`. Every failure is raised as
-        :class:`EmbedderError`.
+        same vectors and the same :attr:`model_id`. ``openvino_precision`` (``auto``,
+        ``f32``, ``bf16``; see :func:`choose_precision`) is what OpenVINO computes in; bf16
+        is kept only when its vectors stay those of f32 (cosine >= 0.9999), so it is the
+        same representation too. Every failure is raised as :class:`EmbedderError`.
         """
         from repd.adapters.openvino_export import openvino_available
 
@@ -127,7 +138,8 @@ class Embedder:
         source, short_name = _resolve_source(model)
         if kind == "openvino":
             try:
-                return cls._load_openvino(model, source, short_name, cache_dir, token_budget)
+                return cls._load_openvino(model, source, short_name, cache_dir, token_budget,
+                                          openvino_precision)
             except EmbedderError as exc:
                 if backend.strip().lower() == "openvino":
                     raise
@@ -150,10 +162,16 @@ class Embedder:
 
     @classmethod
     def _load_openvino(cls, model: str, source: str, short_name: str, cache_dir: Path | None,
-                       token_budget: int) -> Embedder:
-        """The OpenVINO path: identity from the model's own files, export from the cache."""
+                       token_budget: int, precision: str) -> Embedder:
+        """The OpenVINO path: identity from the model's own files, export from the cache.
+
+        The export is verified in f32 against torch's vectors; the runtime precision is
+        chosen after that, so a bf16 drift never reads as a damaged export.
+        """
         from repd.adapters.openvino_backend import OpenVinoBackend, bulk_config
         from repd.adapters.openvino_export import load_or_export
+
+        wanted = choose_precision(precision)  # a bad value fails before any loading
 
         torch_model: list[Any] = []  # loaded only to export, or to hash an unseen model
 
@@ -173,15 +191,20 @@ class Embedder:
         st_model, report = load_or_export(source, model_id, bulk_config(), _PROBE_TEXTS, reference)
         torch_model.clear()
         try:
-            runner = OpenVinoBackend(st_model, report.path)
+            runner = OpenVinoBackend(st_model, report.path, wanted,
+                                     strict=precision.strip().lower() == "bf16")
+        except EmbedderError:
+            raise
         except Exception as exc:
             raise EmbedderError(f"cannot load model {model!r}: {_one_line(exc)}") from exc
         log.info("model_loaded", model=model, model_id=model_id, device="cpu", backend="openvino",
-                 dim=runner.dim, max_tokens=runner.max_tokens, fast_path=runner.fast,
+                 precision=runner.precision, dim=runner.dim, max_tokens=runner.max_tokens,
+                 fast_path=runner.fast,
                  exported=report.exported, export_path=str(report.path),
                  seconds=round(report.seconds, 2))
         return cls(runner, model_name=model, model_id=model_id, device="cpu",
-                   token_budget=token_budget, backend_name="openvino")
+                   token_budget=token_budget, backend_name="openvino",
+                   precision=runner.precision)
 
     @property
     def dim(self) -> int:
@@ -202,6 +225,11 @@ class Embedder:
     def backend(self) -> str:
         """Which runtime runs the model: ``torch`` or ``openvino`` (same vectors either way)."""
         return self._backend_name
+
+    @property
+    def precision(self) -> str:
+        """What the forward pass computes in: ``f32``, ``bf16`` (OpenVINO) or ``fp16`` (CUDA)."""
+        return self._precision
 
     @property
     def model_name(self) -> str:

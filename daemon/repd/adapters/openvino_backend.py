@@ -12,6 +12,10 @@ same network:
   tokens (a search query). A query never queues behind a bulk batch on the bulk copy's
   stream, and a one-thread run does not stall at OpenMP-style barriers on a busy machine.
 
+Both copies compute in one precision: f32, as verified against torch by the export, or
+bf16 where the CPU has it natively and the probe vectors stay f32's (see
+:class:`OpenVinoBackend` and :data:`SAME_VECTORS_MIN_COSINE`).
+
 The pooling and normalization modules after the transformer are sentence-transformers'
 own, fed the token embeddings as torch tensors, so the vectors equal ``encode()``'s
 (``_check_fast_path`` verifies that at load; if they differ, ``encode()`` is used,
@@ -27,37 +31,57 @@ from typing import Any
 
 import numpy as np
 
-from repd.adapters.device import cpu_threads
+from repd.adapters.device import EmbedderError, cpu_threads
 from repd.adapters.embedder import (
+    _PROBE_TEXTS,
     _SMALL_RUN_TOKENS,
     Prepared,
     _SentenceTransformerBackend,
     _Tokenized,
 )
+from repd.log import get_logger
 
-__all__ = ["OpenVinoBackend", "bulk_config"]
+__all__ = ["SAME_VECTORS_MIN_COSINE", "OpenVinoBackend", "bulk_config"]
+
+log = get_logger("openvino")
 
 
-def bulk_config(threads: int | None = None) -> dict[str, str]:
+#: The least cosine between a probe text's vector in another precision and in f32 for
+#: that precision to count as the same representation (the bar torch and OpenVINO f32
+#: clear by far, ~1 - 1e-7). bf16 on MiniLM: 0.99997 to torch on 300 SciFact documents.
+SAME_VECTORS_MIN_COSINE = 0.9999
+
+
+def bulk_config(threads: int | None = None, precision: str = "f32") -> dict[str, str]:
     """The OpenVINO CPU settings for bulk batches: latency hint, one stream, our core count.
 
-    Precision is pinned to f32: on a CPU with bf16 support OpenVINO otherwise computes
-    in bf16 (1.7x faster here, but cosine to torch only ~0.99997 and a text's vector
-    then depends on its batch at 1e-3), which would make it another representation
-    (another model identity), not the same model on another runtime.
+    The precision is always explicit: OpenVINO's default on a CPU with native bf16 is
+    bf16, and the export is verified against torch in f32 before another precision is
+    tried (see :class:`OpenVinoBackend`).
     """
-    return {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "f32",
+    return {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+            "INFERENCE_PRECISION_HINT": precision,
             "INFERENCE_NUM_THREADS": str(threads or cpu_threads())}
 
 
 class OpenVinoBackend(_SentenceTransformerBackend):
     """A SentenceTransformer whose transformer is an optimum-intel OpenVINO model."""
 
-    def __init__(self, model: Any, export_dir: Path) -> None:
+    def __init__(self, model: Any, export_dir: Path, precision: str = "f32",
+                 strict: bool = False) -> None:
+        """Wrap ``model`` (compiled in f32) and switch it to ``precision`` when faithful.
+
+        A precision other than f32 is kept only if the probe texts' vectors stay within
+        :data:`SAME_VECTORS_MIN_COSINE` of f32's; otherwise f32 stays, with the warning
+        ``openvino_precision_unfaithful``, or, when ``strict`` (the user asked for that
+        precision by name), :class:`EmbedderError` is raised.
+        """
         self._export_dir = export_dir
+        self.precision = "f32"
         transformer = model[0]
         auto_model = transformer.auto_model
         auto_model.compile()  # optimum compiles lazily; we want the bulk copy now
+        self._auto_model = auto_model
         self._bulk = auto_model.request
         self._network = auto_model.model
         self._small: Any = None
@@ -68,13 +92,47 @@ class OpenVinoBackend(_SentenceTransformerBackend):
         self._compile_lock = threading.Lock()
         self._encode_lock = threading.Lock()
         super().__init__(model, "cpu")
+        if precision != "f32":
+            self._switch_precision(precision, strict)
+
+    def _probe(self) -> np.ndarray:
+        return self.run(self.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS)))
+
+    def _switch_precision(self, precision: str, strict: bool) -> None:
+        """Recompile the network in ``precision`` and keep it if its vectors are f32's."""
+        import openvino as ov
+
+        reference = self._probe()
+        previous = self._bulk
+        # optimum's encode() path runs through auto_model.request too: one compiled copy.
+        self._use_bulk(ov.Core().compile_model(self._network, "CPU",
+                                               bulk_config(precision=precision)), precision)
+        worst = float((self._probe() * reference).sum(axis=1).min())
+        if worst >= SAME_VECTORS_MIN_COSINE:
+            return
+        self._use_bulk(previous, "f32")
+        if strict:
+            raise EmbedderError(
+                f"OpenVINO in {precision} gives other vectors than f32 for this model "
+                f"(probe cosine {worst:.6f}); set openvino_precision = \"f32\" or \"auto\"")
+        log.warning("openvino_precision_unfaithful", precision=precision,
+                    probe_cosine=round(worst, 6), using="f32")
+
+    def _use_bulk(self, compiled: Any, precision: str) -> None:
+        with self._compile_lock:
+            self._bulk = compiled
+            self._auto_model.request = compiled
+            self._small = None  # recompiled in the new precision on first use
+            self._local = threading.local()  # infer requests belonged to the old copies
+            self.precision = precision
 
     def _small_model(self) -> Any:
         with self._compile_lock:
             if self._small is None:
                 import openvino as ov
 
-                self._small = ov.Core().compile_model(self._network, "CPU", bulk_config(1))
+                self._small = ov.Core().compile_model(self._network, "CPU",
+                                                     bulk_config(1, self.precision))
             return self._small
 
     def _request(self, small: bool) -> Any:

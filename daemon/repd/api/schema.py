@@ -184,6 +184,8 @@ class ModelInfo(_Response):
     device: str | None = Field(default=None, description="cpu, cuda:0, mps...; null until loaded")
     backend: str | None = Field(default=None,
                                 description="torch or openvino; null until loaded")
+    precision: str | None = Field(
+        default=None, description="f32, bf16 (OpenVINO) or fp16 (CUDA); null until loaded")
 
 
 class GenerationInfo(_Response):
