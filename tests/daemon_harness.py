@@ -110,7 +110,9 @@ class DaemonProc:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError("daemon did not stop within the timeout") from None
+            # Its log's end tells a slow exit (`stopped` was logged) from a hung step.
+            raise AssertionError("daemon did not stop within the timeout; its log ends:\n"
+                                 + self.log.read_text()[-2000:]) from None
         self._log_fh.close()
         return code
 

@@ -389,13 +389,11 @@ def raw(
 ) -> Raw:
     conn = UnixHTTPConnection(str(sock), timeout=5)
     try:
-        try:
+        # The server may answer an oversized request (413) from its headers and close
+        # before the body is all sent (on a loaded machine it often does); the answer is
+        # already in our receive buffer, as curl would read it.
+        with contextlib.suppress(BrokenPipeError):
             conn.request(method, path, body=body, headers=headers or {})
-        except BrokenPipeError:
-            # The server may answer an oversized request (413) from its headers and close
-            # before the body is all sent (on a loaded machine it often does); the answer
-            # is already in our receive buffer, as curl would read it.
-            pass
         resp = conn.getresponse()
         return Raw(resp.status, resp.headers, resp.read())
     finally:
