@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from repd.adapters.openvino_backend import SAME_VECTORS_MIN_COSINE
 from repd.engine import Engine
 from repd.settings import Settings
 
@@ -34,14 +35,24 @@ def snapshot(engine: Engine) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
 
 
 def assert_same_index(a: dict[str, Any], b: dict[str, Any]) -> None:
-    """Same point ids, same payloads, same vectors (to float tolerance)."""
+    """Same point ids, same payloads, the same vectors.
+
+    "The same vector" is the product's own bar, cosine >= ``SAME_VECTORS_MIN_COSINE``
+    (0.9999), not bit equality: in bf16 on OpenVINO (the default on a CPU that has it) a
+    chunk's vector moves by ~5e-4 per component with the batch it is embedded in, so a
+    chunk re-embedded after a crash, in other company than in a fresh build, is that
+    close (cosine ~0.99999), while another chunk's vector is far below the bar.
+    """
     assert sorted(a) == sorted(b), (
         f"only in first: {sorted(set(a) - set(b))[:5]}, only in second: "
         f"{sorted(set(b) - set(a))[:5]}")
     for pid, (vec, payload) in a.items():
         vec2, payload2 = b[pid]
         assert payload == payload2, pid
-        np.testing.assert_allclose(vec, vec2, atol=2e-5)
+        assert vec.shape == vec2.shape, pid
+        cosine = float(vec @ vec2) / float(np.linalg.norm(vec) * np.linalg.norm(vec2))
+        assert cosine >= SAME_VECTORS_MIN_COSINE, (pid, cosine)
+        np.testing.assert_allclose(np.linalg.norm(vec), np.linalg.norm(vec2), atol=1e-4)
 
 
 def fresh_snapshot(root: Path, data_dir: Path, embedder: Any) -> dict[str, Any]:

@@ -165,8 +165,8 @@ def test_the_first_minutes(tmp_path: Path) -> None:
         model = d.status()["model"]
         assert model["backend"] in {"torch", "openvino"}
         assert model["precision"] in {"f32", "bf16"}
-        assert f"on cpu ({model['backend']}, {model['precision']})" in status.stdout, \
-            status.stdout
+        line = f"dim 384  cpu, {model['backend']} {model['precision']}\n"
+        assert line in status.stdout, status.stdout  # whole, on one line of the 80
         assert all(text_width(ln) <= 80 for ln in status.stdout.splitlines()), status.stdout
     finally:
         code = d.stop()

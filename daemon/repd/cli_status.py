@@ -95,9 +95,10 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
     loaded = m.get("dim") is not None
     # The backend (torch, openvino) and its precision beside the device: the same vectors
     # either way, but they decide the speed, and `auto` picks them.
-    runtime = ", ".join(str(m[k]) for k in ("backend", "precision") if m.get(k))
-    backend = f" ({runtime})" if runtime else ""
-    model = (f"{m['name']}  dim {m['dim']}  on {m.get('device') or '-'}{backend}" if loaded
+    # Kept short: the default model's line fits 80 columns ("cpu, openvino bf16").
+    runtime = " ".join(str(m[k]) for k in ("backend", "precision") if m.get(k))
+    where = f"{m.get('device') or '-'}, {runtime}" if runtime else f"{m.get('device') or '-'}"
+    model = (f"{m['name']}  dim {m['dim']}  {where}" if loaded
              else f"{m['name']}  (not loaded yet)")
     lines += wrap_field("model", model, cols)
     hnsw = "HNSW built" if s["index_built"] else "no HNSW yet (exact search)"
