@@ -187,6 +187,29 @@ def test_a_precision_that_moves_the_vectors_is_not_kept(
 
 
 @needs_openvino
+def test_a_precision_openvino_cannot_compile_is_not_kept(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real compile error in the asked precision: auto keeps f32 loudly, bf16 refuses."""
+    real = openvino_backend.bulk_config
+
+    def refused(threads: int | None = None, precision: str = "f32") -> dict[str, str]:
+        config = real(threads, precision)
+        if precision == "bf16":  # a value the CPU plugin rejects at compile time
+            config["INFERENCE_PRECISION_HINT"] = "no-such-precision"
+        return config
+
+    monkeypatch.setattr(embedder, "choose_precision", lambda requested: "bf16")
+    monkeypatch.setattr(openvino_backend, "bulk_config", refused)
+    fallen = Embedder.load(MODEL, device="cpu", backend="openvino", openvino_precision="auto")
+    assert (fallen.backend, fallen.precision) == ("openvino", "f32")
+    assert float(_cos(fallen.embed(["p53"]), fallen.embed(["p53", "telomeres"])[:1])[0]) > 0.99999
+    out = capsys.readouterr().out
+    assert "openvino_precision_unfaithful" in out and "cannot run this model" in out
+    with pytest.raises(EmbedderError, match="OpenVINO in bf16 cannot run this model"):
+        Embedder.load(MODEL, device="cpu", backend="openvino", openvino_precision="bf16")
+
+
+@needs_openvino
 def test_fast_path_equals_encode_and_threads_fit_the_cores(
         pair: tuple[Embedder, Embedder]) -> None:
     _, ov_emb = pair

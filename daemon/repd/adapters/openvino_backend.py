@@ -99,24 +99,32 @@ class OpenVinoBackend(_SentenceTransformerBackend):
         return self.run(self.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS)))
 
     def _switch_precision(self, precision: str, strict: bool) -> None:
-        """Recompile the network in ``precision`` and keep it if its vectors are f32's."""
+        """Recompile the network in ``precision`` and keep it if its vectors are f32's.
+
+        A compile or a probe run that fails in that precision counts as unfaithful too:
+        f32, already verified, stays (or, when ``strict``, :class:`EmbedderError`).
+        """
         import openvino as ov
 
         reference = self._probe()
         previous = self._bulk
-        # optimum's encode() path runs through auto_model.request too: one compiled copy.
-        self._use_bulk(ov.Core().compile_model(self._network, "CPU",
-                                               bulk_config(precision=precision)), precision)
-        worst = float((self._probe() * reference).sum(axis=1).min())
-        if worst >= SAME_VECTORS_MIN_COSINE:
+        try:
+            # optimum's encode() path runs through auto_model.request too: one compiled copy.
+            self._use_bulk(ov.Core().compile_model(self._network, "CPU",
+                                                   bulk_config(precision=precision)), precision)
+            worst = float((self._probe() * reference).sum(axis=1).min())
+            why = "" if worst >= SAME_VECTORS_MIN_COSINE else (
+                f"gives other vectors than f32 for this model (probe cosine {worst:.6f})")
+        except Exception as exc:  # e.g. a CPU plugin that refuses the precision after all
+            why = f"cannot run this model: {type(exc).__name__}: {str(exc).strip()[:200]}"
+        if not why:
             return
         self._use_bulk(previous, "f32")
         if strict:
-            raise EmbedderError(
-                f"OpenVINO in {precision} gives other vectors than f32 for this model "
-                f"(probe cosine {worst:.6f}); set openvino_precision = \"f32\" or \"auto\"")
-        log.warning("openvino_precision_unfaithful", precision=precision,
-                    probe_cosine=round(worst, 6), using="f32")
+            raise EmbedderError(f"OpenVINO in {precision} {why}; "
+                                "set openvino_precision = \"f32\" or \"auto\"")
+        log.warning("openvino_precision_unfaithful", precision=precision, reason=why,
+                    using="f32")
 
     def _use_bulk(self, compiled: Any, precision: str) -> None:
         with self._compile_lock:
