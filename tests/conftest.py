@@ -22,7 +22,8 @@ os.environ.setdefault("REPD_OPENVINO_CACHE",
 
 @pytest.fixture(scope="session", autouse=True)
 def _openvino_export_ready() -> None:
-    """Make the default model's OpenVINO export once, before any daemon needs it.
+    """Make the default model's OpenVINO export (and its runtime spec) once, before any
+    daemon needs it.
 
     A daemon test waits a bounded time for its daemon to start; an export (tens of
     seconds on a busy machine) inside that wait would make the first one flaky. Cheap
@@ -34,7 +35,9 @@ def _openvino_export_ready() -> None:
     if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("openvino") is None:
         return
     folder = Path(os.environ["REPD_OPENVINO_CACHE"])
-    if any(folder.glob("sentence-transformers_all-MiniLM-L6-v2_*/repd-export.json")):
+    # The runtime spec is recorded by the first load after the export: with it, a daemon
+    # starts without importing torch (repd.adapters.openvino_runtime).
+    if any(folder.glob("sentence-transformers_all-MiniLM-L6-v2_*/repd-runtime.json")):
         return
     from repd.adapters.embedder import Embedder
 

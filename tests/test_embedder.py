@@ -163,11 +163,17 @@ def test_query_while_a_batch_runs(embedder: Embedder) -> None:
 def test_is_out_of_memory_recognizes_torch_errors(embedder: Embedder) -> None:
     import torch
 
-    backend: Any = embedder._backend
+    backend: Any = Embedder.load(BUNDLED_MODEL, device="cpu", backend="torch")._backend
     assert backend.is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
     assert backend.is_out_of_memory(RuntimeError("MPS backend out of memory (MPS allocated...)"))
     assert not backend.is_out_of_memory(RuntimeError("shape mismatch"))
     assert not backend.is_out_of_memory(ValueError("out of memory"))
+    # The backend the CPU runs by default (OpenVINO where installed) knows a failed
+    # host allocation too.
+    runner: Any = embedder._backend
+    assert runner.is_out_of_memory(MemoryError())
+    assert runner.is_out_of_memory(RuntimeError("Out of memory while allocating a tensor"))
+    assert not runner.is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 def test_tiny_models_same_dim_differ_in_identity(

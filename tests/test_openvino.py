@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from repd.adapters import embedder, openvino_backend, openvino_export
+from repd.adapters import embedder, openvino_backend, openvino_export, openvino_runtime
 from repd.adapters.device import (
     EmbedderError,
     choose_backend,
@@ -124,8 +124,13 @@ def test_precision_is_bf16_only_where_the_cpu_computes_it() -> None:
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[Embedder, Embedder]:
-    """The same model through torch and through OpenVINO (the run's shared export folder)."""
+    """The same model through torch and through OpenVINO (the run's shared export folder).
+
+    The OpenVINO one is the direct runtime (no torch), as every start after the first
+    runs it: a first load (full path) records the spec if the folder had none yet.
+    """
     torch_emb = Embedder.load(MODEL, device="cpu", backend="torch")
+    Embedder.load(MODEL, device="cpu", backend="openvino")
     ov_emb = Embedder.load(MODEL, device="cpu", backend="openvino")
     return torch_emb, ov_emb
 
@@ -212,13 +217,22 @@ def test_a_precision_openvino_cannot_compile_is_not_kept(
 @needs_openvino
 def test_fast_path_equals_encode_and_threads_fit_the_cores(
         pair: tuple[Embedder, Embedder]) -> None:
-    _, ov_emb = pair
-    runner: Any = ov_emb._backend
+    # The full path (sentence-transformers around the export), as a first load runs it;
+    # pair's OpenVINO embedder is the direct runtime once the export has its spec.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(openvino_runtime, "load_direct", lambda *args, **kwargs: None)
+        full = Embedder.load(MODEL, device="cpu", backend="openvino")
+    runner: Any = full._backend
+    assert type(runner).__name__ == "OpenVinoBackend"
     assert runner.fast  # the pre-tokenized path passed its check against encode()
     texts = _texts()[:12]
     via_encode = runner._encode(texts)
-    np.testing.assert_allclose(ov_emb.embed(texts), via_encode, atol=1e-4)
-    assert int(runner._bulk.get_property("INFERENCE_NUM_THREADS")) == cpu_threads()
+    np.testing.assert_allclose(full.embed(texts), via_encode, atol=1e-4)
+    for emb in (full, pair[1]):
+        bulk: Any = emb._backend._bulk  # type: ignore[attr-defined]
+        assert int(bulk.get_property("INFERENCE_NUM_THREADS")) == cpu_threads()
+    assert type(pair[1]._backend).__name__ == "DirectBackend"
+    assert float(_cos(pair[1].embed(texts), full.embed(texts)).min()) >= 0.9999
 
 
 @needs_openvino

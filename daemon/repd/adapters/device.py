@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +24,31 @@ class Accelerators:
     mps: bool = False
 
 
+def cpu_only_torch_build(platform: str = sys.platform) -> bool:
+    """Whether the installed torch is a build that can see no accelerator, told without
+    importing it (2-3 s and ~300 MB: the OpenVINO path never needs torch otherwise).
+
+    True only off macOS (where MPS needs no special build) for a torch whose
+    ``version.py`` records neither a CUDA nor a ROCm (HIP) version, as the ``+cpu``
+    wheels do. Anything unclear is False: then torch is imported and asked.
+    """
+    if platform == "darwin" or "torch" in sys.modules:
+        return False
+    try:
+        spec = importlib.util.find_spec("torch")
+        locations = list(spec.submodule_search_locations or []) if spec else []
+        text = (Path(locations[0]) / "version.py").read_text() if locations else ""
+    except (ImportError, ValueError, OSError):
+        return False
+    recorded = dict(re.findall(r"^(cuda|hip)(?:: *[^=]+)? *= *(.+?) *$", text, re.MULTILINE))
+    return recorded.get("cuda") == "None" and recorded.get("hip") == "None"
+
+
 def probe_torch() -> Accelerators:
-    """Ask torch which accelerators exist (imports torch, so call it only when loading a model)."""
+    """Ask torch which accelerators exist (imports torch, so call it only when loading a
+    model), unless :func:`cpu_only_torch_build` already says there are none."""
+    if cpu_only_torch_build():
+        return Accelerators()
     import torch
 
     cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import threading
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -134,8 +136,14 @@ class Embedder:
         from repd.adapters.openvino_export import openvino_available
 
         resolved = choose_device(device)
-        kind = choose_backend(backend, resolved, openvino_available)
         source, short_name = _resolve_source(model)
+        if resolved == "cpu" and backend.strip().lower() in ("auto", "openvino"):
+            # An export already verified and run once needs neither optimum nor torch.
+            direct = cls._load_openvino_direct(model, source, short_name, cache_dir,
+                                               token_budget, openvino_precision)
+            if direct is not None:
+                return direct
+        kind = choose_backend(backend, resolved, openvino_available)
         if kind == "openvino":
             try:
                 return cls._load_openvino(model, source, short_name, cache_dir, token_budget,
@@ -159,6 +167,39 @@ class Embedder:
                  dim=runner.dim, max_tokens=runner.max_tokens, fast_path=runner.fast)
         return cls(runner, model_name=model, model_id=model_id, device=resolved,
                    token_budget=token_budget, serialize_runs=resolved == "mps")
+
+    @classmethod
+    def _load_openvino_direct(cls, model: str, source: str, short_name: str,
+                              cache_dir: Path | None, token_budget: int,
+                              precision: str) -> Embedder | None:
+        """The export of a model with visible files, run with no torch, if it has a spec.
+
+        ``None`` sends :meth:`load` the full way (see :mod:`repd.adapters.openvino_runtime`).
+        """
+        if not (Path(source).is_dir() or _hub_snapshot(source) is not None):
+            return None  # its identity needs the weights in memory: the full path
+        try:
+            # The extra installed (not imported: that is what this path saves), as for
+            # the full path: auto means OpenVINO only where repd[openvino] is.
+            if importlib.util.find_spec("optimum.intel") is None:
+                return None
+            from repd.adapters.openvino_export import export_folder
+            from repd.adapters.openvino_runtime import load_direct
+
+            wanted = choose_precision(precision)
+        except (ImportError, ValueError):  # not installed: the full path says what to do
+            return None
+        model_id = _model_identity(source, short_name, None, cache_dir)
+        folder = export_folder(model_id)
+        runner = load_direct(folder, model_id, wanted, strict=precision.strip().lower() == "bf16")
+        if runner is None:
+            return None
+        log.info("model_loaded", model=model, model_id=model_id, device="cpu", backend="openvino",
+                 precision=runner.precision, dim=runner.dim, max_tokens=runner.max_tokens,
+                 fast_path=True, runtime="direct", export_path=str(folder))
+        return cls(runner, model_name=model, model_id=model_id, device="cpu",
+                   token_budget=token_budget, backend_name="openvino",
+                   precision=runner.precision)
 
     @classmethod
     def _load_openvino(cls, model: str, source: str, short_name: str, cache_dir: Path | None,
@@ -197,9 +238,11 @@ class Embedder:
             raise
         except Exception as exc:
             raise EmbedderError(f"cannot load model {model!r}: {_one_line(exc)}") from exc
+        if visible:  # the next load of this export can skip torch (openvino_runtime)
+            _record_runtime_spec(st_model, runner, report.path, model_id)
         log.info("model_loaded", model=model, model_id=model_id, device="cpu", backend="openvino",
                  precision=runner.precision, dim=runner.dim, max_tokens=runner.max_tokens,
-                 fast_path=runner.fast,
+                 fast_path=runner.fast, runtime="full",
                  exported=report.exported, export_path=str(report.path),
                  seconds=round(report.seconds, 2))
         return cls(runner, model_name=model, model_id=model_id, device="cpu",
@@ -338,6 +381,16 @@ class Embedder:
                 self._budget = new_budget
 
 
+def _record_runtime_spec(st_model: Any, runner: Any, folder: Path, model_id: str) -> None:
+    from repd.adapters.openvino_export import read_marker
+    from repd.adapters.openvino_runtime import record_spec, spec_of
+
+    spec = spec_of(st_model, runner)
+    marker, _ = read_marker(folder, model_id)
+    if spec is not None and marker is not None:
+        record_spec(folder, marker.get("created"), spec)
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
@@ -402,6 +455,50 @@ class _Texts:
         self.lengths = lengths
 
 
+@dataclass(frozen=True, slots=True)
+class Padding:
+    """How a tokenizer pads a batch: the pad ids, which side, whether type ids are made."""
+
+    pad_id: int
+    pad_type_id: int
+    left: bool
+    type_ids: bool
+
+
+def count_with(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Tokens per text by a ``tokenizers.Tokenizer`` (no special tokens, no truncation)."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    return [len(e.ids) for e in encode(list(texts), add_special_tokens=False)]
+
+
+def tokenize_with(tokenizer: Any, texts: Sequence[str], type_ids: bool) -> _Tokenized:
+    """Token ids (special tokens added, truncated as ``tokenizer`` is set) for the model."""
+    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+    encodings = encode(list(texts), add_special_tokens=True)
+    return _Tokenized([e.ids for e in encodings],
+                      [e.type_ids for e in encodings] if type_ids else None)
+
+
+def pad_features(prepared: _Tokenized, batch: Sequence[int],
+                 padding: Padding) -> dict[str, np.ndarray]:
+    """The padded model inputs for ``batch``, as the tokenizer would have made them."""
+    width = max(prepared.lengths[i] for i in batch)
+    input_ids = np.full((len(batch), width), padding.pad_id, dtype=np.int64)
+    mask = np.zeros((len(batch), width), dtype=np.int64)
+    type_ids = np.full_like(input_ids, padding.pad_type_id) if padding.type_ids else None
+    for row, i in enumerate(batch):
+        n = prepared.lengths[i]
+        cols = slice(width - n, width) if padding.left else slice(0, n)
+        input_ids[row, cols] = prepared.ids[i]
+        mask[row, cols] = 1
+        if type_ids is not None and prepared.type_ids is not None:
+            type_ids[row, cols] = prepared.type_ids[i]
+    features = {"input_ids": input_ids, "attention_mask": mask}
+    if type_ids is not None:
+        features["token_type_ids"] = type_ids
+    return features
+
+
 class _SentenceTransformerBackend:
     """A loaded SentenceTransformer, fed pre-tokenized batches when its shape allows."""
 
@@ -439,10 +536,12 @@ class _SentenceTransformerBackend:
         self.chunking_key = _chunking_key(self._count_tok, hf_tok, self.max_tokens)
         self._hf_tok = hf_tok
         self._max_len = max_len
-        self._pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0
-        self._pad_type_id = int(getattr(hf_tok, "pad_token_type_id", 0) or 0)
-        self._left_pad = getattr(hf_tok, "padding_side", "right") == "left"
-        self._wants_type_ids = "token_type_ids" in getattr(hf_tok, "model_input_names", [])
+        self._padding = Padding(
+            pad_id=hf_tok.pad_token_id if hf_tok.pad_token_id is not None else 0,
+            pad_type_id=int(getattr(hf_tok, "pad_token_type_id", 0) or 0),
+            left=getattr(hf_tok, "padding_side", "right") == "left",
+            type_ids="token_type_ids" in getattr(hf_tok, "model_input_names", []))
+        self._wants_type_ids = self._padding.type_ids
         self.fast = self._embed_tok is not None and not model.prompts.get(
             model.default_prompt_name or "", "")
         self.dim = self._check_fast_path()
@@ -469,17 +568,13 @@ class _SentenceTransformerBackend:
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         if self._count_tok is not None:
-            encode = getattr(self._count_tok, "encode_batch_fast", self._count_tok.encode_batch)
-            return [len(e.ids) for e in encode(list(texts), add_special_tokens=False)]
+            return count_with(self._count_tok, texts)
         ids = self._hf_tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         return [len(row) for row in ids]
 
     def prepare(self, texts: Sequence[str]) -> _Tokenized | _Texts:
         if self.fast:
-            encode = getattr(self._embed_tok, "encode_batch_fast", self._embed_tok.encode_batch)
-            encodings = encode(list(texts), add_special_tokens=True)
-            type_ids = [e.type_ids for e in encodings] if self._wants_type_ids else None
-            return _Tokenized([e.ids for e in encodings], type_ids)
+            return tokenize_with(self._embed_tok, texts, self._wants_type_ids)
         ids = self._hf_tok(list(texts), add_special_tokens=True, truncation=True,
                            max_length=self._max_len, verbose=False)["input_ids"]
         return _Texts(list(texts), [len(row) for row in ids])
@@ -504,22 +599,7 @@ class _SentenceTransformerBackend:
             return np.asarray(vectors.cpu().numpy(), dtype=np.float32)
 
     def _features(self, prepared: _Tokenized, batch: Sequence[int]) -> dict[str, np.ndarray]:
-        """The padded model inputs for ``batch``, as the tokenizer would have made them."""
-        width = max(prepared.lengths[i] for i in batch)
-        input_ids = np.full((len(batch), width), self._pad_id, dtype=np.int64)
-        mask = np.zeros((len(batch), width), dtype=np.int64)
-        type_ids = np.full_like(input_ids, self._pad_type_id) if self._wants_type_ids else None
-        for row, i in enumerate(batch):
-            n = prepared.lengths[i]
-            cols = slice(width - n, width) if self._left_pad else slice(0, n)
-            input_ids[row, cols] = prepared.ids[i]
-            mask[row, cols] = 1
-            if type_ids is not None and prepared.type_ids is not None:
-                type_ids[row, cols] = prepared.type_ids[i]
-        features = {"input_ids": input_ids, "attention_mask": mask}
-        if type_ids is not None:
-            features["token_type_ids"] = type_ids
-        return features
+        return pad_features(prepared, batch, self._padding)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         vectors = self._model.encode(texts, batch_size=max(1, len(texts)), convert_to_numpy=True,
@@ -529,7 +609,7 @@ class _SentenceTransformerBackend:
     def is_out_of_memory(self, exc: BaseException) -> bool:
         import torch
 
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
+        if isinstance(exc, torch.cuda.OutOfMemoryError | MemoryError):
             return True
         return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 

@@ -19,13 +19,15 @@ bf16 where the CPU has it natively and the probe vectors stay f32's (see
 The pooling and normalization modules after the transformer are sentence-transformers'
 own, fed the token embeddings as torch tensors, so the vectors equal ``encode()``'s
 (``_check_fast_path`` verifies that at load; if they differ, ``encode()`` is used,
-serialized by a lock because of the shared request).
+serialized by a lock because of the shared request). That is the *full* runtime, which
+a first load of an export runs; later loads run the same compiled copies
+(:class:`CompiledCopies`) without torch, see :mod:`repd.adapters.openvino_runtime`.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,7 @@ from repd.adapters.embedder import (
 )
 from repd.log import get_logger
 
-__all__ = ["SAME_VECTORS_MIN_COSINE", "OpenVinoBackend", "bulk_config"]
+__all__ = ["SAME_VECTORS_MIN_COSINE", "CompiledCopies", "OpenVinoBackend", "bulk_config"]
 
 log = get_logger("openvino")
 
@@ -64,55 +66,44 @@ def bulk_config(threads: int | None = None, precision: str = "f32") -> dict[str,
             "INFERENCE_NUM_THREADS": str(threads or cpu_threads())}
 
 
-class OpenVinoBackend(_SentenceTransformerBackend):
-    """A SentenceTransformer whose transformer is an optimum-intel OpenVINO model."""
+class CompiledCopies:
+    """The compiled copies of one OpenVINO network and each thread's infer requests.
 
-    def __init__(self, model: Any, export_dir: Path, precision: str = "f32",
-                 strict: bool = False) -> None:
-        """Wrap ``model`` (compiled in f32) and switch it to ``precision`` when faithful.
+    Shared by both ways of running an export: :class:`OpenVinoBackend` (the
+    sentence-transformers model around it) and
+    :class:`~repd.adapters.openvino_runtime.DirectBackend` (no torch at all).
+    ``on_bulk`` is told of every new bulk copy (optimum's own ``encode()`` path must run
+    through it too).
+    """
 
-        A precision other than f32 is kept only if the probe texts' vectors stay within
-        :data:`SAME_VECTORS_MIN_COSINE` of f32's; otherwise f32 stays, with the warning
-        ``openvino_precision_unfaithful``, or, when ``strict`` (the user asked for that
-        precision by name), :class:`EmbedderError` is raised.
-        """
-        self._export_dir = export_dir
+    def __init__(self, network: Any, bulk: Any, on_bulk: Callable[[Any], None] | None = None,
+                 ) -> None:
+        self.network = network
+        self.input_names = {name for port in network.inputs for name in port.get_names()}
+        self.bulk = bulk
+        self.small: Any = None
         self.precision = "f32"
-        transformer = model[0]
-        auto_model = transformer.auto_model
-        auto_model.compile()  # optimum compiles lazily; we want the bulk copy now
-        self._auto_model = auto_model
-        self._bulk = auto_model.request
-        self._network = auto_model.model
-        self._small: Any = None
-        self._inputs = set(auto_model.input_names)
-        self._output_name = getattr(transformer, "module_output_name", "token_embeddings")
-        self._heads = list(model)[1:]
+        self._on_bulk = on_bulk
         self._local = threading.local()
-        self._compile_lock = threading.Lock()
-        self._encode_lock = threading.Lock()
-        super().__init__(model, "cpu")
-        if precision != "f32":
-            self._switch_precision(precision, strict)
+        self._lock = threading.Lock()
 
-    def _probe(self) -> np.ndarray:
-        return self.run(self.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS)))
-
-    def _switch_precision(self, precision: str, strict: bool) -> None:
-        """Recompile the network in ``precision`` and keep it if its vectors are f32's.
+    def switch_precision(self, precision: str, strict: bool,
+                         probe: Callable[[], np.ndarray]) -> None:
+        """Recompile the network in ``precision`` and keep it if ``probe()`` stays f32's.
 
         A compile or a probe run that fails in that precision counts as unfaithful too:
-        f32, already verified, stays (or, when ``strict``, :class:`EmbedderError`).
+        f32, already verified, stays with the warning ``openvino_precision_unfaithful``,
+        or, when ``strict`` (the user asked for that precision by name),
+        :class:`EmbedderError` is raised.
         """
         import openvino as ov
 
-        reference = self._probe()
-        previous = self._bulk
+        reference = probe()
+        previous = self.bulk
         try:
-            # optimum's encode() path runs through auto_model.request too: one compiled copy.
-            self._use_bulk(ov.Core().compile_model(self._network, "CPU",
+            self._use_bulk(ov.Core().compile_model(self.network, "CPU",
                                                    bulk_config(precision=precision)), precision)
-            worst = float((self._probe() * reference).sum(axis=1).min())
+            worst = float((probe() * reference).sum(axis=1).min())
             why = "" if worst >= SAME_VECTORS_MIN_COSINE else (
                 f"gives other vectors than f32 for this model (probe cosine {worst:.6f})")
         except Exception as exc:  # e.g. a CPU plugin that refuses the precision after all
@@ -127,31 +118,100 @@ class OpenVinoBackend(_SentenceTransformerBackend):
                     using="f32")
 
     def _use_bulk(self, compiled: Any, precision: str) -> None:
-        with self._compile_lock:
-            self._bulk = compiled
-            self._auto_model.request = compiled
-            self._small = None  # recompiled in the new precision on first use
+        with self._lock:
+            self.bulk = compiled
+            if self._on_bulk is not None:
+                self._on_bulk(compiled)
+            self.small = None  # recompiled in the new precision on first use
             self._local = threading.local()  # infer requests belonged to the old copies
             self.precision = precision
 
     def _small_model(self) -> Any:
-        with self._compile_lock:
-            if self._small is None:
+        with self._lock:
+            if self.small is None:
                 import openvino as ov
 
-                self._small = ov.Core().compile_model(self._network, "CPU",
+                self.small = ov.Core().compile_model(self.network, "CPU",
                                                      bulk_config(1, self.precision))
-            return self._small
+            return self.small
 
-    def _request(self, small: bool) -> Any:
+    def request(self, small: bool) -> Any:
         """This thread's infer request on the small or the bulk copy (made on first use)."""
         attr = "small" if small else "bulk"
         request = getattr(self._local, attr, None)
         if request is None:
-            compiled = self._small_model() if small else self._bulk
+            compiled = self._small_model() if small else self.bulk
             request = compiled.create_infer_request()
             setattr(self._local, attr, request)
         return request
+
+    def infer(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The network's first output (token embeddings) for padded ``features``, a copy.
+
+        Features the network does not take are left out; a ``token_type_ids`` input it
+        takes but the tokenizer does not make is all zeros, as transformers fills it.
+        """
+        names = self.input_names
+        inputs = {k: v for k, v in features.items() if k in names}
+        if "token_type_ids" in names and "token_type_ids" not in inputs:
+            inputs["token_type_ids"] = np.zeros_like(features["input_ids"])
+        ids = features["input_ids"]
+        request = self.request(small=ids.shape[0] * ids.shape[1] <= _SMALL_RUN_TOKENS)
+        result = request.infer(inputs)
+        return np.array(result[request.model_outputs[0]], copy=True)
+
+    def memory_bytes(self) -> int:
+        """Bytes of the network's constants (its weights), as the bulk copy holds them.
+
+        Not equal to the torch module's size: the export leaves out what feature
+        extraction never runs (BERT's pooler) and buffers such as position ids.
+        """
+        return sum(int(op.get_byte_size()) for op in self.network.get_ops()
+                   if op.get_type_name() == "Constant")
+
+
+class OpenVinoBackend(_SentenceTransformerBackend):
+    """A SentenceTransformer whose transformer is an optimum-intel OpenVINO model."""
+
+    def __init__(self, model: Any, export_dir: Path, precision: str = "f32",
+                 strict: bool = False) -> None:
+        """Wrap ``model`` (compiled in f32) and switch it to ``precision`` when faithful.
+
+        A precision other than f32 is kept only if the probe texts' vectors stay within
+        :data:`SAME_VECTORS_MIN_COSINE` of f32's (see :meth:`CompiledCopies.switch_precision`).
+        """
+        self._export_dir = export_dir
+        transformer = model[0]
+        auto_model = transformer.auto_model
+        auto_model.compile()  # optimum compiles lazily; we want the bulk copy now
+
+        def on_bulk(compiled: Any) -> None:
+            # optimum's encode() path runs through auto_model.request too: one compiled copy.
+            auto_model.request = compiled
+
+        self.copies = CompiledCopies(auto_model.model, auto_model.request, on_bulk)
+        self._output_name = getattr(transformer, "module_output_name", "token_embeddings")
+        self._heads = list(model)[1:]
+        self._encode_lock = threading.Lock()
+        super().__init__(model, "cpu")
+        if precision != "f32":
+            self.copies.switch_precision(precision, strict, self._probe)
+
+    @property
+    def precision(self) -> str:
+        """What the network computes in: ``f32`` or ``bf16``."""
+        return self.copies.precision
+
+    @property
+    def _bulk(self) -> Any:
+        return self.copies.bulk
+
+    @property
+    def _small(self) -> Any:
+        return self.copies.small
+
+    def _probe(self) -> np.ndarray:
+        return self.run(self.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS)))
 
     def run(self, prepared: Prepared, batch: Sequence[int]) -> np.ndarray:
         if not isinstance(prepared, _Tokenized):
@@ -159,13 +219,7 @@ class OpenVinoBackend(_SentenceTransformerBackend):
         import torch
 
         features = self._features(prepared, batch)
-        inputs = {k: v for k, v in features.items() if k in self._inputs}
-        if "token_type_ids" in self._inputs and "token_type_ids" not in inputs:
-            inputs["token_type_ids"] = np.zeros_like(features["input_ids"])
-        width = features["input_ids"].shape[1]
-        request = self._request(small=len(batch) * width <= _SMALL_RUN_TOKENS)
-        result = request.infer(inputs)
-        hidden = np.array(result[request.model_outputs[0]], copy=True)
+        hidden = self.copies.infer(features)
         with torch.inference_mode():
             state: dict[str, Any] = {k: torch.from_numpy(v) for k, v in features.items()}
             state[self._output_name] = torch.from_numpy(hidden)
@@ -179,13 +233,8 @@ class OpenVinoBackend(_SentenceTransformerBackend):
             return super()._encode(texts)
 
     def memory_bytes(self) -> int:
-        """Bytes of the network's constants (its weights), as the bulk copy holds them.
-
-        Not equal to the torch module's size: the export leaves out what feature
-        extraction never runs (BERT's pooler) and buffers such as position ids.
-        """
-        return sum(int(op.get_byte_size()) for op in self._network.get_ops()
-                   if op.get_type_name() == "Constant")
+        """Bytes of the network's constants (see :meth:`CompiledCopies.memory_bytes`)."""
+        return self.copies.memory_bytes()
 
     # is_out_of_memory is torch's (inherited): OpenVINO raises none of those, so batch
     # halving, which is for accelerators with fixed memory, never starts here.

@@ -35,8 +35,8 @@ from repd import paths
 from repd.adapters.device import EmbedderError
 from repd.log import get_logger
 
-__all__ = ["CACHE_ENV", "MARKER", "ExportReport", "export_root", "load_or_export",
-           "openvino_available"]
+__all__ = ["CACHE_ENV", "MARKER", "RUNTIME_SPEC", "ExportReport", "export_folder", "export_root",
+           "load_or_export", "openvino_available", "read_marker"]
 
 log = get_logger("openvino")
 
@@ -44,6 +44,9 @@ log = get_logger("openvino")
 #: Tests point every daemon they start at one session-wide folder through it.
 CACHE_ENV = "REPD_OPENVINO_CACHE"
 MARKER = "repd-export.json"
+#: What :mod:`repd.adapters.openvino_runtime` records beside an export to run it with no
+#: torch; written after the export, so not one of the marker's files.
+RUNTIME_SPEC = "repd-runtime.json"
 _MARKER_VERSION = 1
 # The torch and OpenVINO vectors of one text agree to ~1e-6 in fp32; far below this a
 # probe that moved means damaged or foreign files, not rounding.
@@ -99,7 +102,8 @@ def _versions() -> dict[str, str]:
 
 def _file_sizes(folder: Path) -> dict[str, int]:
     return {p.relative_to(folder).as_posix(): p.stat().st_size
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MARKER}
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name not in (MARKER, RUNTIME_SPEC)}
 
 
 def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -151,9 +155,12 @@ def _open(folder: Path, ov_config: dict[str, str]) -> Any:
     return model
 
 
-def _check(folder: Path, model_id: str, ov_config: dict[str, str],
-           probes: Sequence[str]) -> tuple[Any | None, str]:
-    """The export at ``folder`` opened and verified, or ``(None, why it is unusable)``."""
+def read_marker(folder: Path, model_id: str) -> tuple[dict[str, Any] | None, str]:
+    """The marker of the export at ``folder`` if it is whole and for ``model_id``.
+
+    Else ``(None, why)``. The probe vectors in it are not checked here: that needs the
+    model run (see :func:`_check` and :mod:`repd.adapters.openvino_runtime`).
+    """
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, ValueError):
@@ -164,6 +171,20 @@ def _check(folder: Path, model_id: str, ov_config: dict[str, str],
         return None, f"marker names {marker.get('model_id')!r}"
     if marker.get("files") != _file_sizes(folder):
         return None, "files missing or of another size"
+    return marker, ""
+
+
+def export_folder(model_id: str, root: Path | None = None) -> Path:
+    """Where the export of ``model_id`` lives (under :func:`export_root` by default)."""
+    return (root or export_root()) / _folder_name(model_id)
+
+
+def _check(folder: Path, model_id: str, ov_config: dict[str, str],
+           probes: Sequence[str]) -> tuple[Any | None, str]:
+    """The export at ``folder`` opened and verified, or ``(None, why it is unusable)``."""
+    marker, why = read_marker(folder, model_id)
+    if marker is None:
+        return None, why
     try:
         model = _open(folder, ov_config)
         got = _encode(model, probes)
@@ -240,7 +261,7 @@ def load_or_export(source: str, model_id: str, ov_config: dict[str, str],
     ``reference`` gives the torch model's vectors for ``probes``; it is called only when
     exporting (it loads the torch model). Raises :class:`EmbedderError` on failure.
     """
-    folder = (root or export_root()) / _folder_name(model_id)
+    folder = export_folder(model_id, root)
     t0 = time.perf_counter()
     if folder.exists():
         model, why = _check(folder, model_id, ov_config, probes)

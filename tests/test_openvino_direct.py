@@ -1,0 +1,215 @@
+"""The OpenVINO export run with no torch (repd.adapters.openvino_runtime): the real model.
+
+The first load of an export goes the full way (sentence-transformers, optimum, torch)
+and records a runtime spec; later loads run the IR with ``tokenizers`` and numpy alone.
+Checked here: a fresh process loads that way without importing torch, transformers,
+sentence-transformers or optimum, and gets torch's identity, chunking key, token counts
+and vectors; a spec that is stale, foreign or wrong sends the load the full way again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from repd.adapters import device, openvino_runtime
+from repd.adapters.device import cpu_only_torch_build
+from repd.adapters.embedder import Embedder
+from repd.adapters.openvino_export import CACHE_ENV, MARKER, RUNTIME_SPEC, openvino_available
+from tests.conftest_models import build_cls_minilm, build_tiny_model
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+needs_openvino = pytest.mark.skipif(
+    not openvino_available(),
+    reason="optimum-intel[openvino] is not installed (pip install -e '.[openvino]')")
+
+_TEXTS = ["p53", "What causes DNA damage in cells?",
+          "Telomere shortening limits the replicative lifespan of human fibroblasts. " * 30,
+          "Vitamin D deficiency is associated with an increased risk of multiple sclerosis.",
+          "def rotate(keys):\n    return keys[1:] + keys[:1]\n"]
+
+# Loads the model in a fresh interpreter and reports what it imported and computed.
+_CHILD = """
+import json, sys
+from repd.adapters.embedder import Embedder
+emb = Embedder.load(sys.argv[1], device="cpu", backend="auto")
+texts = json.loads(sys.argv[2])
+print(json.dumps({
+    "runner": type(emb._backend).__name__, "backend": emb.backend, "precision": emb.precision,
+    "model_id": emb.model_id, "chunking_key": emb.chunking_key, "dim": emb.dim,
+    "max_tokens": emb.max_tokens, "counts": emb.count_tokens(texts),
+    "vectors": emb.embed(texts).tolist(),
+    # (optimum itself is a namespace package, imported to find optimum.intel: no cost.)
+    "imported": sorted(m for m in ("torch", "transformers", "sentence_transformers",
+                                   "optimum.intel", "nncf") if m in sys.modules)}))
+"""
+
+
+def _load_in_child(model: str | Path, exports: Path) -> dict[str, Any]:
+    env = {**os.environ, CACHE_ENV: str(exports), "REPD_LOG_LEVEL": "warning"}
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(model), json.dumps(_TEXTS)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _cos(a: Any, b: Any) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    return np.asarray((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+
+
+def _export_dir(exports: Path) -> Path:
+    (folder,) = [p for p in exports.iterdir() if (p / MARKER).is_file()]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def torch_minilm() -> Embedder:
+    return Embedder.load(MODEL, device="cpu", backend="torch")
+
+
+@needs_openvino
+def test_a_second_start_runs_the_export_without_torch_and_gives_torchs_vectors(
+        tmp_path: Path, torch_minilm: Embedder) -> None:
+    exports = tmp_path / "exports"
+    first = _load_in_child(MODEL, exports)  # exports, verifies, records the spec
+    assert first["runner"] == "OpenVinoBackend" and "torch" in first["imported"]
+    assert (_export_dir(exports) / RUNTIME_SPEC).is_file()
+    assert sorted(p.name for p in exports.iterdir()) == [_export_dir(exports).name]  # no temp
+
+    second = _load_in_child(MODEL, exports)
+    assert second["runner"] == "DirectBackend" and second["backend"] == "openvino"
+    assert second["imported"] == []  # no torch, transformers, sentence-transformers, optimum
+    assert second["precision"] == first["precision"]
+    # Same representation as torch: the index of either serves the other, no migration.
+    for key in ("model_id", "chunking_key", "dim", "max_tokens"):
+        assert second[key] == first[key] == getattr(torch_minilm, key), key
+    assert second["counts"] == torch_minilm.count_tokens(_TEXTS)
+    assert max(second["counts"]) > torch_minilm.max_tokens  # truncation is covered
+    want = torch_minilm.embed(_TEXTS)
+    assert float(_cos(second["vectors"], want).min()) >= 0.9999
+    np.testing.assert_allclose(np.linalg.norm(second["vectors"], axis=1), 1.0, atol=1e-5)
+
+
+@needs_openvino
+def test_cls_pooling_and_a_model_without_normalize_run_directly_too(tmp_path: Path) -> None:
+    """The two other shapes the direct runtime takes, each against its own torch vectors."""
+    models = {"cls": build_cls_minilm(tmp_path / "minilm-cls"),
+              "tiny": build_tiny_model(tmp_path / "tiny", dim=32, seed=4)}  # no Normalize
+    for name, path in models.items():
+        exports = tmp_path / f"exports-{name}"
+        _load_in_child(path, exports)
+        direct = _load_in_child(path, exports)
+        assert direct["runner"] == "DirectBackend", name
+        want = Embedder.load(str(path), device="cpu", backend="torch")
+        assert direct["model_id"] == want.model_id and direct["chunking_key"] == want.chunking_key
+        assert float(_cos(direct["vectors"], want.embed(_TEXTS)).min()) >= 0.9999, name
+
+
+@needs_openvino
+def test_a_stale_foreign_or_wrong_spec_sends_the_load_the_full_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        torch_minilm: Embedder) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
+    Embedder.load(MODEL, device="cpu", backend="openvino")  # export + spec
+    spec_file = _export_dir(tmp_path / "exports") / RUNTIME_SPEC
+    assert type(Embedder.load(MODEL, device="cpu")._backend).__name__ == "DirectBackend"
+    want = torch_minilm.embed(_TEXTS)
+
+    def load_after(edit: Any) -> Embedder:
+        body = json.loads(spec_file.read_text())
+        edit(body)
+        spec_file.write_text(json.dumps(body))
+        return Embedder.load(MODEL, device="cpu", backend="auto")
+
+    # Another version of a library that shaped the spec: the full path, which records anew.
+    emb = load_after(lambda b: b["libraries"].update(tokenizers="0.0.1"))
+    assert type(emb._backend).__name__ == "OpenVinoBackend"
+    assert json.loads(spec_file.read_text())["libraries"]["tokenizers"] != "0.0.1"
+    assert type(Embedder.load(MODEL, device="cpu")._backend).__name__ == "DirectBackend"
+
+    # A spec that parses but computes something else: the probe check catches it, loudly.
+    capsys.readouterr()
+    emb = load_after(lambda b: b["spec"].update(pooling="cls"))
+    assert type(emb._backend).__name__ == "OpenVinoBackend"
+    assert "openvino_direct_unusable" in capsys.readouterr().out
+    assert float(_cos(emb.embed(_TEXTS), want).min()) >= 0.9999
+    assert json.loads(spec_file.read_text())["spec"]["pooling"] == "mean"  # recorded again
+
+    # Garbage, or a spec of an earlier export of the same identity: the full path.
+    spec_file.write_text("{not json")
+    assert type(Embedder.load(MODEL, device="cpu")._backend).__name__ == "OpenVinoBackend"
+    emb = load_after(lambda b: b.update(marker_created=1.0))
+    assert type(emb._backend).__name__ == "OpenVinoBackend"
+    # torch asked for by name is torch, spec or not.
+    assert type(Embedder.load(MODEL, device="cpu", backend="torch")._backend).__name__ == (
+        "_SentenceTransformerBackend")
+
+
+@needs_openvino
+def test_a_model_with_a_dense_head_gets_no_spec_and_stays_on_the_full_path(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    base = SentenceTransformer(str(build_tiny_model(tmp_path / "tiny", dim=32, seed=5)),
+                               device="cpu")
+    path = tmp_path / "tiny-dense"
+    SentenceTransformer(modules=[*base, Dense(32, 16)], device="cpu").save(str(path))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
+    for _ in range(2):
+        emb = Embedder.load(str(path), device="cpu", backend="openvino")
+        assert type(emb._backend).__name__ == "OpenVinoBackend" and emb.dim == 16
+    assert not (_export_dir(tmp_path / "exports") / RUNTIME_SPEC).exists()
+
+
+# -- telling a CPU-only torch without importing it (no model) ----------------------------
+
+@pytest.mark.parametrize(("version_py", "platform", "expected"), [
+    ("cuda: Optional[str] = None\nhip: Optional[str] = None\n", "linux", True),
+    ("cuda = None\nhip = None\n", "linux", True),
+    ("cuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n", "linux", False),
+    ("cuda: Optional[str] = None\nhip: Optional[str] = '6.4.1'\n", "linux", False),
+    ("cuda: Optional[str] = None\nhip: Optional[str] = None\n", "darwin", False),  # MPS
+    ("__version__ = '2.13.0'\n", "linux", False),  # a layout we do not know: ask torch
+])
+def test_a_cpu_only_torch_build_is_told_from_its_version_file(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version_py: str, platform: str,
+        expected: bool) -> None:
+    package = tmp_path / "torch"
+    package.mkdir()
+    (package / "version.py").write_text(version_py)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: SimpleNamespace(
+        submodule_search_locations=[str(package)]) if name == "torch" else None)
+    assert cpu_only_torch_build(platform) is expected
+
+
+def test_no_torch_installed_or_torch_already_imported_means_asking_torch(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(device.importlib.util, "find_spec", lambda name: None)
+    assert cpu_only_torch_build("linux") is False
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace())
+    assert cpu_only_torch_build("linux") is False
+
+
+def test_only_transformer_pooling_and_normalize_get_a_spec() -> None:
+    def model(*names: str, mode: Any = "mean") -> list[Any]:
+        return [type(n, (), {"pooling_mode": mode})() for n in names]
+
+    assert openvino_runtime._pooling(model("Transformer", "Pooling")) == "mean"
+    assert openvino_runtime._pooling(model("Transformer", "Pooling", "Normalize",
+                                           mode=["cls"])) == "cls"
+    assert openvino_runtime._pooling(model("Transformer", "Pooling", mode="max")) is None
+    assert openvino_runtime._pooling(model("Transformer", "Pooling", mode=("mean", "cls"))) is None
+    assert openvino_runtime._pooling(model("Transformer", "Pooling", "Dense")) is None
+    assert openvino_runtime._pooling(model("Transformer", "Pooling", "Normalize", "Dense")) is None
