@@ -1,7 +1,7 @@
 """torch against OpenVINO (and LlamaIndex's usual pipeline) on SciFact: speed and nDCG@10.
 
     python bench/bench_backends.py [--scifact DIR] [--docs 1500] [--slice 400] [--int8]
-                                   [--f32] [--out bench/out/backends]
+                                   [--f32] [--pairs N] [--out bench/out/backends]
 
 Needs optimum-intel (`pip install -e '.[openvino]'`). One run, one process for the
 in-process parts, in this order:
@@ -17,7 +17,9 @@ in-process parts, in this order:
    SentenceSplitter(256, 20), HuggingFaceEmbedding of the same model on the CPU at its
    default batch size, a local on-disk Qdrant): whole-command wall time (less the script's
    own bookkeeping), its in-process seconds, nodes/s, tokens/s, and
-   ``repd_index_<backend>_over_llamaindex``, LlamaIndex's wall time over repd's.
+   ``repd_index_<backend>_over_llamaindex``, LlamaIndex's wall time over repd's. With
+   ``--pairs N``, N more back-to-back pairs (`repd index` on OpenVINO, then LlamaIndex)
+   and their median ratio: a shared host's speed drifts between minutes-apart runs.
 2. The OpenVINO export, timed in a fresh export folder, and a second load from it.
 3. The chunk texts repd made (read back from the torch index), embedded by: plain torch
    fp32 ``SentenceTransformer.encode(batch_size=32)``, repd's Embedder with backend torch,
@@ -47,6 +49,7 @@ import importlib.util
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import threading
@@ -102,6 +105,28 @@ def run_llamaindex(corpus: Path, out: Path) -> tuple[dict[str, Any], np.ndarray]
     return res, np.load(out / "llamaindex_vectors.npy")
 
 
+def alternate(out: Path, exports: Path, pairs: int) -> dict[str, Any]:
+    """``pairs`` more rounds of `repd index` on OpenVINO then LlamaIndex, back to back.
+
+    A shared host's speed drifts by tens of per cent within minutes; a ratio taken from
+    one run of each, minutes apart, drifts with it. Each pair here is a ratio of two runs
+    seconds apart, and the median of the pairs is the figure to quote.
+    """
+    rounds: list[dict[str, float]] = []
+    for i in range(pairs):
+        home = out / f"home-openvino-pair{i}"
+        env = env_for(home)
+        env.update({"REPD_BACKEND": "openvino", "REPD_DEVICE": "cpu",
+                    "REPD_OPENVINO_CACHE": str(exports)})
+        repd_wall, _ = repd(["index", str(out / "corpus"), "--json"], env)
+        li, _ = run_llamaindex(out / "corpus", out / f"llamaindex-pair{i}")
+        rounds.append({"repd_openvino_s": repd_wall, "llamaindex_s": li["wall_s"],
+                       "ratio": li["wall_s"] / repd_wall})
+        shutil.rmtree(home, ignore_errors=True)
+    return {"rounds": rounds,
+            "median_ratio": statistics.median(r["ratio"] for r in rounds)}
+
+
 def chunks_with_docs(data_dir: Path) -> tuple[list[str], list[str]]:
     """Chunk texts of an index and the SciFact document id (file stem) of each."""
     from repd.engine import Engine
@@ -153,6 +178,9 @@ def main() -> None:
     ap.add_argument("--slice", type=int, default=400,
                     help="texts per interleaved slice in the throughput step (default 400)")
     ap.add_argument("--int8", action="store_true", help="also measure 8-bit OpenVINO weights")
+    ap.add_argument("--pairs", type=int, default=0,
+                    help="with LlamaIndex: this many more back-to-back pairs of `repd index` "
+                         "on OpenVINO and LlamaIndex (the ratio a drifting host keeps)")
     ap.add_argument("--f32", action="store_true",
                     help="also measure repd on OpenVINO pinned to f32 (auto is bf16 on CPUs "
                          "that have it)")
@@ -215,6 +243,9 @@ def main() -> None:
                 li["wall_s"] / report[f"index_{backend}"]["wall_s"])
         print("llamaindex", json.dumps({k: v for k, v in li.items() if k != "versions"}),
               flush=True)
+        if args.pairs:
+            report["alternating"] = alternate(out, exports, args.pairs)
+            print("alternating", json.dumps(report["alternating"]), flush=True)
     texts, chunk_docs = chunks_with_docs(out / "home-torch" / "data" / "repd")
     tokens = sum(min(n + 2, tt.max_tokens + 2) for n in tt.count_tokens(texts))
     report["chunks"], report["tokens"] = len(texts), tokens
