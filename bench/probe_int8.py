@@ -11,12 +11,13 @@ issue's bar for offering a vector-changing variant: <= 0.005 nDCG@10 lost for a 
 Measured 2026-12-02 00:00 on the whole corpus, the machine otherwise idle: speed on 600
 documents f32 23.4 s, bf16 11.3 s, int8+bf16 9.9 s (1.14x bf16), int8+f32 8.2 s (1.37x
 bf16, 2.84x f32); cosine to f32 0.9940 min / 0.9971 mean for int8 (bf16 0.99997);
-nDCG@10 over the 809 judged train queries f32 0.6602, bf16 0.6601, int8+bf16 0.6628. So
-int8 activations pass the bar (no loss, 1.37x): worth offering as its own model identity
-(not built yet). An earlier run on 400 documents beside the test suite gave 1.09x and
--0.006 nDCG (83 queries): subsets and a shared machine mislead.
-Needs the openvino extra
-(nncf comes with it) and SciFact at /work/shared/data/scifact or $REPD_SCIFACT.
+nDCG@10 over the 809 judged train queries f32 0.6602, bf16 0.6601, int8+bf16 0.6628
+(int8+f32, the faster one, not scored: its vectors are int8+bf16's to the same cosine).
+So int8 activations pass the bar (no loss, 1.37x): worth offering as its own model
+identity (not built yet). An earlier run on 400 documents beside the test suite gave
+1.09x and -0.006 nDCG (83 queries): subsets and a shared machine mislead. Needs the
+openvino extra (nncf comes with it) and SciFact at /work/shared/data/scifact or
+$REPD_SCIFACT.
 """
 
 from __future__ import annotations
