@@ -97,7 +97,7 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
     # either way, but they decide the speed, and `auto` picks them.
     # Kept short: the default model's line fits 80 columns ("cpu, openvino bf16").
     runtime = " ".join(str(m[k]) for k in ("backend", "precision") if m.get(k))
-    where = f"{m.get('device') or '-'}, {runtime}" if runtime else f"{m.get('device') or '-'}"
+    where = ", ".join(part for part in (m.get("device") or "-", runtime) if part)
     model = (f"{m['name']}  dim {m['dim']}  {where}" if loaded
              else f"{m['name']}  (not loaded yet)")
     lines += wrap_field("model", model, cols)

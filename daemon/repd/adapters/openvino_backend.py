@@ -41,9 +41,11 @@ from repd.adapters.embedder import (
     _SentenceTransformerBackend,
     _Tokenized,
 )
+from repd.adapters.openvino_export import worst_cosine
 from repd.log import get_logger
 
-__all__ = ["SAME_VECTORS_MIN_COSINE", "CompiledCopies", "OpenVinoBackend", "bulk_config"]
+__all__ = ["SAME_VECTORS_MIN_COSINE", "CompiledCopies", "OpenVinoBackend", "RunsCompiledCopies",
+           "bulk_config"]
 
 log = get_logger("openvino")
 
@@ -103,7 +105,7 @@ class CompiledCopies:
         try:
             self._use_bulk(ov.Core().compile_model(self.network, "CPU",
                                                    bulk_config(precision=precision)), precision)
-            worst = float((probe() * reference).sum(axis=1).min())
+            worst = worst_cosine(probe(), reference)
             why = "" if worst >= SAME_VECTORS_MIN_COSINE else (
                 f"gives other vectors than f32 for this model (probe cosine {worst:.6f})")
         except Exception as exc:  # e.g. a CPU plugin that refuses the precision after all
@@ -170,7 +172,38 @@ class CompiledCopies:
                    if op.get_type_name() == "Constant")
 
 
-class OpenVinoBackend(_SentenceTransformerBackend):
+class RunsCompiledCopies:
+    """What both OpenVINO runtimes derive from their :class:`CompiledCopies` the same way.
+
+    A subclass sets ``self.copies`` and has ``prepare`` and ``run`` (the Backend protocol).
+    """
+
+    copies: CompiledCopies
+
+    @property
+    def precision(self) -> str:
+        """What the network computes in: ``f32`` or ``bf16``."""
+        return self.copies.precision
+
+    @property
+    def _bulk(self) -> Any:
+        return self.copies.bulk
+
+    @property
+    def _small(self) -> Any:
+        return self.copies.small
+
+    def _probe(self) -> np.ndarray:
+        """The probe texts' vectors, as :meth:`CompiledCopies.switch_precision` compares them."""
+        backend: Any = self
+        return np.asarray(backend.run(backend.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS))))
+
+    def memory_bytes(self) -> int:
+        """Bytes of the network's constants (see :meth:`CompiledCopies.memory_bytes`)."""
+        return self.copies.memory_bytes()
+
+
+class OpenVinoBackend(RunsCompiledCopies, _SentenceTransformerBackend):
     """A SentenceTransformer whose transformer is an optimum-intel OpenVINO model."""
 
     def __init__(self, model: Any, export_dir: Path, precision: str = "f32",
@@ -197,22 +230,6 @@ class OpenVinoBackend(_SentenceTransformerBackend):
         if precision != "f32":
             self.copies.switch_precision(precision, strict, self._probe)
 
-    @property
-    def precision(self) -> str:
-        """What the network computes in: ``f32`` or ``bf16``."""
-        return self.copies.precision
-
-    @property
-    def _bulk(self) -> Any:
-        return self.copies.bulk
-
-    @property
-    def _small(self) -> Any:
-        return self.copies.small
-
-    def _probe(self) -> np.ndarray:
-        return self.run(self.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS)))
-
     def run(self, prepared: Prepared, batch: Sequence[int]) -> np.ndarray:
         if not isinstance(prepared, _Tokenized):
             return super().run(prepared, batch)  # encode(), through _encode's lock
@@ -231,10 +248,6 @@ class OpenVinoBackend(_SentenceTransformerBackend):
     def _encode(self, texts: list[str]) -> np.ndarray:
         with self._encode_lock:  # optimum's model shares one infer request between threads
             return super()._encode(texts)
-
-    def memory_bytes(self) -> int:
-        """Bytes of the network's constants (see :meth:`CompiledCopies.memory_bytes`)."""
-        return self.copies.memory_bytes()
 
     # is_out_of_memory is torch's (inherited): OpenVINO raises none of those, so batch
     # halving, which is for accelerators with fixed memory, never starts here.

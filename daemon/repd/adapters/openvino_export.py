@@ -36,7 +36,8 @@ from repd.adapters.device import EmbedderError
 from repd.log import get_logger
 
 __all__ = ["CACHE_ENV", "MARKER", "RUNTIME_SPEC", "ExportReport", "export_folder", "export_root",
-           "load_or_export", "openvino_available", "read_marker"]
+           "library_versions", "load_or_export", "openvino_available", "read_marker",
+           "worst_cosine"]
 
 log = get_logger("openvino")
 
@@ -88,11 +89,16 @@ class ExportReport:
         self.seconds = seconds
 
 
-def _versions() -> dict[str, str]:
+_EXPORT_LIBRARIES = ("openvino", "optimum-intel", "sentence-transformers", "transformers")
+
+
+def library_versions(packages: Sequence[str] = _EXPORT_LIBRARIES) -> dict[str, str]:
+    """Installed version of each distribution in ``packages`` (``?`` when missing), read
+    from package metadata: nothing is imported."""
     from importlib.metadata import PackageNotFoundError, version
 
     out: dict[str, str] = {}
-    for pkg in ("openvino", "optimum-intel", "sentence-transformers", "transformers"):
+    for pkg in packages:
         try:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
@@ -106,10 +112,14 @@ def _file_sizes(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name not in (MARKER, RUNTIME_SPEC)}
 
 
-def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def worst_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The least cosine between matching rows of ``a`` and ``b``; -1.0 when their shapes
+    differ, NaN when a row is (compare with ``not x >= bar`` so that NaN fails)."""
+    if a.shape != b.shape:
+        return -1.0
     a = a / np.linalg.norm(a, axis=1, keepdims=True)
     b = b / np.linalg.norm(b, axis=1, keepdims=True)
-    return np.asarray((a * b).sum(axis=1))
+    return float((a * b).sum(axis=1).min())
 
 
 def _encode(model: Any, texts: Sequence[str]) -> np.ndarray:
@@ -192,7 +202,7 @@ def _check(folder: Path, model_id: str, ov_config: dict[str, str],
         return None, f"cannot be loaded: {type(exc).__name__}: {str(exc).strip()[:200]}"
     want = np.asarray(marker.get("probe_vectors"), dtype=np.float32)
     # "not >=" so that NaN (weights overwritten with garbage) counts as a mismatch.
-    if want.shape != got.shape or not float(_cosines(want, got).min()) >= _PROBE_MIN_COSINE:
+    if not worst_cosine(want, got) >= _PROBE_MIN_COSINE:
         return None, "its vectors no longer match the ones recorded at export"
     return model, ""
 
@@ -223,14 +233,14 @@ def _export(source: str, folder: Path, model_id: str, ov_config: dict[str, str],
         model.eval()
         want = reference()
         got = _encode(model, probes)
-        worst = float(_cosines(want, got).min()) if want.shape == got.shape else -1.0
+        worst = worst_cosine(want, got)
         if not worst >= _PROBE_MIN_COSINE:
             raise EmbedderError(
                 f"the OpenVINO export of {model_id} gives other vectors than torch "
                 f"(probe cosine {worst:.6f}); use backend = \"torch\"")
         model.save_pretrained(str(tmp))
         marker = {"version": _MARKER_VERSION, "model_id": model_id, "source": source,
-                  "created": time.time(), "libraries": _versions(),
+                  "created": time.time(), "libraries": library_versions(),
                   "files": _file_sizes(tmp), "probe_texts": list(probes),
                   "probe_vectors": want.tolist()}
         (tmp / MARKER).write_text(json.dumps(marker))

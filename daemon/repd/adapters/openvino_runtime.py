@@ -38,7 +38,6 @@ import numpy as np
 
 from repd.adapters.device import EmbedderError
 from repd.adapters.embedder import (
-    _PROBE_TEXTS,
     Padding,
     Prepared,
     _Tokenized,
@@ -50,9 +49,15 @@ from repd.adapters.openvino_backend import (
     SAME_VECTORS_MIN_COSINE,
     CompiledCopies,
     OpenVinoBackend,
+    RunsCompiledCopies,
     bulk_config,
 )
-from repd.adapters.openvino_export import RUNTIME_SPEC, read_marker
+from repd.adapters.openvino_export import (
+    RUNTIME_SPEC,
+    library_versions,
+    read_marker,
+    worst_cosine,
+)
 from repd.log import get_logger
 
 __all__ = ["DirectBackend", "RuntimeSpec", "load_direct", "record_spec", "spec_of"]
@@ -87,18 +92,6 @@ class RuntimeSpec:
         return Padding(self.pad_id, self.pad_type_id, self.left_pad, self.type_ids)
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out: dict[str, str] = {}
-    for pkg in _LIBRARIES:
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "?"
-    return out
-
-
 def _pooling(st_model: Any) -> str | None:
     """The pooling mode when the modules are Transformer, Pooling(mean|cls) [, Normalize]."""
     modules = list(st_model)
@@ -127,7 +120,7 @@ def spec_of(st_model: Any, runner: OpenVinoBackend) -> RuntimeSpec | None:
 def record_spec(folder: Path, marker_created: Any, spec: RuntimeSpec) -> None:
     """Write ``spec`` beside the export at ``folder`` (atomically; a failure only warns)."""
     body = {"version": _SPEC_VERSION, "marker_created": marker_created,
-            "libraries": _versions(), "spec": asdict(spec)}
+            "libraries": library_versions(_LIBRARIES), "spec": asdict(spec)}
     # The temporary file lies outside the export folder: a reader lists that folder's
     # files against the marker, and a stray file would read as a damaged export.
     tmp: Path | None = None
@@ -155,7 +148,7 @@ def _read_spec(folder: Path, marker: dict[str, Any]) -> tuple[RuntimeSpec | None
         return None, "runtime spec of another version"
     if body.get("marker_created") != marker.get("created"):
         return None, "runtime spec of an earlier export"
-    if body.get("libraries") != _versions():
+    if body.get("libraries") != library_versions(_LIBRARIES):
         return None, "runtime spec recorded under other library versions"
     try:
         spec = RuntimeSpec(**body["spec"])
@@ -166,7 +159,7 @@ def _read_spec(folder: Path, marker: dict[str, Any]) -> tuple[RuntimeSpec | None
     return spec, ""
 
 
-class DirectBackend:
+class DirectBackend(RunsCompiledCopies):
     """An export run by OpenVINO and ``tokenizers`` alone, pooled and normalized in numpy.
 
     Implements :class:`~repd.adapters.embedder.Backend`; see the module's docstring for
@@ -194,28 +187,10 @@ class DirectBackend:
         self.dim = spec.dim
         self.copies = CompiledCopies(
             network, ov.Core().compile_model(network, "CPU", bulk_config(precision="f32")))
-        got = self._probe()
-        worst = (float((got * reference).sum(axis=1).min())
-                 if got.shape == reference.shape else -1.0)
+        worst = worst_cosine(self._probe(), reference)
         if not worst >= SAME_VECTORS_MIN_COSINE:  # "not >=": NaN fails too
             raise EmbedderError(f"the direct OpenVINO runtime gives other vectors than torch "
                                 f"(probe cosine {worst:.6f})")
-
-    @property
-    def precision(self) -> str:
-        """What the network computes in: ``f32`` or ``bf16``."""
-        return self.copies.precision
-
-    @property
-    def _bulk(self) -> Any:
-        return self.copies.bulk
-
-    @property
-    def _small(self) -> Any:
-        return self.copies.small
-
-    def _probe(self) -> np.ndarray:
-        return self.run(self.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS)))
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text without special tokens or truncation (the chunker's count)."""
@@ -242,10 +217,6 @@ class DirectBackend:
         # torch's normalize: x / max(||x||, 1e-12)
         norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return np.asarray(pooled / norms, dtype=np.float32)
-
-    def memory_bytes(self) -> int:
-        """Bytes of the network's constants (see :meth:`CompiledCopies.memory_bytes`)."""
-        return self.copies.memory_bytes()
 
     def is_out_of_memory(self, exc: BaseException) -> bool:
         """A host allocation that failed (the embedder then halves its batches)."""
