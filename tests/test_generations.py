@@ -482,6 +482,13 @@ def test_files_to_backfill_files_to_clear_and_sync_counts(manifest: Manifest) ->
     assert manifest.chunk_counts(gen, [same, older, lacking]) == {same: 2, older: 1}
     sample = manifest.sample_points(gen, 3)
     assert len(sample) == 3 and set(sample) <= manifest.point_ids(gen)
+    # The int8 calibration's sample: one point per distinct chunk, by hash, repeatable.
+    spread = manifest.spread_points(gen, 100)
+    assert spread == manifest.spread_points(gen, 100)
+    assert set(spread) <= manifest.point_ids(gen)
+    distinct = {r[0] for r in manifest._query("SELECT hash FROM chunks WHERE gen_id=?", (gen,))}
+    assert len(spread) == len(distinct)
+    assert manifest.spread_points(gen, 2) == spread[:2]
 
     manifest.mark_for_reindex([same])
     row = manifest.file(ROOT, "same.txt")

@@ -399,7 +399,9 @@ def add_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                           help="start migrating to another model (built in the background)")
     # Not "model": that is the common --model option's destination.
     use.add_argument("target_model", metavar="NAME_OR_PATH",
-                     help="Hugging Face model name, or a local model folder")
+                     help="Hugging Face model name, or a local model folder; NAME+int8 "
+                     "for its int8 variant (OpenVINO on the CPU, calibrated on the index's "
+                     "own chunks)")
     use.set_defaults(func=cmd_model_use)
     sw = msub.add_parser("switch", parents=[common, timeout],
                          help="run the gate's checks and make the new generation active")

@@ -212,9 +212,22 @@ class Engine:
             return Embedder.load(name, device=self.settings.device,
                                  token_budget=self.settings.batch_tokens,
                                  cache_dir=paths.cache_dir(), backend=self.settings.backend,
-                                 openvino_precision=self.settings.openvino_precision)
+                                 openvino_precision=self.settings.openvino_precision,
+                                 calibration=self.calibration_texts)
         except EmbedderError as exc:
             raise EngineError(str(exc)) from None
+
+    def calibration_texts(self) -> list[str]:
+        """Chunk texts of the active index to calibrate an int8 variant on (none without
+        an index); the same index gives the same texts (see ``Manifest.spread_points``)."""
+        from repd.adapters.openvino_int8 import CALIBRATION_TEXTS
+
+        if self.generation is None:
+            return []
+        handle = self._active_handle()
+        ids = self.manifest.spread_points(handle.id, CALIBRATION_TEXTS)
+        records = handle.store.retrieve(ids, with_vectors=False) if ids else []
+        return [text for r in records if isinstance(text := r.payload.get("text"), str)]
 
     def embedder(self) -> Any:
         """The active generation's model, loaded once.

@@ -7,7 +7,7 @@ import importlib.util
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,7 +120,8 @@ class Embedder:
     @classmethod
     def load(cls, model: str, device: str = "auto", token_budget: int = DEFAULT_TOKEN_BUDGET,
              cache_dir: Path | None = None, backend: str = "auto",
-             openvino_precision: str = "auto") -> Embedder:
+             openvino_precision: str = "auto",
+             calibration: Callable[[], Sequence[str]] | None = None) -> Embedder:
         """Load ``model`` (a Hugging Face name or a local directory) onto ``device``.
 
         ``sentence-transformers/all-MiniLM-L6-v2`` (or ``all-MiniLM-L6-v2``) loads from
@@ -131,10 +132,17 @@ class Embedder:
         same vectors and the same :attr:`model_id`. ``openvino_precision`` (``auto``,
         ``f32``, ``bf16``; see :func:`choose_precision`) is what OpenVINO computes in; bf16
         is kept only when its vectors stay those of f32 (cosine >= 0.9999), so it is the
-        same representation too. Every failure is raised as :class:`EmbedderError`.
+        same representation too. ``NAME+int8`` is NAME's int8 variant, its own model
+        (see :mod:`repd.adapters.openvino_int8`), made on first use from the chunk texts
+        ``calibration`` gives. Every failure is raised as :class:`EmbedderError`.
         """
         from repd.adapters.openvino_export import openvino_available
+        from repd.adapters.openvino_int8 import split_variant
 
+        base, int8 = split_variant(model)
+        if int8:
+            return cls._load_int8(model, base, device, token_budget, cache_dir, backend,
+                                  openvino_precision, calibration)
         resolved = choose_device(device)
         source, short_name = _resolve_source(model)
         if resolved == "cpu" and backend.strip().lower() in ("auto", "openvino"):
@@ -200,6 +208,41 @@ class Embedder:
         return cls(runner, model_name=model, model_id=model_id, device="cpu",
                    token_budget=token_budget, backend_name="openvino",
                    precision=runner.precision)
+
+    @classmethod
+    def _load_int8(cls, model: str, base: str, device: str, token_budget: int,
+                   cache_dir: Path | None, backend: str, precision: str,
+                   calibration: Callable[[], Sequence[str]] | None) -> Embedder:
+        """``base``'s int8 variant, on OpenVINO with no torch (made first if needed)."""
+        from repd.adapters.openvino_export import export_folder
+        from repd.adapters.openvino_int8 import load_variant
+
+        if backend.strip().lower() == "torch" or choose_device(device) != "cpu":
+            raise EmbedderError(f"{model} runs on OpenVINO on the CPU only: set device = "
+                                "\"cpu\" and backend = \"auto\" or \"openvino\"")
+        # Installed, not imported: a variant already made runs without optimum or torch.
+        if importlib.util.find_spec("optimum.intel") is None:
+            raise EmbedderError(f"{model} needs OpenVINO: pip install 'repd[openvino]'")
+        source, short_name = _resolve_source(base)
+        if not (Path(source).is_dir() or _hub_snapshot(source) is not None):
+            raise EmbedderError(f"{model}: the int8 variant needs {base} as files on disk "
+                                "(a local folder or the Hugging Face cache)")
+        wanted = choose_precision(precision)  # a bad value fails before any loading
+        base_id = _model_identity(source, short_name, None, cache_dir)
+
+        def ensure_base() -> None:  # the base export and its runtime spec
+            cls.load(base, device="cpu", token_budget=token_budget, cache_dir=cache_dir,
+                     backend="openvino", openvino_precision="f32")
+
+        model_id, runner = load_variant(base_id, export_folder(base_id), ensure_base,
+                                        calibration, wanted,
+                                        strict=precision.strip().lower() == "bf16")
+        label = f"int8+{runner.precision}"  # what runs the parts int8 leaves out
+        log.info("model_loaded", model=model, model_id=model_id, device="cpu", backend="openvino",
+                 precision=label, dim=runner.dim, max_tokens=runner.max_tokens,
+                 fast_path=True, runtime="direct")
+        return cls(runner, model_name=model, model_id=model_id, device="cpu",
+                   token_budget=token_budget, backend_name="openvino", precision=label)
 
     @classmethod
     def _load_openvino(cls, model: str, source: str, short_name: str, cache_dir: Path | None,
@@ -271,7 +314,8 @@ class Embedder:
 
     @property
     def precision(self) -> str:
-        """What the forward pass computes in: ``f32``, ``bf16`` (OpenVINO) or ``fp16`` (CUDA)."""
+        """What the forward pass computes in: ``f32``, ``bf16``, ``int8+f32`` or ``int8+bf16``
+        (OpenVINO; an int8 variant, with what runs the rest), or ``fp16`` (CUDA)."""
         return self._precision
 
     @property

@@ -852,6 +852,13 @@ class Manifest:
         return [str(r[0]) for r in self._query(
             "SELECT point_id FROM chunks WHERE gen_id=? ORDER BY random() LIMIT ?", (gen_id, n))]
 
+    def spread_points(self, gen_id: int, n: int) -> list[str]:
+        """Up to ``n`` point ids of a generation's distinct chunks, the first by chunk hash:
+        spread over the corpus like a random sample, but the same for the same index."""
+        return [str(r[0]) for r in self._query(
+            "SELECT MIN(point_id) FROM chunks WHERE gen_id=? GROUP BY hash ORDER BY hash"
+            " LIMIT ?", (gen_id, n))]
+
     def mark_for_reindex(self, file_ids: Sequence[int]) -> None:
         """Make the next scan index these files again even if stat and content match
         (a generation made active again lacks their latest content). Chunk rows stay:

@@ -89,9 +89,10 @@ class CompiledCopies:
         self._local = threading.local()
         self._lock = threading.Lock()
 
-    def switch_precision(self, precision: str, strict: bool,
-                         probe: Callable[[], np.ndarray]) -> None:
-        """Recompile the network in ``precision`` and keep it if ``probe()`` stays f32's.
+    def switch_precision(self, precision: str, strict: bool, probe: Callable[[], np.ndarray],
+                         min_cosine: float | None = None) -> None:
+        """Recompile the network in ``precision`` and keep it if ``probe()`` stays f32's
+        (cosine >= ``min_cosine``, by default :data:`SAME_VECTORS_MIN_COSINE`).
 
         A compile or a probe run that fails in that precision counts as unfaithful too:
         f32, already verified, stays with the warning ``openvino_precision_unfaithful``,
@@ -106,7 +107,8 @@ class CompiledCopies:
             self._use_bulk(ov.Core().compile_model(self.network, "CPU",
                                                    bulk_config(precision=precision)), precision)
             worst = worst_cosine(probe(), reference)
-            why = "" if worst >= SAME_VECTORS_MIN_COSINE else (
+            bar = SAME_VECTORS_MIN_COSINE if min_cosine is None else min_cosine
+            why = "" if worst >= bar else (
                 f"gives other vectors than f32 for this model (probe cosine {worst:.6f})")
         except Exception as exc:  # e.g. a CPU plugin that refuses the precision after all
             why = f"cannot run this model: {type(exc).__name__}: {str(exc).strip()[:200]}"

@@ -36,8 +36,8 @@ from repd.adapters.device import EmbedderError
 from repd.log import get_logger
 
 __all__ = ["CACHE_ENV", "MARKER", "RUNTIME_SPEC", "ExportReport", "export_folder", "export_root",
-           "library_versions", "load_or_export", "openvino_available", "read_marker",
-           "worst_cosine"]
+           "library_versions", "load_or_export", "openvino_available", "put_in_place",
+           "read_marker", "set_aside", "temp_folder", "worst_cosine", "write_marker"]
 
 log = get_logger("openvino")
 
@@ -207,7 +207,8 @@ def _check(folder: Path, model_id: str, ov_config: dict[str, str],
     return model, ""
 
 
-def _set_aside(folder: Path, why: str) -> None:
+def set_aside(folder: Path, why: str) -> None:
+    """Move a damaged export out of the way (then delete it), with a warning."""
     log.warning("openvino_export_damaged", path=str(folder), reason=why,
                 action="exporting again")
     aside = folder.with_name(f".{folder.name}.damaged-{os.getpid()}-{time.time_ns()}")
@@ -223,8 +224,7 @@ def _export(source: str, folder: Path, model_id: str, ov_config: dict[str, str],
     """Export ``source`` into ``folder`` through a temporary sibling and one rename."""
     from sentence_transformers import SentenceTransformer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    tmp = temp_folder(folder)
     try:
         with _quiet():
             model = SentenceTransformer(source, device="cpu", backend="openvino",
@@ -239,22 +239,43 @@ def _export(source: str, folder: Path, model_id: str, ov_config: dict[str, str],
                 f"the OpenVINO export of {model_id} gives other vectors than torch "
                 f"(probe cosine {worst:.6f}); use backend = \"torch\"")
         model.save_pretrained(str(tmp))
-        marker = {"version": _MARKER_VERSION, "model_id": model_id, "source": source,
-                  "created": time.time(), "libraries": library_versions(),
-                  "files": _file_sizes(tmp), "probe_texts": list(probes),
-                  "probe_vectors": want.tolist()}
-        (tmp / MARKER).write_text(json.dumps(marker))
-        tmp.chmod(0o755 & ~_umask())  # mkdtemp makes it 0700; honour the umask instead
-        try:
-            tmp.rename(folder)
-        except OSError:
-            # Another process renamed its export there first: the same identity, so the
-            # same model; keep theirs (it may be in use) and drop ours.
-            log.info("openvino_export_raced", path=str(folder))
+        write_marker(tmp, model_id, source, probes, want)
+        put_in_place(tmp, folder)
         return model
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def temp_folder(folder: Path) -> Path:
+    """A new empty folder beside ``folder``, to build its contents in (see :func:`put_in_place`)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+
+
+def write_marker(tmp: Path, model_id: str, source: str, probes: Sequence[str],
+                 vectors: np.ndarray, extra: dict[str, Any] | None = None) -> float:
+    """Write the marker of the export built in ``tmp`` (its files all written); return
+    its ``created`` stamp. ``vectors``: the reference vectors of ``probes``."""
+    created = time.time()
+    marker = {"version": _MARKER_VERSION, "model_id": model_id, "source": source,
+              "created": created, "libraries": library_versions(),
+              "files": _file_sizes(tmp), "probe_texts": list(probes),
+              "probe_vectors": np.asarray(vectors).tolist(), **(extra or {})}
+    (tmp / MARKER).write_text(json.dumps(marker))
+    return created
+
+
+def put_in_place(tmp: Path, folder: Path) -> None:
+    """Rename the finished export ``tmp`` to ``folder`` in one step (or drop it when
+    another process got there first)."""
+    tmp.chmod(0o755 & ~_umask())  # mkdtemp makes it 0700; honour the umask instead
+    try:
+        tmp.rename(folder)
+    except OSError:
+        # Another process renamed its export there first: the same identity, so the
+        # same model; keep theirs (it may be in use) and drop ours.
+        log.info("openvino_export_raced", path=str(folder))
 
 
 def _umask() -> int:
@@ -277,7 +298,7 @@ def load_or_export(source: str, model_id: str, ov_config: dict[str, str],
         model, why = _check(folder, model_id, ov_config, probes)
         if model is not None:
             return model, ExportReport(folder, False, time.perf_counter() - t0)
-        _set_aside(folder, why)
+        set_aside(folder, why)
     log.info("openvino_exporting", model_id=model_id, path=str(folder))
     try:
         model = _export(source, folder, model_id, ov_config, probes, reference)

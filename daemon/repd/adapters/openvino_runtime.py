@@ -60,7 +60,7 @@ from repd.adapters.openvino_export import (
 )
 from repd.log import get_logger
 
-__all__ = ["DirectBackend", "RuntimeSpec", "load_direct", "record_spec", "spec_of"]
+__all__ = ["DirectBackend", "RuntimeSpec", "load_direct", "read_spec", "record_spec", "spec_of"]
 
 log = get_logger("openvino")
 
@@ -137,7 +137,8 @@ def record_spec(folder: Path, marker_created: Any, spec: RuntimeSpec) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def _read_spec(folder: Path, marker: dict[str, Any]) -> tuple[RuntimeSpec | None, str]:
+def read_spec(folder: Path, marker: dict[str, Any]) -> tuple[RuntimeSpec | None, str]:
+    """The runtime spec beside the export at ``folder`` if current, else ``(None, why)``."""
     try:
         body = json.loads((folder / RUNTIME_SPEC).read_text())
     except FileNotFoundError:
@@ -168,12 +169,17 @@ class DirectBackend(RunsCompiledCopies):
 
     fast = True  # always pre-tokenized: there is no encode() to fall back to
 
-    def __init__(self, spec: RuntimeSpec, network: Any, reference: np.ndarray) -> None:
+    def __init__(self, spec: RuntimeSpec, network: Any, reference: np.ndarray | None,
+                 min_cosine: float | None = None) -> None:
         """Compile ``network`` in f32 and check it against ``reference``.
 
-        ``reference``: the torch vectors of the probe texts the export recorded. Raises
-        :class:`EmbedderError` when the f32 vectors are not those. Another precision is
-        tried afterwards, by ``copies.switch_precision`` (see :func:`load_direct`).
+        ``reference``: the vectors of the probe texts the export recorded (torch's; an
+        int8 variant's own, see :mod:`repd.adapters.openvino_int8`); ``None`` only while
+        an export is being made. Raises :class:`EmbedderError` when the f32 vectors are
+        not those (cosine under ``min_cosine``, by default
+        :data:`~repd.adapters.openvino_backend.SAME_VECTORS_MIN_COSINE`). Another
+        precision is tried afterwards,
+        by ``copies.switch_precision`` (see :func:`load_direct`).
         """
         import openvino as ov
         from tokenizers import Tokenizer
@@ -187,10 +193,13 @@ class DirectBackend(RunsCompiledCopies):
         self.dim = spec.dim
         self.copies = CompiledCopies(
             network, ov.Core().compile_model(network, "CPU", bulk_config(precision="f32")))
+        if reference is None:
+            return
         worst = worst_cosine(self._probe(), reference)
-        if not worst >= SAME_VECTORS_MIN_COSINE:  # "not >=": NaN fails too
-            raise EmbedderError(f"the direct OpenVINO runtime gives other vectors than torch "
-                                f"(probe cosine {worst:.6f})")
+        bar = SAME_VECTORS_MIN_COSINE if min_cosine is None else min_cosine
+        if not worst >= bar:  # "not >=": NaN fails too
+            raise EmbedderError(f"the direct OpenVINO runtime gives other vectors than "
+                                f"recorded at export (probe cosine {worst:.6f})")
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text without special tokens or truncation (the chunker's count)."""
@@ -228,16 +237,18 @@ class DirectBackend(RunsCompiledCopies):
 
 
 def load_direct(folder: Path, model_id: str, precision: str, strict: bool,
-                ) -> DirectBackend | None:
+                min_cosine: float | None = None) -> DirectBackend | None:
     """A :class:`DirectBackend` for the export at ``folder``, or ``None`` (use the full path).
 
     ``None`` when the export or its spec is missing, stale or of other library versions,
-    or when the probe vectors are not torch's (logged); ``strict`` precision errors raise.
+    or when the probe vectors are not the recorded ones (logged); ``strict`` precision
+    errors raise. ``min_cosine``: the bar for both checks, by default
+    :data:`~repd.adapters.openvino_backend.SAME_VECTORS_MIN_COSINE`.
     """
     marker, why = read_marker(folder, model_id)
     spec = None
     if marker is not None:
-        spec, why = _read_spec(folder, marker)
+        spec, why = read_spec(folder, marker)
     if marker is None or spec is None:
         log.debug("openvino_direct_unused", path=str(folder), reason=why)
         return None
@@ -246,12 +257,12 @@ def load_direct(folder: Path, model_id: str, precision: str, strict: bool,
 
         reference = np.asarray(marker.get("probe_vectors"), dtype=np.float32)
         network = ov.Core().read_model(str(folder / "openvino" / "openvino_model.xml"))
-        backend = DirectBackend(spec, network, reference)
+        backend = DirectBackend(spec, network, reference, min_cosine)
     except Exception as exc:  # other vectors, a missing IR, a tokenizer that will not parse
         log.warning("openvino_direct_unusable", path=str(folder),
                     reason=f"{type(exc).__name__}: {str(exc).strip()[:200]}",
                     using="the full OpenVINO path")
         return None
     if precision != "f32":  # as the full path does; a strict refusal is raised from here
-        backend.copies.switch_precision(precision, strict, backend._probe)
+        backend.copies.switch_precision(precision, strict, backend._probe, min_cosine)
     return backend

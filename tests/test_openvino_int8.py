@@ -1,0 +1,228 @@
+"""int8 activations as a model of their own (repd.adapters.openvino_int8): real NNCF, real IR.
+
+The base is a real model (the packaged MiniLM cut to three layers, so that quantizing
+takes seconds); the variant is made by repd's own code from chunk texts, loaded again in a
+fresh process without torch, and moved to through a real daemon's model upgrade.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from repd.adapters.embedder import Embedder, EmbedderError
+from repd.adapters.openvino_export import CACHE_ENV, MARKER, openvino_available
+from repd.adapters.openvino_int8 import BASE_MIN_COSINE, SUFFIX, split_variant, variant_folder
+from tests.conftest_models import build_truncated_minilm
+from tests.daemon_harness import DaemonProc, wait_for
+
+needs_openvino = pytest.mark.skipif(
+    not openvino_available(),
+    reason="optimum-intel[openvino] is not installed (pip install -e '.[openvino]')")
+
+_TOPICS = ["volcano eruption lava magma", "stock market shares trading",
+           "protein folding enzyme kinetics", "football goal referee match",
+           "violin concerto orchestra tempo", "glacier ice sheet climate",
+           "compiler parser bytecode optimizer", "bread yeast oven dough"]
+# Calibration texts as an index holds them: sentences and paragraphs of various lengths.
+_CHUNKS = [f"Note {i} on {t}. " + " ".join(f"{w} number {i * j}" for j, w in
+                                          enumerate(t.split() * (1 + i % 5)))
+           for i, t in enumerate(_TOPICS * 5)]
+_TEXTS = ["p53", "What erupts from a volcano?", "Shares fell on the stock market today.",
+          "A parser turns source text into a syntax tree. " * 20]
+
+_CHILD = """
+import json, sys
+from repd.adapters.embedder import Embedder
+emb = Embedder.load(sys.argv[1], device="cpu")
+print(json.dumps({"model_id": emb.model_id, "precision": emb.precision,
+                  "vectors": emb.embed(json.loads(sys.argv[2])).tolist(),
+                  "imported": sorted(m for m in ("torch", "transformers", "sentence_transformers",
+                                                 "optimum.intel", "nncf") if m in sys.modules)}))
+"""
+
+
+def _cos(a: Any, b: Any) -> np.ndarray:
+    a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
+    return np.asarray((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+
+
+def test_a_variant_is_named_by_a_suffix() -> None:
+    assert split_variant("all-MiniLM-L6-v2+int8") == ("all-MiniLM-L6-v2", True)
+    assert split_variant("/models/e5 small+int8") == ("/models/e5 small", True)
+    assert split_variant("all-MiniLM-L6-v2") == ("all-MiniLM-L6-v2", False)
+    assert split_variant(SUFFIX) == (SUFFIX, False)  # nothing to quantize: a plain name
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_truncated_minilm(tmp_path_factory.mktemp("models") / "minilm-3l", layers=3)
+
+
+@pytest.fixture
+def exports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    folder = tmp_path / "exports"
+    monkeypatch.setenv(CACHE_ENV, str(folder))
+    return folder
+
+
+class Calibration:
+    """Chunk texts on demand, counting the calls (a variant already made needs none)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts = texts
+        self.calls = 0
+
+    def __call__(self) -> list[str]:
+        self.calls += 1
+        return self.texts
+
+
+@needs_openvino
+def test_the_variant_is_made_once_from_chunks_and_is_its_own_model(
+        base: Path, exports: Path) -> None:
+    plain = Embedder.load(str(base), device="cpu")
+    calibration = Calibration(_CHUNKS)
+    int8 = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration)
+    assert calibration.calls == 1
+    # Its own identity, the base's plus the calibration's digest: another model.
+    assert int8.model_id.startswith(f"{plain.model_id}{SUFFIX}:")
+    assert len(int8.model_id.rpartition(":")[2]) == 12
+    assert int8.model_name == f"{base}{SUFFIX}"
+    assert int8.backend == "openvino" and int8.precision.startswith("int8+")
+    # Same tokenizer and limit: the chunks stay the same, so an upgrade reuses them.
+    assert int8.chunking_key == plain.chunking_key
+    assert int8.count_tokens(_TEXTS) == plain.count_tokens(_TEXTS)
+    # Near the base model's vectors (texts unlike the calibration's, such as two-word
+    # queries, move most: ~0.98 here), but moved: quantized for real.
+    cosines = _cos(int8.embed(_TEXTS), plain.embed(_TEXTS))
+    assert 0.95 <= float(cosines.min()) < 0.9999
+    marker = json.loads((variant_folder(plain.model_id) / MARKER).read_text())
+    assert marker["model_id"] == int8.model_id
+    assert marker["quantization"]["texts"] == len(_CHUNKS)
+    assert marker["quantization"]["base_cosine_min"] >= BASE_MIN_COSINE
+
+    # Loaded again: from the folder, no calibration, the same identity and vectors.
+    again = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration)
+    assert calibration.calls == 1
+    assert again.model_id == int8.model_id
+    assert float(_cos(again.embed(_TEXTS), int8.embed(_TEXTS)).min()) >= 0.9999
+
+    # In a fresh process it runs without torch, transformers or NNCF.
+    env = {**os.environ, CACHE_ENV: str(exports), "REPD_LOG_LEVEL": "warning"}
+    done = subprocess.run([sys.executable, "-c", _CHILD, f"{base}{SUFFIX}", json.dumps(_TEXTS)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    assert child["imported"] == []
+    assert child["model_id"] == int8.model_id and child["precision"] == int8.precision
+    assert float(_cos(child["vectors"], int8.embed(_TEXTS)).min()) >= 0.998
+
+
+@needs_openvino
+def test_other_chunks_make_another_identity_the_same_chunks_the_same(
+        base: Path, exports: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=Calibration(_CHUNKS))
+    # The same chunks in another cache: quantized again, the same model (NNCF is
+    # deterministic), so an export lost from the cache costs no migration.
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports-again"))
+    same = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=Calibration(_CHUNKS))
+    assert same.model_id == first.model_id
+    assert float(_cos(same.embed(_TEXTS), first.embed(_TEXTS)).min()) >= 0.9999
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports-other"))
+    other = Embedder.load(f"{base}{SUFFIX}", device="cpu",
+                          calibration=Calibration(_CHUNKS[::-1][:20]))
+    assert other.model_id != first.model_id
+    assert other.model_id.partition(SUFFIX)[0] == first.model_id.partition(SUFFIX)[0]
+
+
+@needs_openvino
+def test_without_chunks_or_off_the_cpu_it_says_what_to_do(
+        base: Path, exports: Path) -> None:
+    with pytest.raises(EmbedderError, match="calibrated on the chunks of your index"):
+        Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=Calibration([]))
+    with pytest.raises(EmbedderError, match="calibrated on the chunks of your index"):
+        Embedder.load(f"{base}{SUFFIX}", device="cpu")
+    with pytest.raises(EmbedderError, match="OpenVINO on the CPU only"):
+        Embedder.load(f"{base}{SUFFIX}", device="cpu", backend="torch",
+                      calibration=Calibration(_CHUNKS))
+    with pytest.raises(EmbedderError, match="no such directory"):
+        Embedder.load(f"{base}-missing{SUFFIX}", device="cpu", calibration=Calibration(_CHUNKS))
+    assert not any(p.name.endswith("_int8") for p in exports.glob("*"))
+
+
+@needs_openvino
+def test_a_damaged_variant_is_made_again(
+        base: Path, exports: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    calibration = Calibration(_CHUNKS)
+    first = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration)
+    want = first.embed(_TEXTS)
+    folder = variant_folder(first.model_id.partition(SUFFIX)[0])
+    weights = folder / "openvino" / "openvino_model.bin"
+    size = weights.stat().st_size
+    weights.write_bytes(np.random.default_rng(0).bytes(size))  # same size: only the probe knows
+    capsys.readouterr()
+    again = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration)
+    assert calibration.calls == 2
+    assert "openvino_export_damaged" in capsys.readouterr().out
+    assert again.model_id == first.model_id
+    assert float(_cos(again.embed(_TEXTS), want).min()) >= 0.9999
+    assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []  # no leftovers
+
+
+@needs_openvino
+def test_a_daemon_upgrades_to_int8_calibrated_on_its_own_index(tmp_path: Path) -> None:
+    """`repd model use NAME+int8`: calibrated on the index's chunks, re-embedded (chunks
+    reused) while the old index answers, switched by the gate, searched the same."""
+    root = tmp_path / "notes"
+    root.mkdir()
+    for i, topic in enumerate(_TOPICS * 3):
+        (root / f"note{i:02d}.txt").write_text(
+            f"Note {i} about {topic}. The marker is zq{i}x. " + " ".join(topic.split() * 4),
+            encoding="utf-8")
+    d = DaemonProc(tmp_path / "home", [root]).start()
+    try:
+        client = d.client
+        before = client.status()
+        base_id = before["model"]["id"]
+        started = client.model_use(f"all-MiniLM-L6-v2{SUFFIX}")
+        assert started["generation"] == "2", started
+
+        def switched() -> dict[str, Any] | None:
+            st = client.status()
+            mig = client.model_status().get("migration")
+            assert mig is None or mig["state"] != "failed", mig
+            return st if st["generation"]["id"] == "2" and mig is None else None
+
+        after = wait_for(switched, 300, "the switch to the int8 generation", every=0.3)
+        assert after["model"]["id"].startswith(f"{base_id}{SUFFIX}:")
+        assert after["model"]["precision"].startswith("int8+")
+        assert after["generation"]["points"] == before["generation"]["points"]
+        hits = client.query("glacier ice sheet climate zq5x", k=3)
+        assert hits["generation"] == "2"
+        assert hits["hits"][0]["path"] == "note05.txt"
+        # Calibrated on this index: its 24 distinct chunks (the folder is kept between
+        # runs of the suite, the corpus is the same each time).
+        marker = json.loads((variant_folder(base_id) / MARKER).read_text())
+        assert marker["model_id"] == after["model"]["id"]
+        assert marker["quantization"]["texts"] == 24
+        listing = {g["id"]: g for g in client.model_status()["generations"]}
+        assert listing["2"]["model_id"] == after["model"]["id"]
+        assert listing["1"]["state"] == "retired"
+    finally:
+        d.stop()
+    # A restart loads the variant from the cache: the same identity, no migration.
+    d2 = DaemonProc(tmp_path / "home", [root]).start()
+    try:
+        st = d2.client.status()
+        assert st["model"]["id"] == after["model"]["id"]
+        assert d2.client.model_status().get("migration") is None
+    finally:
+        d2.stop()
