@@ -73,7 +73,7 @@ def test_a_misspelled_variable_is_a_warning_with_the_closest_name(
     monkeypatch.setenv("repd_modle", "x")  # case does not matter, as for real settings
     monkeypatch.setenv("REPD_ZZZZ", "1")
     loaded = load_settings()
-    assert loaded.settings.batch_tokens == 16384  # ignored, not applied
+    assert loaded.settings.batch_tokens is None  # ignored, not applied
     text = "\n".join(loaded.warnings)
     assert len(loaded.warnings) == 4, text
     assert "REPD_BATCH_TOKEN is not a repd setting (did you mean REPD_BATCH_TOKENS?)" in text

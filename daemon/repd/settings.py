@@ -121,7 +121,10 @@ class Settings(BaseSettings):
         description="what OpenVINO computes in: auto (bf16 where the CPU has it natively, "
                     "else f32), f32 or bf16; bf16 is kept only if its vectors stay f32's "
                     "(cosine >= 0.9999), so an index needs no migration either way")
-    batch_tokens: int = Field(default=16384, ge=256, description="padded tokens per batch")
+    batch_tokens: int | None = Field(
+        default=None, ge=256,
+        description="padded tokens per batch; unset: the backend's own (4096 on OpenVINO, "
+                    "16384 on torch)")
     max_file_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_chunks_per_file: int = Field(
         default=20_000, ge=1, description="files cut into more chunks are skipped")
