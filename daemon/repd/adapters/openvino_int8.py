@@ -6,9 +6,10 @@
 ``<base identity>+int8:<calibration digest>`` and moving to it is a model upgrade, which
 re-embeds every file while the old index answers, and whose gate (or ``repd eval``)
 judges it. On SciFact it lost nothing (nDCG@10 0.6628 against bf16's 0.6601, 809 train
-queries, ``bench/probe_int8.py``) and ran 1.16x the base model in bf16 (int8 with bf16
-elsewhere; int8 with f32 elsewhere ran at bf16's speed: 600 documents, four interleaved
-rounds, medians 8.19 s, 9.58 s, 9.54 s).
+queries, ``bench/probe_int8.py``). Its gain depends on the CPU: 2.2x the base model
+where that runs in f32 (no native bf16; the index's chunks, 18.9 s against 41.1 s), but
+only 1.05-1.16x where the base runs in bf16 on AMX, as on the machine it was built on
+(int8 with bf16 elsewhere; with f32 elsewhere it ran at bf16's speed).
 
 How it is made, once per base model (the folder is ``<base identity>+int8`` under the
 export cache, :func:`variant_folder`):
