@@ -11,6 +11,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ import pytest
 from repd.adapters.embedder import Embedder, EmbedderError
 from repd.adapters.openvino_export import CACHE_ENV, MARKER, openvino_available
 from repd.adapters.openvino_int8 import BASE_MIN_COSINE, SUFFIX, split_variant, variant_folder
+from repd.api.client import ApiClient
 from tests.conftest_models import build_truncated_minilm
 from tests.daemon_harness import DaemonProc, wait_for
 
@@ -177,6 +180,16 @@ def test_a_damaged_variant_is_made_again(
     assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
+def _watch_loading(d: DaemonProc, seen: list[str], stop: threading.Event) -> None:
+    """Collect the migration messages of the ``loading`` state until ``stop``."""
+    client = ApiClient(d.socket, timeout=30)
+    while not stop.is_set():
+        mig = client.model_status().get("migration")
+        if mig is not None and mig["state"] == "loading":
+            seen.append(str(mig["message"]))
+        time.sleep(0.1)
+
+
 @needs_openvino
 def test_a_daemon_upgrades_to_int8_calibrated_on_its_own_index(tmp_path: Path) -> None:
     """`repd model use NAME+int8`: calibrated on the index's chunks, re-embedded (chunks
@@ -192,8 +205,21 @@ def test_a_daemon_upgrades_to_int8_calibrated_on_its_own_index(tmp_path: Path) -
         client = d.client
         before = client.status()
         base_id = before["model"]["id"]
-        started = client.model_use(f"all-MiniLM-L6-v2{SUFFIX}")
+        made_here = not variant_folder(base_id).exists()
+        seen: list[str] = []
+        stop = threading.Event()
+        watcher = threading.Thread(target=_watch_loading, args=(d, seen, stop), daemon=True)
+        watcher.start()
+        try:  # answered once the model is loaded: loading is over then
+            started = client.model_use(f"all-MiniLM-L6-v2{SUFFIX}")
+        finally:
+            stop.set()
+            watcher.join(30)
         assert started["generation"] == "2", started
+        # While it loads, the status says that the variant may be made first (the session's
+        # export folder may hold it already: then loading is quick and may not be seen).
+        assert seen or not made_here
+        assert all("int8 variant is made from up to 300 chunks" in m for m in seen), seen
 
         def switched() -> dict[str, Any] | None:
             st = client.status()

@@ -689,7 +689,7 @@ class Migrations:
             loading, failed = self._loading, self._failed
             if loading is not None:
                 return MigrationSnapshot("loading", from_gen, None, loading[0], None, 0, 0, 0,
-                                         0.0, None, None, None, f"loading {loading[0]}",
+                                         0.0, None, None, None, _loading_message(loading[0]),
                                          loading[1])
             if failed is not None:
                 return MigrationSnapshot("failed", from_gen, None, failed[0], None, 0, 0, 0,
@@ -708,6 +708,16 @@ class Migrations:
             handle.model_id if handle else None, mig.files_done, mig.files_total,
             mig.chunks_embedded, rate, eta if mig.state == "backfilling" else None, memory,
             mig.gate, mig.message, mig.started_at)
+
+
+def _loading_message(model: str) -> str:
+    """What a loading migration says; an int8 variant may first be made (about a minute)."""
+    from repd.adapters.openvino_int8 import CALIBRATION_TEXTS, split_variant
+
+    if split_variant(model)[1]:
+        return (f"loading {model}: the first time, its int8 variant is made from up to "
+                f"{CALIBRATION_TEXTS} chunks of the index (about a minute on 2 cores)")
+    return f"loading {model}"
 
 
 def _size_of(path: Path) -> int:
