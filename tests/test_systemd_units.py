@@ -505,7 +505,8 @@ _SETTING_LINE = re.compile(r"^(# )?([a-z_]+) = ")
 # Defaults that depend on the machine or are unset; the example shows a sample value.
 _SAMPLE_VALUES = {"roots", "store.path", "store.url", "store.api_key", "api.socket",
                   "api.socket_group", "api.tcp_port", "api.token", "migration.gate_queries",
-                  "migration.gate_qrels", "migration.gate_mapping"}
+                  "migration.gate_qrels", "migration.gate_mapping",
+                  "batch_tokens"}  # unset by default: the backend's own budget
 
 
 def settings_keys() -> set[str]:
