@@ -195,7 +195,7 @@ class Embedder:
 
         ``None`` sends :meth:`load` the full way (see :mod:`repd.adapters.openvino_runtime`).
         """
-        if not (Path(source).is_dir() or _hub_snapshot(source) is not None):
+        if not _visible(source):
             return None  # its identity needs the weights in memory: the full path
         try:
             # The extra installed (not imported: that is what this path saves), as for
@@ -235,7 +235,7 @@ class Embedder:
         if importlib.util.find_spec("optimum.intel") is None:
             raise EmbedderError(f"{model} needs OpenVINO: pip install 'repd[openvino]'")
         source, short_name = _resolve_source(base)
-        if not (Path(source).is_dir() or _hub_snapshot(source) is not None):
+        if not _visible(source):
             raise EmbedderError(f"{model}: the int8 variant needs {base} as files on disk "
                                 "(a local folder or the Hugging Face cache)")
         wanted = choose_precision(precision)  # a bad value fails before any loading
@@ -280,7 +280,7 @@ class Embedder:
                                         normalize_embeddings=True, show_progress_bar=False)
             return np.asarray(vectors, dtype=np.float32)
 
-        visible = Path(source).is_dir() or _hub_snapshot(source) is not None
+        visible = _visible(source)
         # The same function over the same files as the torch path: one identity for both.
         model_id = _model_identity(source, short_name, None if visible else torch_st(), cache_dir)
         st_model, report = load_or_export(source, model_id, bulk_config(), _PROBE_TEXTS, reference)
@@ -807,6 +807,11 @@ def directory_digest(directory: Path, cache_file: Path | None = None) -> str:
     if changed and cache_file is not None:
         _save_hash_cache(cache_file, cache)
     return total.hexdigest()
+
+
+def _visible(source: str) -> bool:
+    """Whether the model's files can be read (a folder, or the Hugging Face cache)."""
+    return Path(source).is_dir() or _hub_snapshot(source) is not None
 
 
 def _hub_snapshot(name: str) -> Path | None:

@@ -149,16 +149,21 @@ class CompiledCopies:
             setattr(self._local, attr, request)
         return request
 
+    def inputs_for(self, features: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``features`` as the network takes them (see :meth:`infer`)."""
+        names = self.input_names
+        inputs = {k: v for k, v in features.items() if k in names}
+        if "token_type_ids" in names and "token_type_ids" not in inputs:
+            inputs["token_type_ids"] = np.zeros_like(features["input_ids"])
+        return inputs
+
     def infer(self, features: dict[str, np.ndarray]) -> np.ndarray:
         """The network's first output (token embeddings) for padded ``features``, a copy.
 
         Features the network does not take are left out; a ``token_type_ids`` input it
         takes but the tokenizer does not make is all zeros, as transformers fills it.
         """
-        names = self.input_names
-        inputs = {k: v for k, v in features.items() if k in names}
-        if "token_type_ids" in names and "token_type_ids" not in inputs:
-            inputs["token_type_ids"] = np.zeros_like(features["input_ids"])
+        inputs = self.inputs_for(features)
         ids = features["input_ids"]
         request = self.request(small=ids.shape[0] * ids.shape[1] <= _SMALL_RUN_TOKENS)
         result = request.infer(inputs)

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from repd.adapters.device import EmbedderError
-from repd.adapters.embedder import _PROBE_TEXTS, pad_features, tokenize_with
+from repd.adapters.embedder import _PROBE_TEXTS, Embedder, pad_features
 from repd.adapters.openvino_export import (
     MARKER,
     RUNTIME_SPEC,
@@ -160,13 +160,9 @@ def _quiet_nncf() -> Iterator[None]:
 
 
 def _embed(backend: DirectBackend, texts: Sequence[str]) -> np.ndarray:
-    prepared = backend.prepare(texts)
-    order = sorted(range(len(texts)), key=lambda i: prepared.lengths[i])
-    out = np.empty((len(texts), backend.dim), dtype=np.float32)
-    for start in range(0, len(order), 16):
-        batch = order[start:start + 16]
-        out[batch] = backend.run(prepared, batch)
-    return out
+    """``texts``' vectors, batched as every embedding is (by :class:`Embedder`)."""
+    return Embedder(backend, model_name="", model_id="", device="cpu",
+                    backend_name="openvino").embed(texts)
 
 
 def quantize(base_id: str, base_folder: Path, texts: Sequence[str], folder: Path) -> None:
@@ -176,36 +172,28 @@ def quantize(base_id: str, base_folder: Path, texts: Sequence[str], folder: Path
         import openvino as ov
     except ImportError as exc:
         raise EmbedderError("the int8 variant needs nncf (pip install 'repd[openvino]')") from exc
-    from tokenizers import Tokenizer
-
     marker, why = read_marker(base_folder, base_id)
     spec = read_spec(base_folder, marker)[0] if marker is not None else None
     if marker is None or spec is None:
         raise EmbedderError(f"no usable OpenVINO export of {base_id} to quantize "
                             f"({why or 'no runtime spec: the model runs only with torch'})")
     core = ov.Core()
-    network = core.read_model(str(base_folder / "openvino" / _IR[0]))
-    names = {name for port in network.inputs for name in port.get_names()}
-    prepared = tokenize_with(Tokenizer.from_str(spec.embed_tokenizer), texts, spec.type_ids)
-
-    def feed(i: int) -> dict[str, np.ndarray]:
-        features = pad_features(prepared, [i], spec.padding)
-        inputs = {k: v for k, v in features.items() if k in names}
-        if "token_type_ids" in names and "token_type_ids" not in inputs:
-            inputs["token_type_ids"] = np.zeros_like(features["input_ids"])
-        return inputs
-
+    # The base model in f32: its compiled copy fills the inputs as every run does, and
+    # its vectors are what the variant is compared with below.
+    base = DirectBackend(spec, core.read_model(str(base_folder / "openvino" / _IR[0])), None)
+    prepared = base.prepare(texts)
+    calibration = [base.copies.inputs_for(pad_features(prepared, [i], spec.padding))
+                   for i in range(len(texts))]
     log.info("openvino_int8_quantizing", base=base_id, texts=len(texts))
     try:
         with _quiet_nncf():
-            quantized = nncf.quantize(network,
-                                      nncf.Dataset([feed(i) for i in range(len(texts))]),
+            network = core.read_model(str(base_folder / "openvino" / _IR[0]))
+            quantized = nncf.quantize(network, nncf.Dataset(calibration),
                                       model_type=nncf.ModelType.TRANSFORMER,
                                       subset_size=len(texts))
     except Exception as exc:
         raise EmbedderError(f"NNCF could not quantize {base_id}: {type(exc).__name__}: "
                             f"{str(exc).strip()[:200]}") from exc
-    base = DirectBackend(spec, core.read_model(str(base_folder / "openvino" / _IR[0])), None)
     tmp = temp_folder(folder)
     try:
         _copy_base_files(base_folder, tmp)
@@ -217,14 +205,14 @@ def quantize(base_id: str, base_folder: Path, texts: Sequence[str], folder: Path
             raise EmbedderError(
                 f"int8 moves {base_id}'s vectors too far on your chunks (least cosine "
                 f"{worst:.4f}, bar {BASE_MIN_COSINE}); keep the model as it is")
+        nncf_version = library_versions(("nncf",))["nncf"]
         digest = hashlib.sha256(json.dumps(
-            {"texts": list(texts), "method": _METHOD,
-             "nncf": library_versions(("nncf",))["nncf"]}).encode()).hexdigest()
+            {"texts": list(texts), "method": _METHOD, "nncf": nncf_version}).encode()).hexdigest()
         model_id = f"{base_id}{SUFFIX}:{digest[:12]}"
         created = write_marker(
             tmp, model_id, str(base_folder), _PROBE_TEXTS, variant._probe(),
             {"quantization": {"method": _METHOD, "base": base_id, "texts": len(texts),
-                              "digest": digest, "nncf": library_versions(("nncf",))["nncf"],
+                              "digest": digest, "nncf": nncf_version,
                               "base_cosine_min": round(worst, 6),
                               "base_cosine_mean": round(float(cosines.mean()), 6)}})
         record_spec(tmp, created, spec)
