@@ -21,10 +21,19 @@ import pytest
 
 from repd.adapters.embedder import Embedder, EmbedderError
 from repd.adapters.openvino_export import CACHE_ENV, MARKER, openvino_available
-from repd.adapters.openvino_int8 import BASE_MIN_COSINE, SUFFIX, split_variant, variant_folder
+from repd.adapters.openvino_int8 import (
+    BASE_MIN_COSINE,
+    SUFFIX,
+    NothingToCalibrateError,
+    split_variant,
+    variant_folder,
+)
 from repd.api.client import ApiClient
+from repd.doctor import check_model
+from repd.engine import Engine
 from tests.conftest_models import build_truncated_minilm
 from tests.daemon_harness import DaemonProc, wait_for
+from tests.helpers import cli_env, make_settings, run_cli
 
 needs_openvino = pytest.mark.skipif(
     not openvino_available(),
@@ -149,9 +158,9 @@ def test_other_chunks_make_another_identity_the_same_chunks_the_same(
 @needs_openvino
 def test_without_chunks_or_off_the_cpu_it_says_what_to_do(
         base: Path, exports: Path) -> None:
-    with pytest.raises(EmbedderError, match="calibrated on the chunks of your index"):
+    with pytest.raises(NothingToCalibrateError, match="nothing to calibrate it on"):
         Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=Calibration([]))
-    with pytest.raises(EmbedderError, match="calibrated on the chunks of your index"):
+    with pytest.raises(NothingToCalibrateError, match="repd roots add DIR"):
         Embedder.load(f"{base}{SUFFIX}", device="cpu")
     with pytest.raises(EmbedderError, match="OpenVINO on the CPU only"):
         Embedder.load(f"{base}{SUFFIX}", device="cpu", backend="torch",
@@ -252,3 +261,63 @@ def test_a_daemon_upgrades_to_int8_calibrated_on_its_own_index(tmp_path: Path) -
         assert d2.client.model_status().get("migration") is None
     finally:
         d2.stop()
+
+
+@needs_openvino
+def test_named_before_any_index_it_is_calibrated_on_the_files(
+        base: Path, exports: Path, tmp_path: Path) -> None:
+    """A fresh data folder whose configuration names the variant: `repd index DIR` makes it
+    from chunks of DIR's files, indexes with it, and queries answer through it."""
+    root = tmp_path / "notes"
+    root.mkdir()
+    for i, topic in enumerate(_TOPICS * 2):
+        (root / f"note{i:02d}.md").write_text(
+            f"# {topic}\n\nNote {i} about {topic}, marker zq{i}x. " + " ".join(topic.split() * 6),
+            encoding="utf-8")
+    # The doctor checks the base while no variant is made, and says how it will be made.
+    doctor = check_model(make_settings(tmp_path / "unused", model=f"{base}{SUFFIX}"))
+    assert doctor.level == "ok", doctor.message
+    assert "int8 variant is made from up to 300 chunks" in doctor.message
+    assert not any(p.name.endswith("_int8") for p in exports.glob("*"))
+
+    env = cli_env(tmp_path / "home", REPD_MODEL=f"{base}{SUFFIX}")
+    out = json.loads(run_cli(["index", str(root), "--json"], env).stdout)
+    assert out["indexed"] == 16 and out["failed"] == 0, out
+    made = list(exports.glob("*_int8"))
+    assert len(made) == 1
+    marker = json.loads((made[0] / MARKER).read_text())
+    # One chunk of each of the 16 notes (300 asked for, so up to 19 of each; each note
+    # is one chunk).
+    assert marker["quantization"]["texts"] == 16
+    hits = json.loads(run_cli(["query", "glacier ice sheet climate zq5x", "--json", "-k", "3"],
+                              env).stdout)
+    assert hits["hits"][0]["path"] == "note05.md", hits
+    engine = Engine(make_settings(tmp_path / "home" / "data" / "repd"), writer=False)
+    try:
+        assert engine.generation is not None
+        assert engine.generation.model_id == marker["model_id"]
+    finally:
+        engine.close()
+    # With the variant made, the doctor loads it.
+    doctor = check_model(make_settings(tmp_path / "unused", model=f"{base}{SUFFIX}"))
+    assert doctor.level == "ok" and "int8+" in doctor.message, doctor.message
+
+
+@needs_openvino
+def test_a_fresh_daemon_configured_with_the_variant_makes_it_from_its_roots(
+        base: Path, exports: Path, tmp_path: Path) -> None:
+    root = tmp_path / "notes"
+    root.mkdir()
+    for i, topic in enumerate(_TOPICS):
+        (root / f"note{i}.txt").write_text(f"Note {i} about {topic}. " * 3, encoding="utf-8")
+    d = DaemonProc(tmp_path / "home", [root], extra_env={"REPD_MODEL": f"{base}{SUFFIX}"}).start()
+    try:
+        st = d.wait_idle()
+        assert st["model"]["precision"].startswith("int8+"), st["model"]
+        marker = json.loads((next(exports.glob("*_int8")) / MARKER).read_text())
+        assert st["model"]["id"] == marker["model_id"]
+        assert marker["quantization"]["texts"] == len(_TOPICS)
+        assert st["generation"]["points"] == len(_TOPICS)
+        assert d.client.query("glacier ice sheet climate", k=1)["hits"][0]["path"] == "note5.txt"
+    finally:
+        d.stop()

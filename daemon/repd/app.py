@@ -105,6 +105,8 @@ class Daemon:
         # The first load of a large model can outlast TimeoutStartSec; ask for more time.
         self.notifier.extend_timeout(300 * 1_000_000)
         self.engine = Engine(self.settings, writer=True)
+        # An int8 variant named before any index is calibrated on these roots' files.
+        self.engine.calibration_roots = list(self.roots)
         # Tell processes that find the data folder held where to ask (removed on close).
         self.engine.announce(self.settings.api.socket)
         indexer = self.engine.indexer(daemon=True)

@@ -96,6 +96,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     from repd.pipeline.indexer import RunStats
 
     engine = Engine(loaded.settings, writer=True)
+    # An int8 variant named before any index is calibrated on what this run reads.
+    engine.calibration_roots = [root / rel if rel else root for root, rel in targets]
     total = RunStats()
     try:
         indexer = engine.indexer()

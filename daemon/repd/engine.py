@@ -75,6 +75,9 @@ class Engine:
         #: The generations this process has open (the active one, a building one, ...).
         self.generations = Generations()
         self._rules: dict[Path, IgnoreRules] = {}
+        #: Folders (or single files) an int8 variant is calibrated from while nothing is
+        #: indexed yet (the configured roots when empty; ``repd index`` sets its targets).
+        self.calibration_roots: list[Path] = []
         self._announced = False
         # Everything this process creates from here on (manifest, shard files, locks) is
         # private to its owner: the index holds the text of a person's files.
@@ -218,16 +221,29 @@ class Engine:
             raise EngineError(str(exc)) from None
 
     def calibration_texts(self) -> list[str]:
-        """Chunk texts of the active index to calibrate an int8 variant on (none without
-        an index); the same index gives the same texts (see ``Manifest.spread_points``)."""
+        """Chunk texts to calibrate an int8 variant on: the active index's (the same index
+        gives the same texts, see ``Manifest.spread_points``) or, with no chunks indexed
+        yet, chunks read from the files of ``calibration_roots`` (``pipeline/calibration``).
+        """
         from repd.adapters.openvino_int8 import CALIBRATION_TEXTS
 
-        if self.generation is None:
-            return []
-        handle = self._active_handle()
-        ids = self.manifest.spread_points(handle.id, CALIBRATION_TEXTS)
-        records = handle.store.retrieve(ids, with_vectors=False) if ids else []
-        return [text for r in records if isinstance(text := r.payload.get("text"), str)]
+        if self.generation is not None:
+            handle = self._active_handle()
+            ids = self.manifest.spread_points(handle.id, CALIBRATION_TEXTS)
+            records = handle.store.retrieve(ids, with_vectors=False) if ids else []
+            texts = [text for r in records if isinstance(text := r.payload.get("text"), str)]
+            if texts:
+                return texts
+        from repd.pipeline.calibration import chunk_planner, sample_chunk_texts
+
+        roots = self.calibration_roots or self.settings.roots
+        planner = chunk_planner(self.settings.max_file_bytes,
+                                follow_symlinks=self.settings.watch.follow_symlinks,
+                                allowed_roots=self.settings.roots,
+                                allow_secrets=self.settings.allow_secrets)
+        texts = sample_chunk_texts(roots, self.rules, planner, CALIBRATION_TEXTS)
+        log.info("calibration_from_files", roots=[str(r) for r in roots], texts=len(texts))
+        return texts
 
     def embedder(self) -> Any:
         """The active generation's model, loaded once.

@@ -61,8 +61,8 @@ from repd.adapters.openvino_export import (
 from repd.adapters.openvino_runtime import DirectBackend, load_direct, read_spec, record_spec
 from repd.log import get_logger
 
-__all__ = ["BASE_MIN_COSINE", "CALIBRATION_TEXTS", "SUFFIX", "load_variant", "split_variant",
-           "variant_folder"]
+__all__ = ["BASE_MIN_COSINE", "CALIBRATION_TEXTS", "SUFFIX", "NothingToCalibrateError",
+           "load_variant", "split_variant", "variant_folder"]
 
 log = get_logger("openvino")
 
@@ -91,6 +91,10 @@ def split_variant(model: str) -> tuple[str, bool]:
     return model, False
 
 
+class NothingToCalibrateError(EmbedderError):
+    """No variant is made yet and no chunk text was given to make one from."""
+
+
 def variant_folder(base_id: str, root: Path | None = None) -> Path:
     """Where the int8 variant of the model with identity ``base_id`` lives (one per base)."""
     return export_folder(base_id + SUFFIX, root)
@@ -104,8 +108,8 @@ def load_variant(base_id: str, base_folder: Path, ensure_base: Callable[[], None
     ``ensure_base`` makes the base export and its runtime spec (loads the base model);
     ``calibration`` gives chunk texts of the user's index; ``precision`` (``f32`` or
     ``bf16``, ``strict`` when asked for by name) is what runs what int8 leaves out.
-    Raises :class:`EmbedderError` when there is no variant and nothing to calibrate on,
-    or it cannot be made faithfully.
+    Raises :class:`NothingToCalibrateError` when there is no variant and no text to make one
+    from, :class:`EmbedderError` when it cannot be made faithfully.
     """
     folder = variant_folder(base_id, root)
     if folder.exists():
@@ -115,10 +119,11 @@ def load_variant(base_id: str, base_folder: Path, ensure_base: Callable[[], None
         set_aside(folder, why)
     texts = [t for t in (calibration() if calibration is not None else []) if t.strip()]
     if not texts:
-        raise EmbedderError(
-            f"the int8 variant is calibrated on the chunks of your index, and there are none "
-            f"yet: index with {base_id.partition('@')[0]} first, then `repd model use "
-            f"<model>{SUFFIX}`")
+        raise NothingToCalibrateError(
+            f"the int8 variant of {base_id.partition('@')[0]} is not made yet, and there is "
+            f"nothing to calibrate it on: it is made from chunks of your index, or, before "
+            f"any, of the files in your roots, and neither has any text (add a folder with "
+            f"`repd roots add DIR`, or index with the base model first)")
     ensure_base()
     quantize(base_id, base_folder, texts[:CALIBRATION_TEXTS], folder)
     opened, why = _open(folder, base_id, precision, strict)
