@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from repd.adapters import embedder as embedder_module
 from repd.adapters.embedder import Embedder, EmbedderError
 from repd.adapters.openvino_export import CACHE_ENV, MARKER, openvino_available
 from repd.adapters.openvino_int8 import (
@@ -157,7 +158,7 @@ def test_other_chunks_make_another_identity_the_same_chunks_the_same(
 
 @needs_openvino
 def test_without_chunks_or_off_the_cpu_it_says_what_to_do(
-        base: Path, exports: Path) -> None:
+        base: Path, exports: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(NothingToCalibrateError, match="nothing to calibrate it on"):
         Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=Calibration([]))
     with pytest.raises(NothingToCalibrateError, match="repd roots add DIR"):
@@ -167,6 +168,14 @@ def test_without_chunks_or_off_the_cpu_it_says_what_to_do(
                       calibration=Calibration(_CHUNKS))
     with pytest.raises(EmbedderError, match="no such directory"):
         Embedder.load(f"{base}-missing{SUFFIX}", device="cpu", calibration=Calibration(_CHUNKS))
+    # Beside a GPU: a CUDA device named outright is refused, ``auto`` takes the CPU (and
+    # gets as far as the calibration, which has nothing here).
+    monkeypatch.setattr(embedder_module, "choose_device",
+                        lambda name: "cpu" if name == "cpu" else "cuda")
+    with pytest.raises(EmbedderError, match="OpenVINO on the CPU only"):
+        Embedder.load(f"{base}{SUFFIX}", device="cuda", calibration=Calibration(_CHUNKS))
+    with pytest.raises(NothingToCalibrateError):
+        Embedder.load(f"{base}{SUFFIX}", device="auto", calibration=Calibration([]))
     assert not any(p.name.endswith("_int8") for p in exports.glob("*"))
 
 

@@ -228,9 +228,14 @@ class Embedder:
         from repd.adapters.openvino_export import export_folder
         from repd.adapters.openvino_int8 import load_variant
 
-        if backend.strip().lower() == "torch" or choose_device(device) != "cpu":
+        # ``auto`` picks the CPU here even beside a GPU: the variant is a CPU model, and
+        # naming it is asking for it. A device named outright is not overruled.
+        asked = device.strip().lower()
+        if backend.strip().lower() == "torch" or (
+                asked != "auto" and choose_device(device) != "cpu"):
             raise EmbedderError(f"{model} runs on OpenVINO on the CPU only: set device = "
-                                "\"cpu\" and backend = \"auto\" or \"openvino\"")
+                                "\"cpu\" or \"auto\" and backend = \"auto\" or "
+                                "\"openvino\"")
         # Installed, not imported: a variant already made runs without optimum or torch.
         if importlib.util.find_spec("optimum.intel") is None:
             raise EmbedderError(f"{model} needs OpenVINO: pip install 'repd[openvino]'")
