@@ -139,6 +139,14 @@ def test_library_logs_and_warnings_are_json_lines() -> None:
         get_logger("test").info("ours", n=1)
         logging.getLogger("transformers.modeling_utils").warning("theirs %s", "x")
         logging.getLogger("transformers.modeling_utils").info("too chatty")
+        # transformers' weights reports: a stale position_ids buffer alone is dropped,
+        # anything else kept without its colour codes.
+        for rows in ("embeddings.position_ids | UNEXPECTED |  | ",
+                     "embeddings.position_ids | UNEXPECTED |  | \n"
+                     "pooler.dense.weight     | MISSING    |  | "):
+            logging.getLogger("transformers.modeling_utils").warning(
+                "\x1b[1mBertModel LOAD REPORT\x1b[0m from: /m\nKey | Status |  | \n"
+                "----+--------+--+-\n%s\n\nNotes:\n- UNEXPECTED:\tcan be ignored", rows)
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.warn("deprecated thing", DeprecationWarning, stacklevel=1)
@@ -155,4 +163,7 @@ def test_library_logs_and_warnings_are_json_lines() -> None:
     assert records[1]["level"] == "warning"
     assert records[1]["logger"] == "transformers.modeling_utils"
     assert "too chatty" not in events  # libraries: warnings and up, unless debugging
+    reports = [e for e in events if "LOAD REPORT" in e]
+    assert len(reports) == 1 and "pooler.dense.weight" in reports[0], reports
+    assert reports[0].startswith("BertModel LOAD REPORT from: /m")  # no colour codes
     assert any("deprecated thing" in e for e in events), records

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import Any
 
@@ -93,6 +94,40 @@ def _set_library_levels(lvl: int) -> None:
         logging.getLogger(noisy).setLevel(lib)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: A weights table row of transformers' "LOAD REPORT": key | status | ...
+_REPORT_ROW = re.compile(r"^(\S+)\s*\|\s*(\w+)\s*\|", re.MULTILINE)
+
+
+class LoadReportFilter(logging.Filter):
+    """Tidies transformers' "LOAD REPORT" warnings (the weights a checkpoint has and the
+    model lacks, or the other way round) before they reach the log.
+
+    A report whose only rows are ``position_ids`` buffers marked UNEXPECTED is dropped:
+    checkpoints saved by older transformers carry that buffer, every load of the default
+    MiniLM on torch printed it as a warning, and a warning at each start teaches people
+    to skip warnings. Any other report (MISSING weights mean random ones) is kept, its
+    terminal colour codes removed so the JSON line holds plain text.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("transformers"):
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a record that cannot format: leave it to the formatter
+            return True
+        if "LOAD REPORT" not in message:
+            return True
+        rows = [(key, status) for key, status in _REPORT_ROW.findall(_ANSI.sub("", message))
+                if key != "Key" and not set(key) <= {"-", "+"}]
+        if rows and all(status == "UNEXPECTED" and key.endswith("position_ids")
+                        for key, status in rows):
+            return False
+        record.msg, record.args = _ANSI.sub("", message), None
+        return True
+
+
 def json_logs() -> bool:
     """Whether the last ``configure_logging`` chose JSON lines."""
     return bool(_state["json"])
@@ -140,6 +175,7 @@ def configure_logging(fmt: str = "auto", level: str = "info", stream: Any = None
         processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta,
                     structlog.processors.format_exc_info, renderer],
     ))
+    handler.addFilter(LoadReportFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
