@@ -58,7 +58,14 @@ from repd.adapters.openvino_export import (
     temp_folder,
     write_marker,
 )
-from repd.adapters.openvino_runtime import DirectBackend, load_direct, read_spec, record_spec
+from repd.adapters.openvino_runtime import (
+    IR_FILES,
+    DirectBackend,
+    ir_path,
+    load_direct,
+    read_spec,
+    record_spec,
+)
 from repd.log import get_logger
 
 __all__ = ["BASE_MIN_COSINE", "CALIBRATION_TEXTS", "SUFFIX", "NothingToCalibrateError",
@@ -80,7 +87,6 @@ BASE_MIN_COSINE = 0.98
 #: over 600 SciFact documents; int8 itself moves them by ~1e-2 from the base model), and
 #: another CPU's int8 kernels may round differently. Damaged files fall far below.
 SELF_MIN_COSINE = 0.998
-_IR = ("openvino_model.xml", "openvino_model.bin")
 _METHOD = "nncf static int8, model type transformer, f32 elsewhere"
 
 
@@ -185,14 +191,14 @@ def quantize(base_id: str, base_folder: Path, texts: Sequence[str], folder: Path
     core = ov.Core()
     # The base model in f32: its compiled copy fills the inputs as every run does, and
     # its vectors are what the variant is compared with below.
-    base = DirectBackend(spec, core.read_model(str(base_folder / "openvino" / _IR[0])), None)
+    base = DirectBackend(spec, core.read_model(str(ir_path(base_folder))), None)
     prepared = base.prepare(texts)
     calibration = [base.copies.inputs_for(pad_features(prepared, [i], spec.padding))
                    for i in range(len(texts))]
     log.info("openvino_int8_quantizing", base=base_id, texts=len(texts))
     try:
         with _quiet_nncf():
-            network = core.read_model(str(base_folder / "openvino" / _IR[0]))
+            network = core.read_model(str(ir_path(base_folder)))
             quantized = nncf.quantize(network, nncf.Dataset(calibration),
                                       model_type=nncf.ModelType.TRANSFORMER,
                                       subset_size=len(texts))
@@ -202,8 +208,8 @@ def quantize(base_id: str, base_folder: Path, texts: Sequence[str], folder: Path
     tmp = temp_folder(folder)
     try:
         _copy_base_files(base_folder, tmp)
-        ov.save_model(quantized, str(tmp / "openvino" / _IR[0]), compress_to_fp16=False)
-        variant = DirectBackend(spec, core.read_model(str(tmp / "openvino" / _IR[0])), None)
+        ov.save_model(quantized, str(ir_path(tmp)), compress_to_fp16=False)
+        variant = DirectBackend(spec, core.read_model(str(ir_path(tmp))), None)
         cosines = (_embed(base, texts) * _embed(variant, texts)).sum(axis=1)
         worst = float(cosines.min())
         if not worst >= BASE_MIN_COSINE:
@@ -234,7 +240,7 @@ def _copy_base_files(base_folder: Path, tmp: Path) -> None:
     for path in sorted(base_folder.rglob("*")):
         relative = path.relative_to(base_folder)
         if path.is_dir() or path.name in (MARKER, RUNTIME_SPEC) or (
-                relative.parts[0] == "openvino" and path.name in _IR):
+                relative.parts[0] == "openvino" and path.name in IR_FILES):
             continue
         target = tmp / relative
         target.parent.mkdir(parents=True, exist_ok=True)

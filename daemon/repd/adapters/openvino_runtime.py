@@ -60,9 +60,19 @@ from repd.adapters.openvino_export import (
 )
 from repd.log import get_logger
 
-__all__ = ["DirectBackend", "RuntimeSpec", "load_direct", "read_spec", "record_spec", "spec_of"]
+__all__ = ["IR_FILES", "DirectBackend", "RuntimeSpec", "ir_path", "load_direct", "read_spec",
+           "record_spec", "spec_of"]
 
 log = get_logger("openvino")
+
+#: The IR of an export (graph, weights), in its ``openvino/`` folder, as optimum-intel
+#: names them.
+IR_FILES = ("openvino_model.xml", "openvino_model.bin")
+
+
+def ir_path(folder: Path) -> Path:
+    """The IR graph of the export in ``folder`` (its weights lie beside it)."""
+    return folder / "openvino" / IR_FILES[0]
 
 _SPEC_VERSION = 1
 #: Libraries whose version decides what the full path would set up; a spec recorded
@@ -256,7 +266,7 @@ def load_direct(folder: Path, model_id: str, precision: str, strict: bool,
         import openvino as ov
 
         reference = np.asarray(marker.get("probe_vectors"), dtype=np.float32)
-        network = ov.Core().read_model(str(folder / "openvino" / "openvino_model.xml"))
+        network = ov.Core().read_model(str(ir_path(folder)))
         backend = DirectBackend(spec, network, reference, min_cosine)
     except Exception as exc:  # other vectors, a missing IR, a tokenizer that will not parse
         log.warning("openvino_direct_unusable", path=str(folder),
