@@ -319,8 +319,23 @@ def test_a_fresh_daemon_configured_with_the_variant_makes_it_from_its_roots(
     root.mkdir()
     for i, topic in enumerate(_TOPICS):
         (root / f"note{i}.txt").write_text(f"Note {i} about {topic}. " * 3, encoding="utf-8")
-    d = DaemonProc(tmp_path / "home", [root], extra_env={"REPD_MODEL": f"{base}{SUFFIX}"}).start()
+    d = DaemonProc(tmp_path / "home", [root], extra_env={"REPD_MODEL": f"{base}{SUFFIX}"})
+    d.start(wait_idle=False)
     try:
+        # While the variant is made, the start says why it takes long.
+        phases: set[str] = set()
+
+        def made() -> bool:
+            try:
+                st = d.status()
+            except Exception:  # the socket is not up yet
+                return False
+            if st["state"] == "starting" and st.get("problem"):
+                phases.add(st["problem"])
+            return st["state"] != "starting"
+
+        wait_for(made, 180, "the daemon to load the variant", every=0.1)
+        assert any("int8 variant is made from up to 300 chunks" in p for p in phases), phases
         st = d.wait_idle()
         assert st["model"]["precision"].startswith("int8+"), st["model"]
         marker = json.loads((next(exports.glob("*_int8")) / MARKER).read_text())

@@ -107,6 +107,12 @@ class Daemon:
         self.engine = Engine(self.settings, writer=True)
         # An int8 variant named before any index is calibrated on these roots' files.
         self.engine.calibration_roots = list(self.roots)
+        from repd.adapters.openvino_int8 import making_note
+
+        note = making_note(self.engine.model_name)
+        if note:  # making it takes a minute: say why the start takes so long
+            self.phase = f"loading model and index ({note})"
+            self.notifier.status(self.phase)
         # Tell processes that find the data folder held where to ask (removed on close).
         self.engine.announce(self.settings.api.socket)
         indexer = self.engine.indexer(daemon=True)

@@ -69,7 +69,7 @@ from repd.adapters.openvino_runtime import (
 from repd.log import get_logger
 
 __all__ = ["BASE_MIN_COSINE", "CALIBRATION_TEXTS", "SUFFIX", "NothingToCalibrateError",
-           "load_variant", "split_variant", "variant_folder"]
+           "load_variant", "making_note", "split_variant", "variant_folder"]
 
 log = get_logger("openvino")
 
@@ -95,6 +95,15 @@ def split_variant(model: str) -> tuple[str, bool]:
     if model.endswith(SUFFIX) and len(model) > len(SUFFIX):
         return model[:-len(SUFFIX)], True
     return model, False
+
+
+def making_note(model: str) -> str:
+    """What a status adds while ``model`` loads: for an int8 variant, that it may be made
+    first (a minute); nothing for another model."""
+    if not split_variant(model)[1]:
+        return ""
+    return (f"the first time, its int8 variant is made from up to {CALIBRATION_TEXTS} "
+            "chunks (about a minute on 2 cores)")
 
 
 class NothingToCalibrateError(EmbedderError):

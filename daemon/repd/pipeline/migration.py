@@ -712,12 +712,10 @@ class Migrations:
 
 def _loading_message(model: str) -> str:
     """What a loading migration says; an int8 variant may first be made (about a minute)."""
-    from repd.adapters.openvino_int8 import CALIBRATION_TEXTS, split_variant
+    from repd.adapters.openvino_int8 import making_note
 
-    if split_variant(model)[1]:
-        return (f"loading {model}: the first time, its int8 variant is made from up to "
-                f"{CALIBRATION_TEXTS} chunks of the index (about a minute on 2 cores)")
-    return f"loading {model}"
+    note = making_note(model)
+    return f"loading {model}: {note}" if note else f"loading {model}"
 
 
 def _size_of(path: Path) -> int:
