@@ -140,15 +140,18 @@ def check_model(settings: Settings) -> Check:
             emb = Embedder.load(name, device=settings.device, backend=settings.backend,
                                 openvino_precision=settings.openvino_precision)
         except EmbedderError as exc:
-            from repd.adapters.openvino_int8 import NothingToCalibrateError, split_variant
+            from repd.adapters.openvino_int8 import (
+                NothingToCalibrateError,
+                making_note,
+                split_variant,
+            )
 
             if not isinstance(exc, NothingToCalibrateError):
                 raise
             # Not made yet: the doctor does not make it (a minute, from the index's
             # chunks); it checks the base model it will be made from.
             name = split_variant(settings.model)[0]
-            note = (" (its int8 variant is made from up to 300 chunks when `repd run` or "
-                    "`repd index` first loads it: about a minute)")
+            note = f" ({making_note(settings.model)}, by `repd run` or `repd index`)"
             emb = Embedder.load(name, device=settings.device, backend=settings.backend,
                                 openvino_precision=settings.openvino_precision)
     except Exception as exc:
