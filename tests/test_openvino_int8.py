@@ -290,8 +290,12 @@ def test_named_before_any_index_it_is_calibrated_on_the_files(
     assert not any(p.name.endswith("_int8") for p in exports.glob("*"))
 
     env = cli_env(tmp_path / "home", REPD_MODEL=f"{base}{SUFFIX}")
-    out = json.loads(run_cli(["index", str(root), "--json"], env).stdout)
+    first = run_cli(["index", str(root), "--json"], env)
+    out = json.loads(first.stdout)
     assert out["indexed"] == 16 and out["failed"] == 0, out
+    # It says why it waits, only when it makes the variant.
+    assert f"making {base}{SUFFIX} first, from up to 300 chunks" in first.stderr
+    assert "making" not in run_cli(["index", str(root)], env).stderr
     made = list(exports.glob("*_int8"))
     assert len(made) == 1
     marker = json.loads((made[0] / MARKER).read_text())

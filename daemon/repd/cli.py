@@ -93,11 +93,15 @@ def cmd_index(args: argparse.Namespace) -> int:
     loaded = _load(args)
     targets = _index_targets(args.paths, loaded.settings.roots)
     roots = list(dict.fromkeys(root for root, _ in targets))
+    from repd.adapters.openvino_int8 import CALIBRATION_TEXTS
     from repd.pipeline.indexer import RunStats
 
     engine = Engine(loaded.settings, writer=True)
     # An int8 variant named before any index is calibrated on what this run reads.
     engine.calibration_roots = [root / rel if rel else root for root, rel in targets]
+    engine.on_calibrate = lambda: print(
+        f"repd: making {engine.model_name} first, from up to {CALIBRATION_TEXTS} chunks "
+        "(once; about a minute)…", file=sys.stderr)
     total = RunStats()
     try:
         indexer = engine.indexer()

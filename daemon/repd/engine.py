@@ -78,6 +78,9 @@ class Engine:
         #: Folders (or single files) an int8 variant is calibrated from while nothing is
         #: indexed yet (the configured roots when empty; ``repd index`` sets its targets).
         self.calibration_roots: list[Path] = []
+        #: Called when an int8 variant is about to be made (its calibration texts are
+        #: asked for only then): a one-shot command says why it waits a minute.
+        self.on_calibrate: Callable[[], None] | None = None
         self._announced = False
         # Everything this process creates from here on (manifest, shard files, locks) is
         # private to its owner: the index holds the text of a person's files.
@@ -227,6 +230,8 @@ class Engine:
         """
         from repd.adapters.openvino_int8 import CALIBRATION_TEXTS
 
+        if self.on_calibrate is not None:
+            self.on_calibrate()
         if self.generation is not None:
             handle = self._active_handle()
             ids = self.manifest.spread_points(handle.id, CALIBRATION_TEXTS)
