@@ -942,12 +942,14 @@ def test_status_while_paused_idle_and_starting_reads_right() -> None:
             await until(pilot, lambda: status.value("state") == "starting", "starting")
             assert app.query_one("#status-problem").display
             assert status.value("problem") == "loading model and index"
+            assert status.label("problem") == "phase"  # a start is no problem
             assert text_of(app, "#summary") == "loading model and index"
             assert not app.query_one("#banner").has_class("-visible")
             # Back to work: the problem row goes again.
             fake.state = "indexing"
             await until(pilot, lambda: status.value("state") == "indexing", "indexing")
             assert not app.query_one("#status-problem").display
+            assert status.label("problem") == "problem"
 
     run(body)
 

@@ -111,7 +111,7 @@ class Daemon:
 
         note = making_note(self.engine.model_name)
         if note:  # making it takes a minute: say why the start takes so long
-            self.phase = f"loading model and index ({note})"
+            self.phase = f"loading model and index; the first time, {note}"
             self.notifier.status(self.phase)
         # Tell processes that find the data folder held where to ask (removed on close).
         self.engine.announce(self.settings.api.socket)

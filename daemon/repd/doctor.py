@@ -151,7 +151,8 @@ def check_model(settings: Settings) -> Check:
             # Not made yet: the doctor does not make it (a minute, from the index's
             # chunks); it checks the base model it will be made from.
             name = split_variant(settings.model)[0]
-            note = f" ({making_note(settings.model)}, by `repd run` or `repd index`)"
+            note = (f" (not made yet: {making_note(settings.model)}, when `repd run` or "
+                    "`repd index` first loads it)")
             emb = Embedder.load(name, device=settings.device, backend=settings.backend,
                                 openvino_precision=settings.openvino_precision)
     except Exception as exc:

@@ -580,6 +580,8 @@ class RepdApp(App[int]):
         status.set("state", state_text, flag=flag)
         problem = st.get("problem")
         status.show_row("problem", bool(problem))
+        # While starting it says what the start is doing, which is no problem.
+        status.relabel("problem", "phase" if state == "starting" else "problem")
         status.set("problem", problem or "", flag="error" if state in (
             "degraded", "disk_full") else "busy")
         dim = f", {model['dim']} dims" if model.get("dim") else ""

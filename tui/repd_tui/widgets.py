@@ -184,6 +184,19 @@ class KeyValueGrid(Widget):
         self.children[2 * index].display = shown
         value.display = shown
 
+    def relabel(self, key: str, label: str) -> None:
+        """Name the row ``key`` ``label`` from now on."""
+        index = [k for k, _ in self._rows].index(key)
+        cell = self.children[2 * index]
+        if isinstance(cell, Static) and str(cell.content) != label:
+            cell.update(label)
+
+    def label(self, key: str) -> str:
+        """The label now shown for ``key``."""
+        index = [k for k, _ in self._rows].index(key)
+        cell = self.children[2 * index]
+        return str(cell.content) if isinstance(cell, Static) else ""
+
     def value(self, key: str) -> str:
         """The text now shown for ``key``."""
         return str(self.query_one(f"#{self._value_id(key)}", Static).content)

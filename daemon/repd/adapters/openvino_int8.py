@@ -98,12 +98,12 @@ def split_variant(model: str) -> tuple[str, bool]:
 
 
 def making_note(model: str) -> str:
-    """What a status adds while ``model`` loads: for an int8 variant, that it may be made
-    first (a minute); nothing for another model."""
+    """What a status adds while ``model`` loads: for an int8 variant, how it is made when
+    it is not yet (a minute); nothing for another model."""
     if not split_variant(model)[1]:
         return ""
-    return (f"the first time, its int8 variant is made from up to {CALIBRATION_TEXTS} "
-            "chunks (about a minute on 2 cores)")
+    return (f"its int8 variant is made from up to {CALIBRATION_TEXTS} chunks, about a "
+            "minute on 2 cores")
 
 
 class NothingToCalibrateError(EmbedderError):

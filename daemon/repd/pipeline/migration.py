@@ -715,7 +715,7 @@ def _loading_message(model: str) -> str:
     from repd.adapters.openvino_int8 import making_note
 
     note = making_note(model)
-    return f"loading {model}: {note}" if note else f"loading {model}"
+    return f"loading {model}: the first time, {note}" if note else f"loading {model}"
 
 
 def _size_of(path: Path) -> int:
