@@ -180,22 +180,25 @@ class KeyValueGrid(Widget):
         value = self.query_one(f"#{self._value_id(key)}", Static)
         if value.display == shown:
             return
-        index = [k for k, _ in self._rows].index(key)
-        self.children[2 * index].display = shown
+        self._label_cell(key).display = shown
         value.display = shown
 
     def relabel(self, key: str, label: str) -> None:
         """Name the row ``key`` ``label`` from now on."""
-        index = [k for k, _ in self._rows].index(key)
-        cell = self.children[2 * index]
-        if isinstance(cell, Static) and str(cell.content) != label:
+        cell = self._label_cell(key)
+        if str(cell.content) != label:
             cell.update(label)
 
     def label(self, key: str) -> str:
         """The label now shown for ``key``."""
+        return str(self._label_cell(key).content)
+
+    def _label_cell(self, key: str) -> Static:
+        # Children alternate label, value (see compose), in the order of the rows.
         index = [k for k, _ in self._rows].index(key)
         cell = self.children[2 * index]
-        return str(cell.content) if isinstance(cell, Static) else ""
+        assert isinstance(cell, Static)
+        return cell
 
     def value(self, key: str) -> str:
         """The text now shown for ``key``."""
