@@ -14,7 +14,8 @@ shaped like the index's chunks, not the exact boundaries.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 
 from repd.core.identity import stored_path
@@ -41,6 +42,19 @@ def _spread_key(item: tuple[Path, str]) -> str:
     return hashlib.sha1(f"{root}\0{rel}".encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def _files(roots: Sequence[Path], rules: Callable[[Path], IgnoreRules],
+           planner: Planner) -> Iterator[tuple[Path, str]]:
+    """(root, stored path) of each file the indexer would read, root after root."""
+    for root in roots:
+        if root.is_file():  # a file named on its own: only it is read
+            yield root.parent, stored_path(root.name)
+        elif root.is_dir():
+            for entry in walk(root, rules(root), follow_symlinks=planner.follow_symlinks,
+                              allowed_roots=planner.allowed_roots):
+                if entry.st is not None and entry.skip_reason is None and not entry.folder:
+                    yield root, stored_path(entry.relpath)
+
+
 def sample_chunk_texts(roots: Sequence[Path], rules: Callable[[Path], IgnoreRules],
                        planner: Planner, limit: int) -> list[str]:
     """Up to ``limit`` chunk texts from files below ``roots``, a few from each of many files.
@@ -51,21 +65,7 @@ def sample_chunk_texts(roots: Sequence[Path], rules: Callable[[Path], IgnoreRule
     Each of the first :data:`MAX_FILES` files (in walk order) may give ``limit / files``
     chunks, at least one; files are taken in an order spread over the tree.
     """
-    files: list[tuple[Path, str]] = []
-    for root in roots:
-        if root.is_file():  # a file named on its own: only it is read
-            files.append((root.parent, stored_path(root.name)))
-            continue
-        if not root.is_dir():
-            continue
-        for entry in walk(root, rules(root), follow_symlinks=planner.follow_symlinks,
-                          allowed_roots=planner.allowed_roots):
-            if entry.st is not None and entry.skip_reason is None and not entry.folder:
-                files.append((root, stored_path(entry.relpath)))
-            if len(files) >= MAX_FILES:
-                break
-        if len(files) >= MAX_FILES:
-            break
+    files = list(islice(_files(roots, rules, planner), MAX_FILES))
     if not files or limit <= 0:
         return []
     per_file = max(1, -(-limit // len(files)))
