@@ -131,30 +131,25 @@ def check_device(settings: Settings) -> Check:
 
 def check_model(settings: Settings) -> Check:
     """Can the model be loaded, and how long does it take?"""
-    from repd.adapters.embedder import Embedder, EmbedderError
+    from repd.adapters.embedder import Embedder
+    from repd.adapters.openvino_int8 import NothingToCalibrateError, making_note, split_variant
+
+    def load(model: str) -> Embedder:
+        return Embedder.load(model, device=settings.device, backend=settings.backend,
+                             openvino_precision=settings.openvino_precision)
 
     t0 = time.perf_counter()
     name, note = settings.model, ""
     try:
         try:
-            emb = Embedder.load(name, device=settings.device, backend=settings.backend,
-                                openvino_precision=settings.openvino_precision)
-        except EmbedderError as exc:
-            from repd.adapters.openvino_int8 import (
-                NothingToCalibrateError,
-                making_note,
-                split_variant,
-            )
-
-            if not isinstance(exc, NothingToCalibrateError):
-                raise
+            emb = load(name)
+        except NothingToCalibrateError:
             # Not made yet: the doctor does not make it (a minute, from the index's
             # chunks); it checks the base model it will be made from.
             name = split_variant(settings.model)[0]
             note = (f" (not made yet: {making_note(settings.model)}, when `repd run` or "
                     "`repd index` first loads it)")
-            emb = Embedder.load(name, device=settings.device, backend=settings.backend,
-                                openvino_precision=settings.openvino_precision)
+            emb = load(name)
     except Exception as exc:
         return Check("model", "fail", f"{name}: {exc}")
     return Check("model", "ok", f"{name}: dim {emb.dim}, max {emb.max_tokens} tokens, "
