@@ -29,7 +29,10 @@ import statistics
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import qdrant_edge as qe
@@ -64,6 +67,18 @@ def scifact_vectors(scifact: Path, workdir: Path) -> tuple[np.ndarray, np.ndarra
     return np.asarray(z["d"], dtype=np.float32), np.asarray(z["q"], dtype=np.float32)
 
 
+@contextmanager
+def scratch_store(path: Path, dim: int, **options: Any) -> Iterator[EdgeStore]:
+    """A new shard at ``path``, closed and deleted afterwards."""
+    shutil.rmtree(path, ignore_errors=True)
+    store = EdgeStore.open(path, dim, **options)
+    try:
+        yield store
+    finally:
+        store.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def write(store: EdgeStore, vecs: np.ndarray, build_every: int | None) -> None:
     """Upsert ``vecs`` in batches as repd does, building once ``build_every`` were written."""
     for i in range(0, len(vecs), BATCH):
@@ -94,11 +109,8 @@ def probe_builds(docs: np.ndarray, queries: np.ndarray, workdir: Path) -> None:
     exact = np.argsort(-(queries @ docs.T), axis=1)[:, :100]
     print(f"build: {len(docs)} SciFact documents, {len(queries)} queries, one segment")
     for m, ef_construct in GRAPHS:
-        path = workdir / f"graph-{m}-{ef_construct}"
-        shutil.rmtree(path, ignore_errors=True)
-        store = EdgeStore.open(path, docs.shape[1], hnsw_m=m, hnsw_ef_construct=ef_construct,
-                               index_threshold=4096)
-        try:
+        with scratch_store(workdir / f"graph-{m}-{ef_construct}", docs.shape[1], hnsw_m=m,
+                           hnsw_ef_construct=ef_construct, index_threshold=4096) as store:
             write(store, docs, None)
             t0 = time.perf_counter()
             store.maybe_build_index()
@@ -106,9 +118,6 @@ def probe_builds(docs: np.ndarray, queries: np.ndarray, workdir: Path) -> None:
             print(f"  m {m:2d} ef_construct {ef_construct:3d}: build {took:5.2f} s, "
                   f"recall@10 {recall(store, queries, exact, 10, None):.4f}, "
                   f"recall@100 {recall(store, queries, exact, 100, None):.4f}", flush=True)
-        finally:
-            store.close()
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def clustered(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,10 +137,7 @@ def probe_searches(n: int, rounds: int, workdir: Path) -> None:
     """Latency (interleaved rounds) and recall of dense searches by limit and hnsw_ef."""
     vecs, queries = clustered(n, 0)
     exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :100]
-    path = workdir / f"search-{n}"
-    shutil.rmtree(path, ignore_errors=True)
-    store = EdgeStore.open(path, vecs.shape[1])
-    try:
+    with scratch_store(workdir / f"search-{n}", vecs.shape[1]) as store:
         t0 = time.perf_counter()
         write(store, vecs, 8192)
         store.maybe_build_index()
@@ -152,9 +158,6 @@ def probe_searches(n: int, rounds: int, workdir: Path) -> None:
             print(f"  top {limit:3d}, hnsw_ef {ef or 'default':>7}: "
                   f"p50 {statistics.median(times[(limit, ef)]):5.2f} ms, "
                   f"recall {recall(store, queries, exact, limit, ef):.4f}", flush=True)
-    finally:
-        store.close()
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def main() -> None:
