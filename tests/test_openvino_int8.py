@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,14 @@ print(json.dumps({"model_id": emb.model_id, "precision": emb.precision,
 def _cos(a: Any, b: Any) -> np.ndarray:
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
     return np.asarray((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+
+
+def _notes(folder: Path, copies: int, name: str, body: Callable[[int, str], str]) -> Path:
+    """A folder of one note per topic (``copies`` rounds), named ``name.format(i=...)``."""
+    folder.mkdir()
+    for i, topic in enumerate(_TOPICS * copies):
+        (folder / name.format(i=i)).write_text(body(i, topic), encoding="utf-8")
+    return folder
 
 
 def test_a_variant_is_named_by_a_suffix() -> None:
@@ -212,12 +221,8 @@ def _watch_loading(d: DaemonProc, seen: list[str], stop: threading.Event) -> Non
 def test_a_daemon_upgrades_to_int8_calibrated_on_its_own_index(tmp_path: Path) -> None:
     """`repd model use NAME+int8`: calibrated on the index's chunks, re-embedded (chunks
     reused) while the old index answers, switched by the gate, searched the same."""
-    root = tmp_path / "notes"
-    root.mkdir()
-    for i, topic in enumerate(_TOPICS * 3):
-        (root / f"note{i:02d}.txt").write_text(
-            f"Note {i} about {topic}. The marker is zq{i}x. " + " ".join(topic.split() * 4),
-            encoding="utf-8")
+    root = _notes(tmp_path / "notes", 3, "note{i:02d}.txt", lambda i, topic: (
+        f"Note {i} about {topic}. The marker is zq{i}x. " + " ".join(topic.split() * 4)))
     d = DaemonProc(tmp_path / "home", [root]).start()
     try:
         client = d.client
@@ -277,12 +282,8 @@ def test_named_before_any_index_it_is_calibrated_on_the_files(
         base: Path, exports: Path, tmp_path: Path) -> None:
     """A fresh data folder whose configuration names the variant: `repd index DIR` makes it
     from chunks of DIR's files, indexes with it, and queries answer through it."""
-    root = tmp_path / "notes"
-    root.mkdir()
-    for i, topic in enumerate(_TOPICS * 2):
-        (root / f"note{i:02d}.md").write_text(
-            f"# {topic}\n\nNote {i} about {topic}, marker zq{i}x. " + " ".join(topic.split() * 6),
-            encoding="utf-8")
+    root = _notes(tmp_path / "notes", 2, "note{i:02d}.md", lambda i, topic: (
+        f"# {topic}\n\nNote {i} about {topic}, marker zq{i}x. " + " ".join(topic.split() * 6)))
     # The doctor checks the base while no variant is made, and says how it will be made.
     doctor = check_model(make_settings(tmp_path / "unused", model=f"{base}{SUFFIX}"))
     assert doctor.level == "ok", doctor.message
@@ -319,10 +320,8 @@ def test_named_before_any_index_it_is_calibrated_on_the_files(
 @needs_openvino
 def test_a_fresh_daemon_configured_with_the_variant_makes_it_from_its_roots(
         base: Path, exports: Path, tmp_path: Path) -> None:
-    root = tmp_path / "notes"
-    root.mkdir()
-    for i, topic in enumerate(_TOPICS):
-        (root / f"note{i}.txt").write_text(f"Note {i} about {topic}. " * 3, encoding="utf-8")
+    root = _notes(tmp_path / "notes", 1, "note{i}.txt",
+                  lambda i, topic: f"Note {i} about {topic}. " * 3)
     d = DaemonProc(tmp_path / "home", [root], extra_env={"REPD_MODEL": f"{base}{SUFFIX}"})
     d.start(wait_idle=False)
     try:
