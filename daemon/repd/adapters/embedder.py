@@ -22,6 +22,7 @@ from repd.adapters.device import (
     choose_precision,
     cpu_threads,
 )
+from repd.adapters.token_count import TokenCounter
 from repd.core.batching import halve, padded_cost, plan_batches
 from repd.log import get_logger
 
@@ -528,12 +529,6 @@ class Padding:
     type_ids: bool
 
 
-def count_with(tokenizer: Any, texts: Sequence[str]) -> list[int]:
-    """Tokens per text by a ``tokenizers.Tokenizer`` (no special tokens, no truncation)."""
-    encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-    return [len(e.ids) for e in encode(list(texts), add_special_tokens=False)]
-
-
 def tokenize_with(tokenizer: Any, texts: Sequence[str], type_ids: bool) -> _Tokenized:
     """Token ids (special tokens added, truncated as ``tokenizer`` is set) for the model."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
@@ -579,6 +574,7 @@ class _SentenceTransformerBackend:
         max_len = _max_seq_length(model)
         backend_tok = getattr(hf_tok, "backend_tokenizer", None)
         self._count_tok: Any = None
+        self._counter: TokenCounter | None = None
         self._embed_tok: Any = None
         if backend_tok is not None:
             from tokenizers import Tokenizer
@@ -588,6 +584,7 @@ class _SentenceTransformerBackend:
             self._count_tok = Tokenizer.from_str(backend_tok.to_str())
             self._count_tok.no_truncation()
             self._count_tok.no_padding()
+            self._counter = TokenCounter(self._count_tok)
             self._embed_tok = Tokenizer.from_str(backend_tok.to_str())
             self._embed_tok.no_padding()
             self._embed_tok.enable_truncation(
@@ -630,8 +627,8 @@ class _SentenceTransformerBackend:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        if self._count_tok is not None:
-            return count_with(self._count_tok, texts)
+        if self._counter is not None:
+            return self._counter(texts)
         ids = self._hf_tok(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
         return [len(row) for row in ids]
 
