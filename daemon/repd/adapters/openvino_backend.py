@@ -26,8 +26,9 @@ a first load of an export runs; later loads run the same compiled copies
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,15 +80,28 @@ class CompiledCopies:
     """
 
     def __init__(self, network: Any, bulk: Any, on_bulk: Callable[[Any], None] | None = None,
-                 ) -> None:
+                 precision: str = "f32") -> None:
+        """Hold ``bulk``, ``network`` compiled in ``precision``; the small copy comes later."""
         self.network = network
         self.input_names = {name for port in network.inputs for name in port.get_names()}
         self.bulk = bulk
         self.small: Any = None
-        self.precision = "f32"
+        self.precision = precision
         self._on_bulk = on_bulk
         self._local = threading.local()
+        self._probing = threading.local()
         self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def bulk_only(self) -> Iterator[None]:
+        """Run this thread's inputs on the bulk copy, however small (the load's probes:
+        a load then compiles one copy, not two; the one-thread copy for queries is
+        compiled on the first query, 0.3 s on 2 cores)."""
+        self._probing.on = True
+        try:
+            yield
+        finally:
+            self._probing.on = False
 
     def switch_precision(self, precision: str, strict: bool, probe: Callable[[], np.ndarray],
                          min_cosine: float | None = None) -> None:
@@ -165,7 +179,9 @@ class CompiledCopies:
         """
         inputs = self.inputs_for(features)
         ids = features["input_ids"]
-        request = self.request(small=ids.shape[0] * ids.shape[1] <= _SMALL_RUN_TOKENS)
+        small = (ids.shape[0] * ids.shape[1] <= _SMALL_RUN_TOKENS
+                 and not getattr(self._probing, "on", False))
+        request = self.request(small=small)
         result = request.infer(inputs)
         return np.array(result[request.model_outputs[0]], copy=True)
 
@@ -203,7 +219,9 @@ class RunsCompiledCopies:
     def _probe(self) -> np.ndarray:
         """The probe texts' vectors, as :meth:`CompiledCopies.switch_precision` compares them."""
         backend: Any = self
-        return np.asarray(backend.run(backend.prepare(_PROBE_TEXTS), range(len(_PROBE_TEXTS))))
+        with self.copies.bulk_only():
+            return np.asarray(backend.run(backend.prepare(_PROBE_TEXTS),
+                                          range(len(_PROBE_TEXTS))))
 
     def memory_bytes(self) -> int:
         """Bytes of the network's constants (see :meth:`CompiledCopies.memory_bytes`)."""

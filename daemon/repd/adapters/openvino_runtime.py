@@ -26,6 +26,7 @@ Anything that does not hold returns ``None`` (or raises) and the full path is us
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -36,12 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from repd.adapters import openvino_backend
 from repd.adapters.device import EmbedderError
 from repd.adapters.embedder import (
     Padding,
     Prepared,
     _Tokenized,
-    count_with,
     pad_features,
     tokenize_with,
 )
@@ -50,7 +51,6 @@ from repd.adapters.openvino_backend import (
     CompiledCopies,
     OpenVinoBackend,
     RunsCompiledCopies,
-    bulk_config,
 )
 from repd.adapters.openvino_export import (
     RUNTIME_SPEC,
@@ -58,6 +58,7 @@ from repd.adapters.openvino_export import (
     read_marker,
     worst_cosine,
 )
+from repd.adapters.token_count import TokenCounter
 from repd.log import get_logger
 
 __all__ = ["IR_FILES", "DirectBackend", "RuntimeSpec", "ir_path", "load_direct", "read_spec",
@@ -180,16 +181,16 @@ class DirectBackend(RunsCompiledCopies):
     fast = True  # always pre-tokenized: there is no encode() to fall back to
 
     def __init__(self, spec: RuntimeSpec, network: Any, reference: np.ndarray | None,
-                 min_cosine: float | None = None) -> None:
-        """Compile ``network`` in f32 and check it against ``reference``.
+                 min_cosine: float | None = None, precision: str = "f32") -> None:
+        """Compile ``network`` in ``precision`` and check it against ``reference``.
 
         ``reference``: the vectors of the probe texts the export recorded (torch's; an
         int8 variant's own, see :mod:`repd.adapters.openvino_int8`); ``None`` only while
-        an export is being made. Raises :class:`EmbedderError` when the f32 vectors are
+        an export is being made. Raises :class:`EmbedderError` when the vectors are
         not those (cosine under ``min_cosine``, by default
-        :data:`~repd.adapters.openvino_backend.SAME_VECTORS_MIN_COSINE`). Another
-        precision is tried afterwards,
-        by ``copies.switch_precision`` (see :func:`load_direct`).
+        :data:`~repd.adapters.openvino_backend.SAME_VECTORS_MIN_COSINE`); see
+        :func:`load_direct` for what follows such a refusal in another precision than
+        f32.
         """
         import openvino as ov
         from tokenizers import Tokenizer
@@ -198,11 +199,14 @@ class DirectBackend(RunsCompiledCopies):
         self._padding = spec.padding
         self._embed_tok = Tokenizer.from_str(spec.embed_tokenizer)
         self._count_tok = Tokenizer.from_str(spec.count_tokenizer)
+        self._counter = TokenCounter(self._count_tok)
         self.max_tokens = spec.max_tokens
         self.chunking_key = spec.chunking_key
         self.dim = spec.dim
-        self.copies = CompiledCopies(
-            network, ov.Core().compile_model(network, "CPU", bulk_config(precision="f32")))
+        # The settings through the module, as switch_precision reads them (one place).
+        config = openvino_backend.bulk_config(precision=precision)
+        self.copies = CompiledCopies(network, ov.Core().compile_model(network, "CPU", config),
+                                     precision=precision)
         if reference is None:
             return
         worst = worst_cosine(self._probe(), reference)
@@ -213,7 +217,7 @@ class DirectBackend(RunsCompiledCopies):
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text without special tokens or truncation (the chunker's count)."""
-        return count_with(self._count_tok, texts)
+        return self._counter(texts)
 
     def prepare(self, texts: Sequence[str]) -> _Tokenized:
         """Token ids per text, special tokens added, truncated to the model's limit."""
@@ -267,6 +271,16 @@ def load_direct(folder: Path, model_id: str, precision: str, strict: bool,
 
         reference = np.asarray(marker.get("probe_vectors"), dtype=np.float32)
         network = ov.Core().read_model(str(ir_path(folder)))
+        if precision != "f32":
+            # Straight in the precision asked for, checked against the recorded vectors:
+            # one compile at each start instead of four (f32 and then this precision,
+            # each with its one-thread copy), ~1 s less on 2 cores. Refused, the steps
+            # below find out why (a bad export, or a precision that moves the vectors)
+            # and say so as they always did.
+            # The bar is switch_precision's, read where it reads it.
+            bar = openvino_backend.SAME_VECTORS_MIN_COSINE if min_cosine is None else min_cosine
+            with contextlib.suppress(Exception):
+                return DirectBackend(spec, network, reference, bar, precision)
         backend = DirectBackend(spec, network, reference, min_cosine)
     except Exception as exc:  # other vectors, a missing IR, a tokenizer that will not parse
         log.warning("openvino_direct_unusable", path=str(folder),
