@@ -152,3 +152,48 @@ def test_threads_share_one_counter() -> None:
     for t in threads:
         t.join()
     assert got == want
+
+
+def _embed_copy(tok: Any, max_length: int, direction: str = "right") -> Any:
+    embed = Tokenizer.from_str(tok.to_str())
+    embed.enable_truncation(max_length, direction=direction)
+    return embed
+
+
+@pytest.mark.parametrize(("max_length", "direction"), [(256, "right"), (12, "right"),
+                                                       (12, "left")])
+def test_model_inputs_are_the_tokenizers_own(max_length: int, direction: str) -> None:
+    """Special tokens, truncation (either side) and type ids as the tokenizer makes them."""
+    tok = _minilm()
+    embed = _embed_copy(tok, max_length, direction)
+    counter = TokenCounter(tok, embed)
+    assert counter._frame is not None and counter._frame.prefix == (101,)
+    rng = random.Random(max_length)
+    for _ in range(3):
+        texts = _random_texts(rng, 200)
+        framed = counter.encode(texts, type_ids=True)
+        assert framed is not None
+        want = embed.encode_batch(texts, add_special_tokens=True)
+        assert framed[0] == [list(e.ids) for e in want]
+        assert framed[1] == [list(e.type_ids) for e in want]
+    assert counter.encode(texts, type_ids=False) == (framed[0], None)
+
+
+def test_a_tokenizer_without_special_tokens_frames_nothing() -> None:
+    tok = _minilm()
+    bare = Tokenizer.from_str(tok.to_str())
+    bare.post_processor = None  # type: ignore[assignment]
+    embed = _embed_copy(bare, 20)
+    counter = TokenCounter(bare, embed)
+    assert counter._frame is not None
+    assert (counter._frame.prefix, counter._frame.suffix) == ((), ())
+    texts = _random_texts(random.Random(5), 50)
+    framed = counter.encode(texts, type_ids=False)
+    assert framed is not None
+    assert framed[0] == [list(e.ids) for e in embed.encode_batch(texts)]
+
+
+def test_other_tokenizers_tokenize_for_the_model_themselves() -> None:
+    tok = _byte_level_bpe()
+    assert TokenCounter(tok, _embed_copy(tok, 8)).encode(["the fox"], type_ids=True) is None
+    assert TokenCounter(_minilm()).encode(["the fox"], type_ids=True) is None  # no embed copy

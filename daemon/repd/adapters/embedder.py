@@ -529,6 +529,17 @@ class Padding:
     type_ids: bool
 
 
+def prepare_with(counter: TokenCounter | None, tokenizer: Any, texts: Sequence[str],
+                 type_ids: bool) -> _Tokenized:
+    """The model's token ids for ``texts``: from ``counter``'s remembered words when it
+    can frame them exactly as ``tokenizer`` would, else by ``tokenizer``."""
+    if counter is not None:
+        framed = counter.encode(texts, type_ids)
+        if framed is not None:
+            return _Tokenized(*framed)
+    return tokenize_with(tokenizer, texts, type_ids)
+
+
 def tokenize_with(tokenizer: Any, texts: Sequence[str], type_ids: bool) -> _Tokenized:
     """Token ids (special tokens added, truncated as ``tokenizer`` is set) for the model."""
     encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
@@ -584,11 +595,11 @@ class _SentenceTransformerBackend:
             self._count_tok = Tokenizer.from_str(backend_tok.to_str())
             self._count_tok.no_truncation()
             self._count_tok.no_padding()
-            self._counter = TokenCounter(self._count_tok)
             self._embed_tok = Tokenizer.from_str(backend_tok.to_str())
             self._embed_tok.no_padding()
             self._embed_tok.enable_truncation(
                 max_len, direction=getattr(hf_tok, "truncation_side", "right"))
+            self._counter = TokenCounter(self._count_tok, self._embed_tok)
             specials = len(self._embed_tok.encode("", add_special_tokens=True).ids)
         else:
             specials = len(hf_tok("", add_special_tokens=True)["input_ids"])
@@ -634,7 +645,7 @@ class _SentenceTransformerBackend:
 
     def prepare(self, texts: Sequence[str]) -> _Tokenized | _Texts:
         if self.fast:
-            return tokenize_with(self._embed_tok, texts, self._wants_type_ids)
+            return prepare_with(self._counter, self._embed_tok, texts, self._wants_type_ids)
         ids = self._hf_tok(list(texts), add_special_tokens=True, truncation=True,
                            max_length=self._max_len, verbose=False)["input_ids"]
         return _Texts(list(texts), [len(row) for row in ids])

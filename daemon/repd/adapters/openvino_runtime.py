@@ -44,7 +44,7 @@ from repd.adapters.embedder import (
     Prepared,
     _Tokenized,
     pad_features,
-    tokenize_with,
+    prepare_with,
 )
 from repd.adapters.openvino_backend import (
     SAME_VECTORS_MIN_COSINE,
@@ -199,7 +199,7 @@ class DirectBackend(RunsCompiledCopies):
         self._padding = spec.padding
         self._embed_tok = Tokenizer.from_str(spec.embed_tokenizer)
         self._count_tok = Tokenizer.from_str(spec.count_tokenizer)
-        self._counter = TokenCounter(self._count_tok)
+        self._counter = TokenCounter(self._count_tok, self._embed_tok)
         self.max_tokens = spec.max_tokens
         self.chunking_key = spec.chunking_key
         self.dim = spec.dim
@@ -221,7 +221,7 @@ class DirectBackend(RunsCompiledCopies):
 
     def prepare(self, texts: Sequence[str]) -> _Tokenized:
         """Token ids per text, special tokens added, truncated to the model's limit."""
-        return tokenize_with(self._embed_tok, texts, self._padding.type_ids)
+        return prepare_with(self._counter, self._embed_tok, texts, self._padding.type_ids)
 
     def run(self, prepared: Prepared, batch: Sequence[int]) -> np.ndarray:
         """Unit vectors (float32) for the texts at ``batch``, in that order."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
@@ -79,48 +80,132 @@ def _kind(part: Any) -> set[str]:
 
 class TokenCounter:
     """Tokens per text without special tokens or truncation, by ``tokenizer`` (a
-    ``tokenizers.Tokenizer`` set up without truncation or padding).
+    ``tokenizers.Tokenizer`` set up without truncation or padding), and, given
+    ``embed_tokenizer`` (the same tokenizer with the model's truncation), the model's
+    input ids.
 
-    With an :func:`additive` tokenizer each distinct space-separated part is counted
-    once and remembered; otherwise every text is counted whole. Thread-safe.
+    With an :func:`additive` tokenizer the ids of each distinct space-separated part
+    are read once and remembered, and a text's are its parts' one after another;
+    otherwise every text is counted whole and :meth:`encode` returns None. Thread-safe.
     """
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, embed_tokenizer: Any = None) -> None:
         """Count with ``tokenizer``, remembering parts when it is additive."""
-        self._tokenizer = tokenizer
         self._encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         self.remembers = additive(tokenizer)
-        self._known: dict[str, int] = {"": 0}
+        self._known: dict[str, tuple[int, ...]] = {"": ()}
         self._lock = threading.Lock()
+        self._frame = (Frame.of(embed_tokenizer, self)
+                       if self.remembers and embed_tokenizer is not None else None)
 
     def __call__(self, texts: Sequence[str]) -> list[int]:
         """The token count of each text."""
         if not self.remembers:
-            return self._count(list(texts))
+            return [len(ids) for ids in self._read(list(texts))]
+        return [sum(map(len, parts)) for parts in self._part_ids(texts)]
+
+    def ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids of each text, without special tokens or truncation."""
+        if not self.remembers:
+            return [list(ids) for ids in self._read(list(texts))]
+        return [list(chain.from_iterable(parts)) for parts in self._part_ids(texts)]
+
+    def encode(self, texts: Sequence[str], type_ids: bool,
+               ) -> tuple[list[list[int]], list[list[int]] | None] | None:
+        """The model's input ids (and token type ids when ``type_ids``) for each text,
+        exactly as ``embed_tokenizer`` makes them; None when that cannot be done from
+        remembered parts (then tokenize with it)."""
+        frame = self._frame
+        if frame is None:
+            return None
+        framed = [frame.ids(body) for body in self.ids(texts)]
+        return framed, [frame.type_ids(len(ids)) for ids in framed] if type_ids else None
+
+    def _part_ids(self, texts: Sequence[str]) -> list[list[tuple[int, ...]]]:
         split = [_parts(t) for t in texts]
         with self._lock:
             known = self._known
             new = set(chain.from_iterable(split)).difference(known)
-            if new:
-                if len(known) + len(new) > MAX_REMEMBERED:
-                    # Start afresh; this call's own parts are all counted again.
-                    known.clear()
-                    known[""] = 0
-                    new = set(chain.from_iterable(split)).difference(known)
-                fresh = list(new)
-                long: dict[str, int] = {}
-                for part, n in zip(fresh, self._count(fresh), strict=True):
-                    if len(part) > MAX_REMEMBERED_CHARS:
-                        long[part] = n
-                    else:
-                        known[part] = n
-                if long:
-                    return [sum(known[p] if p in known else long[p] for p in parts)
-                            for parts in split]
-            return [sum(map(known.__getitem__, parts)) for parts in split]
+            if not new:
+                return [list(map(known.__getitem__, parts)) for parts in split]
+            if len(known) + len(new) > MAX_REMEMBERED:
+                # Start afresh; this call's own parts are all read again.
+                known.clear()
+                known[""] = ()
+                new = set(chain.from_iterable(split)).difference(known)
+            fresh = list(new)
+            local = dict(zip(fresh, self._read(fresh), strict=True))
+            for part, ids in local.items():
+                if len(part) <= MAX_REMEMBERED_CHARS:
+                    known[part] = ids
+            return [[known[p] if p in known else local[p] for p in parts] for parts in split]
 
-    def _count(self, texts: list[str]) -> list[int]:
-        return [len(e.ids) for e in self._encode(texts, add_special_tokens=False)]
+    def _read(self, texts: list[str]) -> list[tuple[int, ...]]:
+        return [tuple(e.ids) for e in self._encode(texts, add_special_tokens=False)]
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """What a tokenizer adds around a text's ids for the model: special tokens before
+    and after, and the truncation of the text's own ids to fit the model's limit."""
+
+    prefix: tuple[int, ...]
+    suffix: tuple[int, ...]
+    prefix_types: tuple[int, ...]
+    body_type: int
+    suffix_types: tuple[int, ...]
+    #: Body ids kept (None: no truncation); from the end when ``left``.
+    limit: int | None
+    left: bool
+
+    @classmethod
+    def of(cls, embed_tokenizer: Any, counter: TokenCounter) -> Frame | None:
+        """``embed_tokenizer``'s frame, read from its own output and then checked against
+        it on texts short, long (truncated) and odd; None if anything differs."""
+        try:
+            whole = embed_tokenizer.encode(_FRAME_PROBE, add_special_tokens=True)
+            body = counter.ids([_FRAME_PROBE])[0]
+            ids = list(whole.ids)
+            at = next(i for i in range(len(ids) - len(body) + 1)
+                      if ids[i:i + len(body)] == body)
+            types = list(whole.type_ids)
+            body_types = set(types[at:at + len(body)])
+            if len(body_types) != 1:
+                return None
+            trunc = embed_tokenizer.truncation
+            specials = len(ids) - len(body)
+            frame = cls(
+                prefix=tuple(ids[:at]), suffix=tuple(ids[at + len(body):]),
+                prefix_types=tuple(types[:at]), body_type=body_types.pop(),
+                suffix_types=tuple(types[at + len(body):]),
+                limit=None if trunc is None else max(0, int(trunc["max_length"]) - specials),
+                left=trunc is not None and trunc.get("direction") == "left")
+            checks = [_FRAME_PROBE, "", *_FRAME_CHECKS]
+            want = embed_tokenizer.encode_batch(checks, add_special_tokens=True)
+            for text, enc in zip(checks, want, strict=True):
+                got = frame.ids(counter.ids([text])[0])
+                if got != list(enc.ids) or frame.type_ids(len(got)) != list(enc.type_ids):
+                    return None
+            return frame
+        except (StopIteration, AttributeError, TypeError, KeyError, ValueError):
+            return None
+
+    def ids(self, body: list[int]) -> list[int]:
+        """``body`` truncated and framed with the special tokens."""
+        if self.limit is not None and len(body) > self.limit:
+            body = body[len(body) - self.limit:] if self.left else body[:self.limit]
+        return [*self.prefix, *body, *self.suffix]
+
+    def type_ids(self, n: int) -> list[int]:
+        """The token type ids of framed ids ``n`` long."""
+        inner = n - len(self.prefix) - len(self.suffix)
+        return [*self.prefix_types, *[self.body_type] * inner, *self.suffix_types]
+
+
+#: Texts a frame is read from and checked on: a plain sentence, one far over any
+#: model's limit (truncation), and odd characters.
+_FRAME_PROBE = "repd frames this sentence"
+_FRAME_CHECKS = ("word " * 2000, "Ünïcödé 中文 e\u0301 [MASK] x" * 3, "tab\there\nnew line")
 
 
 def _parts(text: str) -> list[str]:
