@@ -165,7 +165,8 @@ def test_the_first_minutes(tmp_path: Path) -> None:
         model = d.status()["model"]
         assert model["backend"] in {"torch", "openvino"}
         assert model["precision"] in {"f32", "bf16"}
-        line = f"dim 384  cpu, {model['backend']} {model['precision']}\n"
+        torch_too = " (with torch)" if model.get("runtime") == "full" else ""
+        line = f"dim 384  cpu, {model['backend']} {model['precision']}{torch_too}\n"
         assert line in status.stdout, status.stdout  # whole, on one line of the 80
         assert all(text_width(ln) <= 80 for ln in status.stdout.splitlines()), status.stdout
     finally:

@@ -413,3 +413,15 @@ def test_gate_report_lines_from_the_daemon_shape() -> None:
 
     assert gate_lines(gate_info(gate).model_dump()) == [
         "passed", "- a", "- nDCG@10 on the labeled queries: active 0.500, new -"]
+
+
+def test_status_says_when_openvino_runs_with_torch() -> None:
+    """The full OpenVINO runtime (torch imported) is named; the usual direct one is not."""
+    st = FakeBackend().status().model_dump(mode="json")
+    st["model"].update(name="all-MiniLM-L6-v2", id="m@1", dim=384, device="cpu",
+                       backend="openvino", precision="bf16", runtime="direct")
+    assert "dim 384  cpu, openvino bf16\n" in render_status(st, 80)
+    st["model"]["runtime"] = "full"
+    assert "dim 384  cpu, openvino bf16 (with torch)\n" in render_status(st, 80)
+    st["model"].update(backend="torch", precision="f32", runtime=None)
+    assert "dim 384  cpu, torch f32\n" in render_status(st, 80)

@@ -44,6 +44,7 @@ emb = Embedder.load(sys.argv[1], device="cpu", backend="auto")
 texts = json.loads(sys.argv[2])
 print(json.dumps({
     "runner": type(emb._backend).__name__, "backend": emb.backend, "precision": emb.precision,
+    "runtime": emb.runtime,
     "model_id": emb.model_id, "chunking_key": emb.chunking_key, "dim": emb.dim,
     "max_tokens": emb.max_tokens, "counts": emb.count_tokens(texts),
     "vectors": emb.embed(texts).tolist(),
@@ -82,11 +83,13 @@ def test_a_second_start_runs_the_export_without_torch_and_gives_torchs_vectors(
     exports = tmp_path / "exports"
     first = _load_in_child(MODEL, exports)  # exports, verifies, records the spec
     assert first["runner"] == "OpenVinoBackend" and "torch" in first["imported"]
+    assert first["runtime"] == "full"
     assert (_export_dir(exports) / RUNTIME_SPEC).is_file()
     assert sorted(p.name for p in exports.iterdir()) == [_export_dir(exports).name]  # no temp
 
     second = _load_in_child(MODEL, exports)
     assert second["runner"] == "DirectBackend" and second["backend"] == "openvino"
+    assert second["runtime"] == "direct"
     assert second["imported"] == []  # no torch, transformers, sentence-transformers, optimum
     assert second["precision"] == first["precision"]
     # Same representation as torch: the index of either serves the other, no migration.

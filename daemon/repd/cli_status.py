@@ -97,6 +97,8 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
     # either way, but they decide the speed, and `auto` picks them.
     # Kept short: the default model's line fits 80 columns ("cpu, openvino bf16").
     runtime = " ".join(str(m[k]) for k in ("backend", "precision") if m.get(k))
+    if m.get("runtime") == "full":  # the usual direct runtime goes unsaid
+        runtime += " (with torch)"
     where = ", ".join(part for part in (m.get("device") or "-", runtime) if part)
     model = (f"{m['name']}  dim {m['dim']}  {where}" if loaded
              else f"{m['name']}  (not loaded yet)")

@@ -231,7 +231,8 @@ class DaemonService:
                             id=gen.model_id if gen else None, dim=gen.dim if gen else None,
                             device=getattr(emb, "device", None),
                             backend=getattr(emb, "backend", None),
-                            precision=getattr(emb, "precision", None)),
+                            precision=getattr(emb, "precision", None),
+                            runtime=getattr(emb, "runtime", None)),
             generation=GenerationInfo(id=str(gen.id), state=gen.state,  # type: ignore[arg-type]
                                       points=_int(info.get("points"))) if gen else None,
             queue=QueueInfo(pending=pending, scans=depth.get("scans", 0),

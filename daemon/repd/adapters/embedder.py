@@ -330,6 +330,14 @@ class Embedder:
         return self._backend_name
 
     @property
+    def runtime(self) -> str | None:
+        """How OpenVINO runs the model: ``direct`` (OpenVINO and ``tokenizers`` alone, no
+        torch imported) or ``full`` (through sentence-transformers and optimum, torch
+        imported: a first load, or a model the direct runtime cannot run); None on torch."""
+        runtime = getattr(self._backend, "runtime", None)
+        return runtime if isinstance(runtime, str) else None
+
+    @property
     def precision(self) -> str:
         """What the forward pass computes in: ``f32``, ``bf16``, ``int8+f32`` or ``int8+bf16``
         (OpenVINO; an int8 variant, with what runs the rest), or ``fp16`` (CUDA)."""

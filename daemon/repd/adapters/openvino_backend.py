@@ -231,6 +231,8 @@ class RunsCompiledCopies:
 class OpenVinoBackend(RunsCompiledCopies, _SentenceTransformerBackend):
     """A SentenceTransformer whose transformer is an optimum-intel OpenVINO model."""
 
+    runtime = "full"  # torch, transformers, sentence-transformers and optimum imported
+
     def __init__(self, model: Any, export_dir: Path, precision: str = "f32",
                  strict: bool = False) -> None:
         """Wrap ``model`` (compiled in f32) and switch it to ``precision`` when faithful.

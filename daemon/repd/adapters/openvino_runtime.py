@@ -179,6 +179,7 @@ class DirectBackend(RunsCompiledCopies):
     """
 
     fast = True  # always pre-tokenized: there is no encode() to fall back to
+    runtime = "direct"  # no torch imported
 
     def __init__(self, spec: RuntimeSpec, network: Any, reference: np.ndarray | None,
                  min_cosine: float | None = None, precision: str = "f32") -> None:

@@ -186,6 +186,11 @@ class ModelInfo(_Response):
                                 description="torch or openvino; null until loaded")
     precision: str | None = Field(
         default=None, description="f32, bf16 (OpenVINO) or fp16 (CUDA); null until loaded")
+    runtime: str | None = Field(
+        default=None,
+        description="OpenVINO only: direct (no torch imported) or full (through "
+        "sentence-transformers, torch imported: a first load, or a model the direct "
+        "runtime cannot run); null on torch or until loaded")
 
 
 class GenerationInfo(_Response):
