@@ -117,6 +117,7 @@ class Daemon:
         self.engine.announce(self.settings.api.socket)
         indexer = self.engine.indexer(daemon=True)
         self.engine.embedder()  # READY means the model is loaded, not merely configured
+        self._warm_queries()
         indexer.embed_slice = DAEMON_EMBED_SLICE
         # HNSW is built when idle, but a long first index is never idle and one build
         # over all of it would hold the GIL for minutes: build once this many points
@@ -163,6 +164,16 @@ class Daemon:
         log.info("ready", roots=[str(r) for r in self.roots], socket=str(self.settings.api.socket),
                  model=indexer.generation.model_name,
                  device=getattr(self.engine.loaded_embedder, "device", None))
+
+    def _warm_queries(self) -> None:
+        """Embed one short text, so the first query does not pay for what its path sets
+        up on first use (OpenVINO's one-thread copy for queries: a compile, ~0.3 s on 2
+        cores). A failure here is only logged: the query path reports its own."""
+        assert self.engine is not None
+        try:
+            self.engine.embedder().embed(["repd"])
+        except Exception as exc:  # the model loaded; a query will say what is wrong
+            log.warning("query_warmup_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _wait_for_disk_space(self) -> None:
         # Opening Qdrant Edge with no room kills the process with SIGBUS (its files are

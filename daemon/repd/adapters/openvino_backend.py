@@ -171,19 +171,21 @@ class CompiledCopies:
             inputs["token_type_ids"] = np.zeros_like(features["input_ids"])
         return inputs
 
-    def infer(self, features: dict[str, np.ndarray]) -> np.ndarray:
-        """The network's first output (token embeddings) for padded ``features``, a copy.
+    def infer(self, features: dict[str, np.ndarray], copy: bool = True) -> np.ndarray:
+        """The network's first output (token embeddings) for padded ``features``.
 
         Features the network does not take are left out; a ``token_type_ids`` input it
         takes but the tokenizer does not make is all zeros, as transformers fills it.
+        With ``copy`` False the array is the infer request's own output buffer (no copy
+        of ~6 MB per batch): valid only until this thread's next ``infer``.
         """
         inputs = self.inputs_for(features)
         ids = features["input_ids"]
         small = (ids.shape[0] * ids.shape[1] <= _SMALL_RUN_TOKENS
                  and not getattr(self._probing, "on", False))
         request = self.request(small=small)
-        result = request.infer(inputs)
-        return np.array(result[request.model_outputs[0]], copy=True)
+        output = request.infer(inputs, share_outputs=True)[request.model_outputs[0]]
+        return np.array(output, copy=True) if copy else output
 
     def memory_bytes(self) -> int:
         """Bytes of the network's constants (its weights), as the bulk copy holds them.

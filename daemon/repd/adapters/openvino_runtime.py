@@ -228,16 +228,17 @@ class DirectBackend(RunsCompiledCopies):
         """Unit vectors (float32) for the texts at ``batch``, in that order."""
         assert isinstance(prepared, _Tokenized)
         features = pad_features(prepared, batch, self._padding)
-        hidden = self.copies.infer(features)
+        hidden = self.copies.infer(features, copy=False)  # read before the next infer
         mask = features["attention_mask"]
         if self._spec.pooling == "cls":
             # sentence-transformers takes the first attended token (left padding aware).
-            pooled = hidden[np.arange(len(batch)), mask.argmax(axis=1)]
+            pooled = hidden[np.arange(len(batch)), mask.argmax(axis=1)].astype(np.float32)
         else:  # mean over attended tokens, in f32, as Pooling does (count clamped at 1e-9)
-            weights = mask[..., None].astype(np.float32)
-            pooled = (hidden.astype(np.float32) * weights).sum(axis=1) / np.maximum(
-                weights.sum(axis=1), 1e-9)
-        pooled = pooled.astype(np.float32)
+            weights = mask.astype(np.float32)
+            # (batch, 1, seq) @ (batch, seq, dim): the masked sum with no (batch, seq, dim)
+            # temporaries, ~8x faster than multiplying and summing.
+            summed = np.matmul(weights[:, None, :], hidden.astype(np.float32, copy=False))
+            pooled = summed[:, 0, :] / np.maximum(weights.sum(axis=1), 1e-9)[:, None]
         # torch's normalize: x / max(||x||, 1e-12)
         norms = np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
         return np.asarray(pooled / norms, dtype=np.float32)
