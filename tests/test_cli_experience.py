@@ -182,6 +182,8 @@ def test_the_first_minutes(tmp_path: Path) -> None:
         except ValueError:
             raise AssertionError(f"not a JSON line in the daemon's log: {ln!r}") from None
     assert "model_loaded" in events and "ready" in events, events
+    # The query path was set up before READY (the first query compiles nothing).
+    assert events.index("query_path_warm") < events.index("ready"), events
 
 
 def test_index_a_missing_path_says_so(tmp_path: Path) -> None:

@@ -170,10 +170,13 @@ class Daemon:
         up on first use (OpenVINO's one-thread copy for queries: a compile, ~0.3 s on 2
         cores). A failure here is only logged: the query path reports its own."""
         assert self.engine is not None
+        t0 = time.monotonic()
         try:
             self.engine.embedder().embed(["repd"])
         except Exception as exc:  # the model loaded; a query will say what is wrong
             log.warning("query_warmup_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        log.info("query_path_warm", seconds=round(time.monotonic() - t0, 3))
 
     def _wait_for_disk_space(self) -> None:
         # Opening Qdrant Edge with no room kills the process with SIGBUS (its files are
