@@ -106,13 +106,13 @@ class TokenCounter:
     def __call__(self, texts: Sequence[str]) -> list[int]:
         """The token count of each text."""
         if not self.remembers:
-            return [len(ids) for ids in self._read(list(texts))]
+            return [len(e.ids) for e in self._whole(texts)]
         return [sum(map(len, parts)) for parts in self._part_ids(texts)]
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         """The token ids of each text, without special tokens or truncation."""
         if not self.remembers:
-            return [list(ids) for ids in self._read(list(texts))]
+            return [list(e.ids) for e in self._whole(texts)]
         return [list(chain.from_iterable(parts)) for parts in self._part_ids(texts)]
 
     def encode(self, texts: Sequence[str], type_ids: bool,
@@ -145,10 +145,15 @@ class TokenCounter:
                     known[part] = ids
             return [[known[p] if p in known else local[p] for p in parts] for parts in split]
 
+    def _whole(self, texts: Sequence[str]) -> list[Any]:
+        """The tokenizer's encodings of whole texts (nothing remembered)."""
+        return list(self._encode(list(texts), add_special_tokens=False))
+
     def _read(self, texts: list[str]) -> list[tuple[int, ...]]:
+        """Parts' ids to remember, as tuples of the shared int objects."""
         ints = self._ints
         return [tuple([ints[i] if i < len(ints) else i for i in e.ids])
-                for e in self._encode(texts, add_special_tokens=False)]
+                for e in self._whole(texts)]
 
 
 @dataclass(frozen=True, slots=True)
