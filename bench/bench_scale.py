@@ -46,6 +46,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from bench.store_edge_bench import GilWatch  # noqa: E402
 from repd.adapters import store_edge  # noqa: E402
 from repd.adapters.lexical import default_encoder  # noqa: E402
 from repd.adapters.manifest import Manifest  # noqa: E402
+from repd.adapters.store_replicas import ReplicatedStore  # noqa: E402
 from repd.core.identity import StatSig, content_hash, point_id  # noqa: E402
 from repd.core.types import Chunk, SearchMode  # noqa: E402
 from repd.engine import Engine  # noqa: E402
@@ -196,6 +198,45 @@ class WriteReport:
     stall_build_s: float
     stall_other_s: float
     ticks: int
+    probe: dict[str, Any]
+
+
+class QueryProbe:
+    """A thread running one hybrid search through the store every 20 ms while the write
+    goes on: the latency a query to the API would see (a build holding the GIL of the
+    process that serves it shows up as one long query)."""
+
+    def __init__(self, store: Any, emb: FakeEmbedder, words: Words) -> None:
+        self.store = store
+        self.enc = default_encoder()
+        self.vector = emb.embed([words.query()])[0].tolist()
+        self.sparse = self.enc.embed_query(words.query())
+        self.samples: list[tuple[float, float]] = []  # (start, seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="query-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            self.store.search(self.vector, 10, sparse=self.sparse, mode="hybrid")
+            self.samples.append((t, time.perf_counter() - t))
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop probing."""
+        self._stop.set()
+        self._thread.join()
+
+    def report(self, builds: Sequence[tuple[float, float]]) -> dict[str, Any]:
+        """p50/p99/max (ms) of every probe, and the longest one that overlapped a build
+        measured in this process (``builds``; a replica's build runs elsewhere)."""
+        ms = [d * 1000 for _, d in self.samples]
+        during = [d * 1000 for t, d in self.samples
+                  if any(t < b1 and t + d > b0 for b0, b1 in builds)]
+        return {"queries": len(ms), "p50_ms": round(pct(ms, 0.5), 1),
+                "p99_ms": round(pct(ms, 0.99), 1), "max_ms": round(max(ms, default=0), 1),
+                "max_during_builds_ms": round(max(during, default=0), 1)}
 
 
 def groups_of(files: int, per_file: int) -> Iterator[range]:
@@ -220,6 +261,7 @@ def write_all(engine: Engine, root: Path, files: int, per_file: int,
     assert handle is not None
     enc = default_encoder()
     watch = GilWatch()
+    probe = QueryProbe(handle.store, emb, Words(seed=5))
     builds: list[tuple[float, float]] = []
     group_s: list[float] = []
     chunks = 0
@@ -263,10 +305,18 @@ def write_all(engine: Engine, root: Path, files: int, per_file: int,
         if handle.store.maybe_build_index():
             builds.append((b0, time.perf_counter()))
     seconds = time.perf_counter() - t_start
+    settle = handle.store
+    if isinstance(settle, ReplicatedStore):
+        # The replicas' last builds (and the swaps) run on after the last write.
+        t = time.perf_counter()
+        settle.wait_idle()
+        print(f"  replicas settled in {time.perf_counter() - t:.1f} s", flush=True)
+    probe.stop()
     watch.stop()
     return WriteReport(seconds, n_groups, chunks, len(builds), [b - a for a, b in builds],
                        group_s, watch.longest(builds, inside=True),
-                       watch.longest(builds, inside=False), watch.ticks)
+                       watch.longest(builds, inside=False), watch.ticks,
+                       probe.report(builds))
 
 
 def query_latency(engine: Engine, words: Words, n: int, emb: FakeEmbedder) -> dict[str, Any]:
@@ -299,11 +349,13 @@ def real_model_identity(env: dict[str, str]) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def daemon_phase(home: Path, root: Path, words: Words, n: int) -> dict[str, Any]:
+def daemon_phase(home: Path, root: Path, words: Words, n: int,
+                 replicas: bool = False) -> dict[str, Any]:
     """A real daemon on the data folder: start to idle, RSS, API latencies."""
     from tests.daemon_harness import DaemonProc
 
-    d = DaemonProc(home, [root])
+    d = DaemonProc(home, [root],
+                   extra_env={"REPD_STORE__REPLICAS": "true"} if replicas else None)
     t0 = time.perf_counter()
     d.start(wait_idle=False)
     try:
@@ -320,7 +372,11 @@ def daemon_phase(home: Path, root: Path, words: Words, n: int) -> dict[str, Any]
             d.client.status()
             s_ms.append((time.perf_counter() - t) * 1000)
         rss, peak = rss_kb(d.pid)
+        children = [c for t in Path(f"/proc/{d.pid}/task").iterdir()
+                    for c in (t / "children").read_text().split()]
+        store_rss = sum(rss_kb(c)[0] for c in children)
         return {"start_to_idle_s": round(to_idle, 1), "rss_mib": rss // 1024,
+                "store_processes_rss_mib": store_rss // 1024,
                 "peak_rss_mib": peak // 1024,
                 "query_p50_ms": round(pct(q_ms, 0.5), 1), "query_p99_ms": round(pct(q_ms, 0.99), 1),
                 "status_p50_ms": round(pct(s_ms, 0.5), 2),
@@ -341,6 +397,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="override store_edge.DEFAULT_INDEX_THRESHOLD for this run")
     ap.add_argument("--policy", choices=("inline", "idle", "backlog"), default="inline",
                     help="when HNSW is built during the write (see write_all)")
+    ap.add_argument("--replicas", action="store_true",
+                    help="store.replicas: two shards in store processes (builds apart)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     ap.add_argument("--out", type=Path, default=None, help="write the report as JSON here")
     args = ap.parse_args(argv)
@@ -363,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ[k] = env[k]
     data = home / "data" / "repd"
     report: dict[str, Any] = {"files": args.files, "chunks_per_file": args.chunks_per_file,
-                              "policy": args.policy,
+                              "policy": args.policy, "replicas": args.replicas,
                               "index_threshold": store_edge.EdgeStore.open.__kwdefaults__[
                                   "index_threshold"]}  # type: ignore[index]
 
@@ -374,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["tree_write_s"] = round(make_tree(root, args.files, args.chunks_per_file, words), 1)
     time.sleep(2.2)  # past the racy window: the daemon must trust every file's stat
 
-    settings = Settings(roots=[root], store=StoreSettings(path=data))
+    settings = Settings(roots=[root], store=StoreSettings(path=data, replicas=args.replicas))
     engine = Engine(settings, writer=True, embedder=emb)
     try:
         engine.indexer()  # creates the hybrid generation under the model's identity
@@ -389,6 +447,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "group_p50_s": round(pct(w.group_seconds, 0.5), 2),
             "longest_stall_during_builds_s": round(w.stall_build_s, 3),
             "longest_stall_otherwise_s": round(w.stall_other_s, 3),
+            "query_probe": w.probe,
         }
         handle = engine.generations.active
         assert handle is not None
@@ -420,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["store_mib"] = round(du_bytes(data / "shards") / 2**20, 1)
     print(json.dumps(report, indent=1, default=str), flush=True)
     if args.daemon:
-        report["daemon"] = daemon_phase(home, root, words, args.queries)
+        report["daemon"] = daemon_phase(home, root, words, args.queries, args.replicas)
         print(json.dumps(report["daemon"], indent=1), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, default=str))

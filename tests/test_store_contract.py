@@ -21,6 +21,7 @@ from qdrant_client import QdrantClient, models
 
 from repd.adapters.store import Store, StoreError
 from repd.adapters.store_edge import DROPPING_SUFFIX, EdgeStore
+from repd.adapters.store_replicas import ReplicatedStore
 from repd.adapters.store_server import ServerStore, alias_target, resolve_alias, set_alias
 from repd.core.types import Hit, PointRecord
 
@@ -73,16 +74,19 @@ class Backend:
     exists: Callable[[], bool]
 
 
-@pytest.fixture(params=["edge", "server"])
+@pytest.fixture(params=["edge", "replicas", "server"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """Each backend in turn; every store it opened is closed afterwards."""
+    """Each backend in turn (``replicas``: two Edge shards in store processes); every
+    store it opened is closed afterwards."""
     opened: list[Store] = []
     client = QdrantClient(":memory:") if request.param == "server" else None
 
     def open_store(dim: int = DIM, **kwargs: Any) -> Store:
         store: Store
-        if client is None:
+        if request.param == "edge":
             store = EdgeStore.open(tmp_path / "shard", dim, **kwargs)
+        elif request.param == "replicas":
+            store = ReplicatedStore.open(tmp_path / "shard", dim, **kwargs)
         else:
             store = ServerStore(client, "gen-1", dim, **kwargs)
         opened.append(store)
@@ -243,7 +247,8 @@ def test_info_reports_the_common_keys(backend: Backend) -> None:
     store.upsert(random_points(12, seed=5))
     info = store.info()
     assert info["points"] == 12
-    assert info["backend"] == backend.name
+    # Replicas are Edge shards: the engine is the same.
+    assert info["backend"] == {"replicas": "edge"}.get(backend.name, backend.name)
     for key in ("indexed_vectors", "segments", "hnsw_built"):
         assert key in info, key
 

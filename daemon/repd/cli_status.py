@@ -104,6 +104,8 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
              else f"{m['name']}  (not loaded yet)")
     lines += wrap_field("model", model, cols)
     hnsw = "HNSW built" if s["index_built"] else "no HNSW yet (exact search)"
+    if s.get("replicas"):
+        hnsw += f", {replicas_summary(s['replicas'])}"
     lines += wrap_field("generation", f"{gen.get('id', '-')} ({gen.get('state', '-')}), "
                    f"{s['points']:,} points, {hnsw}", cols)
     if st.get("migration"):
@@ -174,3 +176,11 @@ def _roots_table(roots: list[dict[str, Any]], cols: int) -> list[str]:
     if not roots:
         out.append("(no roots)")
     return out + notes
+
+
+def replicas_summary(replicas: dict[str, Any]) -> str:
+    """The two copies of a replicated index in a few words ("r0 serves, r1 building")."""
+    text = f"{replicas['serving']} serves"
+    if replicas.get("building"):
+        text += f", {replicas['building']} building"
+    return text

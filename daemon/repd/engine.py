@@ -371,14 +371,14 @@ class Engine:
         location = self._resolved(gen)
         try:
             if self.settings.store.kind == "embedded":
-                from repd.adapters.store_edge import EdgeStore
+                from repd.adapters.store_replicas import open_edge_store
 
                 if self._lock is None:
                     # A reader: never load a shard someone else may have open (Edge would
                     # damage it before failing on its own lock). Raises IndexBusy.
                     self._lock = DataLock.reader(self.data_dir)
-                return EdgeStore.open(self.data_dir / location, gen.dim,
-                                      hybrid=gen.hybrid)
+                return open_edge_store(self.data_dir / location, gen.dim, hybrid=gen.hybrid,
+                                       replicas=self.settings.store.replicas)
             from qdrant_client import QdrantClient
 
             from repd.adapters.store_server import ServerStore, set_alias

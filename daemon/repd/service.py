@@ -33,6 +33,7 @@ from repd.api.schema import (
     QueryResponse,
     QueueInfo,
     Rates,
+    ReplicasInfo,
     RootStatus,
     StatusResponse,
     StoreInfo,
@@ -85,6 +86,16 @@ class QueryHandle(Protocol):
 
 def _int(value: object) -> int:
     return int(value) if isinstance(value, int | float) else 0
+
+
+def _replicas(value: object) -> ReplicasInfo | None:
+    """The store's ``replicas`` fact (``store_replicas.ReplicatedStore.info``), if any."""
+    if not isinstance(value, dict):
+        return None
+    building = value.get("building")
+    return ReplicasInfo(serving=str(value.get("serving")),
+                        building=str(building) if building else None,
+                        lag_points=_int(value.get("lag_points")))
 
 
 def _when(ts: float) -> datetime:
@@ -249,7 +260,8 @@ class DaemonService:
                           reused=total.chunks_reused if total else 0),
             store=StoreInfo(kind=d.settings.store.kind, points=_int(info.get("points")),
                             indexed_vectors=_int(info.get("indexed_vectors")),
-                            index_built=bool(info.get("hnsw_built", False))),
+                            index_built=bool(info.get("hnsw_built", False)),
+                            replicas=_replicas(info.get("replicas"))),
             uptime_s=time.monotonic() - d.started_at,
             last_scan_at=datetime.fromtimestamp(last_scan, UTC) if last_scan else None,
             last_error=snap.last_error if snap else None,

@@ -37,6 +37,11 @@ class StoreSettings(_Section):
     url: str | None = Field(default=None, description="Qdrant server URL, for kind=server")
     api_key: SecretStr | None = None
     collection: str = Field(default="repd", description="alias / collection name prefix")
+    replicas: bool = Field(
+        default=False,
+        description="embedded only: keep two copies of each index, each in a process of "
+        "its own, so HNSW builds never pause the daemon (queries go to the copy not "
+        "building); twice the disk; changing it converts the index at the next start")
 
     @field_validator("path")
     @classmethod

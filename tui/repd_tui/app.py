@@ -33,6 +33,7 @@ from textual.widgets import (
 from textual.worker import Worker, WorkerState
 
 from repd.api.client import ApiClientError, DaemonNotRunning, DaemonUnresponsive
+from repd.cli_status import replicas_summary
 from repd.textsafe import printable
 from repd_tui.widgets import (
     ChunkView,
@@ -594,6 +595,8 @@ class RepdApp(App[int]):
             if store["index_built"]
             else f"HNSW not built: brute force ({fmt_count(store['indexed_vectors'])} indexed)"
         )
+        if store.get("replicas"):
+            hnsw += f" · {replicas_summary(store['replicas'])}"
         status.set("points", f"{fmt_count(store['points'])} in {store['kind']} store · {hnsw}")
         status.set("uptime", f"{fmt_duration(st['uptime_s'])}  (repd {st['version']})")
         last_error = st.get("last_error")

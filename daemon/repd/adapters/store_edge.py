@@ -163,7 +163,7 @@ class EdgeStore:
             vectors = {DENSE_VECTOR: dense}
             sparse = {SPARSE_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)}
         try:
-            if _shard_exists(path):
+            if shard_exists(path):
                 # vectors are validated against the segments; the optimizer settings
                 # given here replace the persisted ones; HNSW settings stay as built.
                 config = qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse,
@@ -593,7 +593,8 @@ def _canonical(point_id: str) -> str:
         return point_id
 
 
-def _shard_exists(path: Path) -> bool:
+def shard_exists(path: Path) -> bool:
+    """Whether ``path`` holds an Edge shard (its config file or any segment)."""
     # Edge writes edge_config.json at creation; segments alone are enough to load.
     segments = path / "segments"
     return (path / _EDGE_CONFIG_FILE).exists() or (

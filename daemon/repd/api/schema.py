@@ -246,6 +246,14 @@ class Totals(_Response):
     reused: int = Field(ge=0, description="chunks whose vector was reused instead of embedded")
 
 
+class ReplicasInfo(_Response):
+    """The two copies of a replicated embedded index (``store.replicas``)."""
+
+    serving: str = Field(description="the copy answering queries (r0 or r1)")
+    building: str | None = Field(default=None, description="the copy building HNSW now")
+    lag_points: int = Field(ge=0, description="writes the other copy has yet to apply")
+
+
 class StoreInfo(_Response):
     """The vector store behind the active generation."""
 
@@ -253,6 +261,8 @@ class StoreInfo(_Response):
     points: int = Field(ge=0)
     indexed_vectors: int = Field(ge=0, description="points covered by the HNSW index")
     index_built: bool = Field(description="false while queries are brute-force scans")
+    replicas: ReplicasInfo | None = Field(
+        default=None, description="set when the index is kept in two copies")
 
 
 class ComponentStatus(_Response):

@@ -1,0 +1,602 @@
+"""Two copies of one Qdrant Edge shard, each in a process of its own: builds never pause the daemon.
+
+Qdrant Edge's ``optimize()`` (the HNSW build) holds the GIL of the process that calls it,
+for about 3 s per 8k points (minutes for a segment merge), and every other Edge call
+holds it too. In the daemon's process that freezes the API. Here the daemon's process
+never calls Edge: each replica is a ``store_worker`` process owning one shard, and:
+
+* a write goes to both (the same requests in the same order), and returns once the
+  *serving* replica applied it; the other applies it when it can (it may be building);
+* a read (search, retrieve, count...) goes to the serving replica, which has every
+  write that returned;
+* ``maybe_build_index`` sends the build to the other (standby) replica, which builds in
+  its own process while the serving one answers; once it has built and caught up
+  with the writes queued meanwhile, the two swap roles and the new standby builds the
+  same, so both end up indexed.
+
+Folder layout of a replicated generation ``P``: ``P/r0`` and ``P/r1`` (two Edge shards)
+and ``P/replicas.json`` (``serving``: which one is authoritative, ``synced``: whether
+the other is known to hold the same points). Every flush waits for the serving
+replica, so after a crash that replica holds exactly what a single shard would, and the
+other may lag: the open finds ``synced`` false and copies the authoritative shard over
+the other before anything reads it. A clean ``close`` drains both and marks them synced.
+
+Costs: twice the disk and the page cache of one shard, two processes of ~60 MB, every
+build done twice (in a process of its own, on another core when there is one), and one
+pipe round trip per call (~0.1-0.3 ms). ``open_edge_store`` converts a folder between
+the single-shard and the replicated layouts, so the setting can be changed at any
+time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+import repd
+from repd.adapters.store import DEFAULT_RRF_K, Store, StoreError, check_sparse
+from repd.adapters.store_edge import DROPPING_SUFFIX, EdgeStore, shard_exists
+from repd.adapters.store_worker import pack_points, read_frame
+from repd.core.types import Hit, PointRecord, SearchMode, SparseVec
+from repd.log import get_logger
+
+log = get_logger("store")
+
+#: The marker of the replicated layout (see the module doc).
+REPLICAS_FILE = "replicas.json"
+#: The two replicas' shard folders inside the generation's folder.
+REPLICA_DIRS = ("r0", "r1")
+#: Suffix of the sibling folder a conversion moves the authoritative shard through.
+_MOVING_SUFFIX = ".single"
+#: Suffix of the folder a repair copies into before it replaces the lagging replica.
+_COPY_SUFFIX = ".copy"
+#: Points queued for a busy standby at which a write waits for it to catch up: bounds
+#: the daemon's memory during a long build (~2 KB a point), not its answers.
+MAX_LAG_POINTS = 65536
+#: Seconds ``close`` gives a store process to exit once its input is closed.
+_EXIT_WAIT = 30.0
+
+# Every store process is started from this one long-lived thread: the kernel's
+# parent-death signal (store_worker._die_with_parent) fires when the *thread* that
+# forked the child ends, and the threads that open stores may be short-lived.
+_SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repd-store-spawn")
+
+
+def _spawn() -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    # The child must import this very repd, however the parent found it.
+    package_parent = str(Path(repd.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [package_parent, *filter(None, [env.get("PYTHONPATH")])])
+    argv = [sys.executable, "-m", "repd.adapters.store_worker", str(os.getpid())]
+    return _SPAWNER.submit(subprocess.Popen, argv, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, env=env).result()
+
+
+class _Replica:
+    """The client of one store process: calls return futures, answered in order."""
+
+    def __init__(self, name: str, on_idle: Any) -> None:
+        self.name = name
+        self._on_idle = on_idle
+        self._proc = _spawn()
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._stdin: IO[bytes] = self._proc.stdin
+        self._stdout: IO[bytes] = self._proc.stdout
+        self._lock = threading.Lock()
+        self._pending: deque[tuple[Future[Any], int]] = deque()
+        #: Points of the writes sent and not yet applied.
+        self.lag_points = 0
+        self._dead: str | None = None
+        # Requests go through a queue and a thread of their own, so a caller never
+        # blocks on a full pipe while the process is busy building.
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                         name=f"repd-store-{name}-send")
+        self._receiver = threading.Thread(target=self._receive_loop, daemon=True,
+                                          name=f"repd-store-{name}-receive")
+        self._sender.start()
+        self._receiver.start()
+
+    @property
+    def pid(self) -> int:
+        """The store process's pid."""
+        return self._proc.pid
+
+    @property
+    def pending(self) -> int:
+        """Requests sent and not yet answered."""
+        with self._lock:
+            return len(self._pending)
+
+    def call(self, method: str, *args: Any, points: int = 0, **kwargs: Any) -> Future[Any]:
+        """Send one request; ``points`` counts towards ``lag_points`` until answered."""
+        fut: Future[Any] = Future()
+        data = pickle.dumps((method, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+        frame = len(data).to_bytes(8, "big") + data
+        with self._lock:
+            if self._dead is not None:
+                fut.set_exception(StoreError(self._dead))
+                return fut
+            self._pending.append((fut, points))
+            self.lag_points += points
+            self._outbox.put(frame)
+        return fut
+
+    def oldest(self) -> Future[Any] | None:
+        """The oldest unanswered request, if any."""
+        with self._lock:
+            return self._pending[0][0] if self._pending else None
+
+    def stop(self, *, kill: bool = False) -> None:
+        """End the process: close its input (it closes its shard and exits) or kill it."""
+        self._outbox.put(None)
+        if kill:
+            with contextlib.suppress(OSError):
+                self._proc.kill()
+        try:
+            self._proc.wait(timeout=_EXIT_WAIT)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._receiver.join(timeout=_EXIT_WAIT)
+
+    def _send_loop(self) -> None:
+        while (frame := self._outbox.get()) is not None:
+            try:
+                self._stdin.write(frame)
+                self._stdin.flush()
+            except OSError:
+                return  # the process is gone: the receiver reports it
+        with contextlib.suppress(OSError):
+            self._stdin.close()
+
+    def _receive_loop(self) -> None:
+        while True:
+            try:
+                status, value = read_frame(self._stdout)
+            except (EOFError, OSError, pickle.UnpicklingError):
+                break
+            with self._lock:
+                fut, points = self._pending.popleft()
+                self.lag_points -= points
+                idle = not self._pending
+            if status == "ok":
+                fut.set_result(value)
+            elif status == "err":
+                fut.set_exception(StoreError(value))
+            else:
+                fut.set_exception(StoreError(f"store process {self.name} failed: {value}"))
+            if idle:
+                self._on_idle()
+        rc = self._proc.wait()
+        with self._lock:
+            self._dead = f"the store process of {self.name} has exited (status {rc})"
+            failed = [f for f, _ in self._pending]
+            self._pending.clear()
+            self.lag_points = 0
+        for fut in failed:
+            fut.set_exception(StoreError(self._dead))
+
+
+class ReplicatedStore:
+    """A ``Store`` over two Edge shard replicas in store processes (see the module doc).
+
+    Use ``ReplicatedStore.open``. Thread-safe as ``EdgeStore`` is: one writer thread and
+    any number of readers.
+    """
+
+    def __init__(self, path: Path, dim: int, hybrid: bool, serving: int,
+                 index_threshold: int) -> None:
+        """Start both store processes (no shard opened yet); prefer ``open``."""
+        self.path = path
+        self.dim = dim
+        self.hybrid = hybrid
+        self.index_threshold = index_threshold
+        #: Points written since the last build was sent (the indexer's backstop reads it).
+        self.written_since_build = 0
+        self._lock = threading.RLock()
+        self._serving = serving
+        self._marked_unsynced = False
+        self._build: Future[Any] | None = None
+        self._building: int | None = None
+        self._swap_due = False
+        self._closed = False
+        self._dropped = False
+        #: Set when one replica failed alone (see ``_standby_done``).
+        self._fault: str | None = None
+        self._replicas = [_Replica(f"{path.name}/{d}", self._on_idle) for d in REPLICA_DIRS]
+
+    @classmethod
+    def open(cls, path: Path, dim: int, *, hybrid: bool = False,
+             **edge_options: Any) -> ReplicatedStore:
+        """Open (or create) the replicated generation at ``path``.
+
+        A single Edge shard at ``path`` is converted first (its folder becomes ``r0`` and
+        is copied to ``r1``); a replica left behind by a crash is replaced by a copy of
+        the authoritative one. ``edge_options`` go to ``EdgeStore.open`` in each
+        process. Raises ``StoreError`` as ``EdgeStore.open`` does.
+        """
+        try:
+            serving, synced = _prepare(path)
+            if not synced:
+                _repair(path, serving)
+        except OSError as exc:
+            raise StoreError(f"cannot prepare the replicated index at {path}: {exc}") from exc
+        threshold = int(edge_options.get("index_threshold") or _default_threshold())
+        # Explicit, so both processes use the threshold this process was configured with.
+        edge_options = {**edge_options, "index_threshold": threshold}
+        store = cls(path, dim, hybrid, serving, threshold)
+        futures = [r.call("open", path / d, dim, hybrid=hybrid, **edge_options)
+                   for r, d in zip(store._replicas, REPLICA_DIRS, strict=True)]
+        errors = [f.exception() for f in futures]
+        if any(errors):
+            for r in store._replicas:
+                r.stop()
+            raise next(e for e in errors if e is not None)
+        return store
+
+    # -- writes --------------------------------------------------------------------------
+
+    def upsert(self, points: Sequence[PointRecord]) -> None:
+        """Insert or overwrite points by id in both replicas (see ``EdgeStore.upsert``)."""
+        if not points:
+            return
+        # Checked here so the two replicas can only fail alike on a bad request, never
+        # one of them alone.
+        for p in points:
+            self._check_dim(p.vector, f"point {p.id}")
+            if self.hybrid and p.sparse is not None:
+                check_sparse(p.sparse, f"sparse vector of point {p.id}")
+        self._write("upsert_packed", *pack_points(points), points=len(points))
+        self.written_since_build += len(points)
+
+    def delete(self, ids: Sequence[str]) -> None:
+        """Delete points by id in both replicas; unknown ids are ignored."""
+        if ids:
+            self._write("delete", list(ids), points=len(ids))
+
+    def flush(self) -> None:
+        """Make every write durable in the serving replica (the authoritative one)."""
+        self._write("flush")
+
+    def _write(self, method: str, *args: Any, points: int = 0) -> None:
+        self._usable()
+        self._mark_unsynced()
+        self._wait_for_lag()
+        with self._lock:
+            futures = [r.call(method, *args, points=points) for r in self._replicas]
+            serving = self._serving
+        futures[serving].result()
+        standby = 1 - serving
+        futures[standby].add_done_callback(lambda f: self._standby_done(standby, f))
+
+    def _wait_for_lag(self) -> None:
+        for r in self._replicas:
+            while r.lag_points > MAX_LAG_POINTS and (oldest := r.oldest()) is not None:
+                with contextlib.suppress(StoreError):
+                    oldest.result()
+
+    def _standby_done(self, index: int, fut: Future[Any]) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            # The replicas got the same checked requests: one failing alone is a fault
+            # of its process or disk. Refuse everything until a restart repairs it from
+            # the authoritative one, rather than serve a store that went out of step.
+            with self._lock:
+                self._fault = (f"the replica {REPLICA_DIRS[index]} of the index at "
+                               f"{self.path} failed ({exc}); restart repd to repair it "
+                               "from the other")
+            log.error("store_replica_failed", path=str(self.path),
+                      replica=REPLICA_DIRS[index], error=str(exc))
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _read(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        self._usable()
+        with self._lock:
+            fut = self._replicas[self._serving].call(method, *args, **kwargs)
+        return fut.result()
+
+    def search(
+        self,
+        vector: Sequence[float],
+        limit: int,
+        *,
+        root: str | None = None,
+        path_prefix: str | None = None,
+        exts: Sequence[str] = (),
+        sparse: SparseVec | None = None,
+        mode: SearchMode = "dense",
+        rrf_k: int = DEFAULT_RRF_K,
+        weights: tuple[float, float] | None = None,
+        prefetch: int | None = None,
+    ) -> list[Hit]:
+        """``Store.search``, answered by the serving replica."""
+        return list(self._read("search", [float(x) for x in vector], limit, root=root,
+                               path_prefix=path_prefix, exts=list(exts), sparse=sparse,
+                               mode=mode, rrf_k=rrf_k, weights=weights, prefetch=prefetch))
+
+    def retrieve(self, ids: Sequence[str], *, with_vectors: bool = True) -> list[PointRecord]:
+        """``Store.retrieve``, answered by the serving replica."""
+        if not ids:
+            return []
+        return list(self._read("retrieve", list(ids), with_vectors=with_vectors))
+
+    def iter_ids(self) -> Iterator[str]:
+        """Every point id of the serving replica."""
+        return iter(self._read("ids"))
+
+    def count(self) -> int:
+        """Exact number of points."""
+        return int(self._read("count"))
+
+    def info(self) -> dict[str, object]:
+        """The serving replica's ``info`` plus the replicas' state."""
+        info = dict(self._read("info"))
+        with self._lock:
+            info.update(location=str(self.path), replicas={
+                "serving": REPLICA_DIRS[self._serving],
+                "building": None if self._building is None else REPLICA_DIRS[self._building],
+                "lag_points": max(r.lag_points for r in self._replicas),
+            })
+        return info
+
+    # -- builds --------------------------------------------------------------------------
+
+    def maybe_build_index(self, *, backlog: int | None = None) -> bool:
+        """Start a build in the standby replica when one may be due; True if started.
+
+        Returns at once: the standby builds in its own process while the serving one
+        answers, then the two swap and the other builds the same. Does nothing while a
+        build is under way. ``backlog`` as in ``EdgeStore.maybe_build_index``.
+        """
+        self._usable()
+        if backlog is not None and self.written_since_build < backlog:
+            return False
+        if self._build is not None or self.count() < self.index_threshold:
+            return False
+        with self._lock:
+            if self._build is not None or self._swap_due:
+                return False
+            self._start_build(1 - self._serving, backlog, swap=True)
+        self.written_since_build = 0
+        return True
+
+    def _start_build(self, index: int, backlog: int | None, *, swap: bool) -> None:
+        """Send a build to replica ``index`` (called under the lock); ``swap``: make it
+        the serving one once it built and caught up (False for the second replica's
+        build of the same points)."""
+        fut = self._replicas[index].call("maybe_build_index", backlog=backlog)
+        self._build, self._building = fut, index
+        fut.add_done_callback(lambda f: self._build_done(index, f, swap))
+
+    def _build_done(self, index: int, fut: Future[Any], swap: bool) -> None:
+        with self._lock:
+            self._build, self._building = None, None
+            if fut.exception() is not None:
+                self._standby_done(index, fut)
+                return
+            if swap and fut.result():
+                self._swap_due = True  # swapped in once it has caught up (_on_idle)
+        self._on_idle()
+
+    def _on_idle(self) -> None:
+        """Swap roles once a standby that built has applied every write sent to it."""
+        with self._lock:
+            if not self._swap_due or self._fault is not None:
+                return
+            standby = 1 - self._serving
+            if self._replicas[standby].pending:
+                return
+            self._swap_due = False
+            # The marker first: from here on the old serving replica may lag.
+            _write_state(self.path, standby, synced=False)
+            self._serving = standby
+            # The new standby holds the same points, so it has the same build due.
+            self._start_build(1 - standby, None, swap=False)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Let both replicas finish (a build under way included), close them, and mark
+        them synced; later calls raise ``StoreError``."""
+        if self._closed:
+            return
+        self._closed = True
+        futures = [r.call("close") for r in self._replicas]
+        errors = [f.exception() for f in futures]
+        for r in self._replicas:
+            r.stop()
+        if any(errors):
+            raise next(e for e in errors if e is not None)
+        with self._lock:
+            if self._fault is None:
+                _write_state(self.path, self._serving, synced=True)
+
+    def drop(self) -> None:
+        """Stop both processes and delete the generation's folder (see ``Store.drop``)."""
+        if self._dropped:
+            return
+        if self._closed:
+            raise StoreError(f"index at {self.path} is closed; open it again to drop it")
+        self._closed = True
+        for r in self._replicas:
+            r.stop(kill=True)  # the data is going: no need to wait for a build
+        tomb = self.path.with_name(self.path.name + DROPPING_SUFFIX)
+        try:
+            if tomb.exists():
+                shutil.rmtree(tomb)
+            if self.path.exists():
+                self.path.rename(tomb)
+            if tomb.exists():
+                shutil.rmtree(tomb)
+        except OSError as exc:
+            raise StoreError(f"deleting the index at {self.path} failed: {exc}") from exc
+        self._dropped = True
+
+    def process_ids(self) -> list[int]:
+        """The store processes' pids, replica ``r0`` first."""
+        return [r.pid for r in self._replicas]
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until both replicas answered everything sent so far, builds and swaps
+        included (for tests and benchmarks)."""
+        while True:
+            with self._lock:
+                waits = [f for f in (r.oldest() for r in self._replicas) if f is not None]
+                if not waits and self._build is None and not self._swap_due:
+                    return
+                build = self._build
+            for f in [*waits, *([build] if build else [])]:
+                with contextlib.suppress(StoreError):
+                    f.result(timeout)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _usable(self) -> None:
+        if self._closed:
+            state = "dropped" if self._dropped else "closed"
+            raise StoreError(f"index at {self.path} is {state}")
+        if self._fault is not None:
+            raise StoreError(self._fault)
+
+    def _mark_unsynced(self) -> None:
+        if not self._marked_unsynced:
+            _write_state(self.path, self._serving, synced=False)
+            self._marked_unsynced = True
+
+    def _check_dim(self, vector: Sequence[float], what: str) -> None:
+        if len(vector) != self.dim:
+            raise StoreError(f"{what} has {len(vector)} floats, the index at {self.path} "
+                             f"holds {self.dim}")
+
+
+def _default_threshold() -> int:
+    from repd.adapters.store_edge import DEFAULT_INDEX_THRESHOLD
+
+    return DEFAULT_INDEX_THRESHOLD
+
+
+# -- layout ----------------------------------------------------------------------------
+
+def open_edge_store(path: Path, dim: int, *, hybrid: bool, replicas: bool,
+                    **options: Any) -> Store:
+    """The embedded store at ``path``: replicated or single, converting the folder when
+    it has the other layout (a single shard becomes replica ``r0``; the authoritative
+    replica becomes the single shard)."""
+    if replicas:
+        return ReplicatedStore.open(path, dim, hybrid=hybrid, **options)
+    try:
+        _finish_move(path)
+        if (path / REPLICAS_FILE).exists():
+            serving, _ = _read_state(path)
+            moving = _sibling(path, _MOVING_SUFFIX)
+            (path / REPLICA_DIRS[serving]).rename(moving)
+            _finish_move(path)
+    except OSError as exc:
+        raise StoreError(f"cannot convert the replicated index at {path}: {exc}") from exc
+    return EdgeStore.open(path, dim, hybrid=hybrid, **options)
+
+
+def is_replicated(path: Path) -> bool:
+    """Whether ``path`` holds a replicated generation."""
+    return (path / REPLICAS_FILE).exists()
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _finish_move(path: Path) -> None:
+    """A conversion's sibling folder is the authoritative shard: put it back at ``path``
+    (whatever a crash left there is older or a copy)."""
+    moving = _sibling(path, _MOVING_SUFFIX)
+    if not moving.exists():
+        return
+    if path.exists():
+        shutil.rmtree(path)
+    moving.rename(path)
+    _fsync_dir(path.parent)
+
+
+def _prepare(path: Path) -> tuple[int, bool]:
+    """Bring ``path`` to the replicated layout; returns (serving replica, synced)."""
+    _finish_move(path)
+    if (path / REPLICAS_FILE).exists():
+        return _read_state(path)
+    if shard_exists(path):  # a single shard: it becomes r0, the authoritative replica
+        moving = _sibling(path, _MOVING_SUFFIX)
+        path.rename(moving)
+        path.mkdir()
+        moving.rename(path / REPLICA_DIRS[0])
+        _write_state(path, 0, synced=False)
+        return 0, False
+    path.mkdir(parents=True, exist_ok=True)
+    if shard_exists(path / REPLICA_DIRS[0]):  # a crash just before the marker
+        _write_state(path, 0, synced=False)
+        return 0, False
+    _write_state(path, 0, synced=True)  # new: both replicas are created empty
+    return 0, True
+
+
+def _repair(path: Path, serving: int) -> None:
+    """Replace the other replica by a copy of the authoritative one, then mark synced."""
+    source = path / REPLICA_DIRS[serving]
+    target = path / REPLICA_DIRS[1 - serving]
+    copy = _sibling(target, _COPY_SUFFIX)
+    if copy.exists():
+        shutil.rmtree(copy)
+    if shard_exists(source):
+        shutil.copytree(source, copy)
+        if target.exists():
+            shutil.rmtree(target)
+        copy.rename(target)
+    elif target.exists():
+        shutil.rmtree(target)  # nothing authoritative yet: both start empty
+    _fsync_dir(path)
+    log.info("store_replica_repaired", path=str(path), source=REPLICA_DIRS[serving])
+    _write_state(path, serving, synced=True)
+
+
+def _read_state(path: Path) -> tuple[int, bool]:
+    try:
+        data = json.loads((path / REPLICAS_FILE).read_text(encoding="utf-8"))
+        serving = int(data["serving"])
+        if serving not in (0, 1):
+            raise ValueError(serving)
+        return serving, bool(data["synced"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise StoreError(f"{path / REPLICAS_FILE} is damaged ({exc}); it names the "
+                         "replica to trust: restore it or reindex") from exc
+
+
+def _write_state(path: Path, serving: int, *, synced: bool) -> None:
+    """Replace the marker atomically and durably."""
+    tmp = path / (REPLICAS_FILE + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"serving": serving, "synced": synced}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path / REPLICAS_FILE)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

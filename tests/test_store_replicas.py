@@ -1,0 +1,312 @@
+"""Replicated embedded store: two Edge shards in store processes (adapters/store_replicas).
+
+Real store processes and real Qdrant Edge shards. A replica is frozen with SIGSTOP to
+play a long build: what must not wait for it (writes returning, queries, flushes) is
+checked while it cannot answer at all, so the checks hold on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from repd.adapters.store import StoreError
+from repd.adapters.store_edge import EdgeStore
+from repd.adapters.store_replicas import (
+    REPLICA_DIRS,
+    REPLICAS_FILE,
+    ReplicatedStore,
+    open_edge_store,
+)
+from repd.core.types import PointRecord, SparseVec
+from tests.daemon_harness import DaemonProc, wait_for
+from tests.helpers import run_cli
+
+DIM = 16
+THRESHOLD = 300
+
+
+def points(n: int, start: int = 0, seed: int = 0) -> list[PointRecord]:
+    """``n`` random unit points with a sparse vector each."""
+    rng = np.random.default_rng(seed + start)
+    vecs = rng.standard_normal((n, DIM)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    return [PointRecord(str(uuid.UUID(int=i + 1)), vecs[i - start].tolist(),
+                        {"root": "r", "path": f"d/f{i}.txt", "ext": ".txt",
+                         "chunk_hash": f"h{i}"},
+                        SparseVec([i % 50, 100 + i % 7], [1.0, 0.5]))
+            for i in range(start, start + n)]
+
+
+def replica_ids(path: Path, replica: str, dim: int = DIM) -> set[str]:
+    """The ids one replica's shard holds, read with a plain EdgeStore (store closed)."""
+    store = EdgeStore.open(path / replica, dim, hybrid=True)
+    try:
+        return set(store.iter_ids())
+    finally:
+        store.close()
+
+
+def state(path: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads((path / REPLICAS_FILE).read_text())
+    return data
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the block: it answers nothing meanwhile."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ReplicatedStore]:
+    s = ReplicatedStore.open(tmp_path / "gen", DIM, hybrid=True, index_threshold=THRESHOLD)
+    yield s
+    with contextlib.suppress(StoreError):
+        s.close()
+
+
+def test_writes_and_queries_do_not_wait_for_a_busy_standby(
+        store: ReplicatedStore, tmp_path: Path) -> None:
+    _, standby = store.process_ids()
+    pts = points(200)
+    with frozen(standby):
+        store.upsert(pts)
+        store.delete([pts[0].id])
+        store.flush()
+        # Everything was answered by r0 alone, while r1 could not run at all.
+        assert store.count() == 199
+        hit = store.search(pts[5].vector, 1)
+        assert hit[0].id == pts[5].id
+        assert store.info()["replicas"] == {"serving": "r0", "building": None,
+                                             "lag_points": 201}
+        assert state(tmp_path / "gen") == {"serving": 0, "synced": False}
+    store.wait_idle(timeout=60)
+    assert store.info()["replicas"]["lag_points"] == 0
+    store.close()
+    assert state(tmp_path / "gen") == {"serving": 0, "synced": True}
+    ids = {p.id for p in pts[1:]}
+    assert replica_ids(tmp_path / "gen", "r0") == ids
+    assert replica_ids(tmp_path / "gen", "r1") == ids
+
+
+def test_a_build_runs_in_the_standby_then_both_swap_and_end_built(
+        store: ReplicatedStore, tmp_path: Path) -> None:
+    pts = points(3 * THRESHOLD)
+    store.upsert(pts)
+    store.flush()
+    _, r1 = store.process_ids()
+    with frozen(r1):
+        assert store.maybe_build_index() is True
+        assert store.info()["replicas"]["building"] == "r1"
+        # The build is stuck in r1: r0 still answers queries and takes writes.
+        assert store.search(pts[7].vector, 1)[0].id == pts[7].id
+        more = points(50, start=len(pts))
+        store.upsert(more)
+        assert store.count() == len(pts) + 50
+        assert store.maybe_build_index() is False  # one build at a time
+        assert store.info()["hnsw_built"] is False  # r0 has not built
+    store.wait_idle(timeout=300)
+    info = store.info()
+    # r1 built, caught up with the writes queued meanwhile, and took over; then r0
+    # built the same.
+    assert info["replicas"]["serving"] == "r1"
+    assert info["hnsw_built"] is True
+    assert store.count() == len(pts) + 50
+    assert store.search(more[3].vector, 1)[0].id == more[3].id
+    store.close()
+    for replica in REPLICA_DIRS:
+        built = EdgeStore.open(tmp_path / "gen" / replica, DIM, hybrid=True)
+        try:
+            assert built.info()["hnsw_built"] is True, replica
+            assert built.count() == len(pts) + 50
+        finally:
+            built.close()
+
+
+_CRASHER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from repd.adapters.store_replicas import ReplicatedStore
+    from tests.test_store_replicas import DIM, points
+    store = ReplicatedStore.open(Path(sys.argv[1]), DIM, hybrid=True, index_threshold=300)
+    store.upsert(points(100))
+    store.flush()
+    store.wait_idle(timeout=60)
+    os.kill(store.process_ids()[1], signal.SIGSTOP)  # r1 falls behind
+    store.upsert(points(80, start=100))
+    store.delete([points(1)[0].id])
+    store.flush()
+    print(*store.process_ids(), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_crash_leaves_a_lagging_replica_that_the_next_open_repairs(tmp_path: Path) -> None:
+    gen = tmp_path / "gen"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-c", _CRASHER, str(gen)], capture_output=True,
+                          text=True, env=env, timeout=300, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pids = [int(x) for x in proc.stdout.split()]
+
+    def gone() -> bool:
+        # The store processes die with the daemon (parent-death signal), the frozen one
+        # too, so no old process holds a shard's lock when the next one opens it.
+        return all(not Path(f"/proc/{pid}").exists()
+                   or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+                   for pid in pids)
+    wait_for(gone, 60, "the store processes to die with their parent")
+    assert state(gen) == {"serving": 0, "synced": False}
+    wanted = {p.id for p in points(180)[1:]}
+    assert replica_ids(gen, "r0") == wanted
+    assert replica_ids(gen, "r1") != wanted  # r1 lagged when the writer died
+
+    again = ReplicatedStore.open(gen, DIM, hybrid=True, index_threshold=THRESHOLD)
+    assert state(gen) == {"serving": 0, "synced": True}  # r1 is a copy of r0 now
+    assert set(again.iter_ids()) == wanted
+    again.close()
+    assert replica_ids(gen, "r1") == wanted
+
+
+def test_a_dead_store_process_is_a_clear_error_not_a_hang(store: ReplicatedStore) -> None:
+    store.upsert(points(10))
+    os.kill(store.process_ids()[1], signal.SIGKILL)
+    # The write r1 could not apply puts the store out of step: it refuses from then on,
+    # saying how it is mended, rather than answer from replicas that differ.
+    with contextlib.suppress(StoreError):
+        store.upsert(points(5, start=10))
+    wait_for(lambda: store._fault is not None, 30, "the fault to be seen")
+    with pytest.raises(StoreError, match=r"replica r1 .* restart repd to repair it"):
+        store.search(points(1)[0].vector, 3)
+    os.kill(store.process_ids()[0], signal.SIGKILL)
+    with pytest.raises(StoreError):
+        store.count()
+    start = time.monotonic()
+    with contextlib.suppress(StoreError):
+        store.close()
+    assert time.monotonic() - start < 60
+
+
+def test_the_layout_converts_both_ways_and_keeps_every_point(tmp_path: Path) -> None:
+    gen = tmp_path / "gen"
+    single = EdgeStore.open(gen, DIM, hybrid=True)
+    single.upsert(points(40))
+    single.close()
+    ids = {p.id for p in points(40)}
+
+    replicated = open_edge_store(gen, DIM, hybrid=True, replicas=True)
+    assert isinstance(replicated, ReplicatedStore)
+    assert set(replicated.iter_ids()) == ids
+    replicated.upsert(points(5, start=40))
+    replicated.close()
+    assert replica_ids(gen, "r0") == replica_ids(gen, "r1") == ids | {
+        p.id for p in points(5, start=40)}
+
+    back = open_edge_store(gen, DIM, hybrid=True, replicas=False)
+    assert isinstance(back, EdgeStore)
+    assert back.count() == 45
+    back.close()
+    assert not (gen / REPLICAS_FILE).exists()
+
+
+def test_an_interrupted_conversion_is_finished_by_the_next_open(tmp_path: Path) -> None:
+    gen = tmp_path / "gen"
+    single = EdgeStore.open(gen, DIM, hybrid=True)
+    single.upsert(points(30))
+    single.close()
+    # A crash right after the first step of a conversion: the shard moved aside, the
+    # new folder made and still empty.
+    gen.rename(tmp_path / "gen.single")
+    gen.mkdir()
+
+    store = open_edge_store(gen, DIM, hybrid=True, replicas=True)
+    assert store.count() == 30
+    store.close()
+    assert not (tmp_path / "gen.single").exists()
+    assert replica_ids(gen, "r1") == {p.id for p in points(30)}
+
+
+def test_a_damaged_marker_is_a_clear_error(tmp_path: Path) -> None:
+    gen = tmp_path / "gen"
+    ReplicatedStore.open(gen, DIM, hybrid=True).close()
+    (gen / REPLICAS_FILE).write_text("{not json")
+    with pytest.raises(StoreError, match=r"replicas\.json is damaged"):
+        ReplicatedStore.open(gen, DIM, hybrid=True)
+
+
+# -- a real daemon -----------------------------------------------------------------------
+
+WORDS = ("granite harbor lantern meadow orchard pepper quartz river saffron timber umbrella "
+         "velvet walnut yonder zephyr anchor bramble cobalt dune ember fjord glacier").split()
+
+
+def store_processes(pid: int) -> list[int]:
+    """The daemon's child processes running ``store_worker``."""
+    children = [int(c) for t in Path(f"/proc/{pid}/task").iterdir()
+                for c in (t / "children").read_text().split()]
+    return [c for c in children
+            if b"store_worker" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def dead(pid: int) -> bool:
+    """Gone, or a zombie waiting to be reaped."""
+    stat = Path(f"/proc/{pid}/stat")
+    return not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_daemon_on_replicas_serves_edits_and_recovers_from_kill_9(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(6):
+        (root / f"doc{i}.md").write_text(
+            " ".join(WORDS[(i * 5 + j) % len(WORDS)] for j in range(60)) + f" entry {i}")
+    d = DaemonProc(tmp_path / "home", [root], {"REPD_STORE__REPLICAS": "true"}).start()
+    try:
+        st = d.status()
+        assert st["store"]["replicas"]["serving"] == "r0"
+        assert len(store_processes(d.pid)) == 2
+        shards = tmp_path / "home" / "data" / "repd" / "shards"
+        markers = list(shards.glob(f"*/{REPLICAS_FILE}"))
+        assert len(markers) == 1
+        (root / "late.md").write_text("a lighthouse keeper logs the passing ships at dawn")
+        wait_for(lambda: "late.md" in d.paths_for("lighthouse keeper ships", k=3), 60,
+                 "an edit to be searchable")
+        text = run_cli(["status"], d.env, timeout=60).stdout
+        assert "r0 serves" in text or "r1 serves" in text
+
+        workers = store_processes(d.pid)
+        d.kill9()
+        # Both store processes die with the daemon: none keeps a shard locked.
+        wait_for(lambda: all(dead(p) for p in workers), 60, "the store processes to die")
+
+        st = d.start().wait_idle()
+        points = st["totals"]["chunks"]
+        assert st["store"]["points"] == points and st["totals"]["files"] == 7
+        assert d.paths_for("lighthouse keeper ships", k=1) == ["late.md"]
+        # The copy that lagged at the kill was replaced by a copy of the other.
+        assert "store_replica_repaired" in d.log.read_text()
+        d.stop()
+        # A clean stop leaves both copies holding the same points.
+        gen = markers[0].parent
+        assert json.loads(markers[0].read_text())["synced"] is True
+        r0, r1 = replica_ids(gen, "r0", 384), replica_ids(gen, "r1", 384)
+        assert r0 == r1 and len(r0) == points
+    finally:
+        d.stop()
