@@ -226,6 +226,30 @@ def test_the_layout_converts_both_ways_and_keeps_every_point(tmp_path: Path) -> 
     assert not (gen / REPLICAS_FILE).exists()
 
 
+def test_a_reader_uses_the_authoritative_copy_in_process_and_changes_nothing(
+        store: ReplicatedStore, tmp_path: Path) -> None:
+    gen = tmp_path / "gen"
+    store.upsert(points(20))
+    store.flush()
+    _, r1 = store.process_ids()
+    with frozen(r1):
+        store.upsert(points(5, start=20))  # r1 lags, r0 is authoritative
+        store.flush()
+    store.wait_idle(timeout=60)
+    store.close()
+
+    reader = open_edge_store(gen, DIM, hybrid=True, replicas=True, writer=False)
+    assert isinstance(reader, EdgeStore)  # no store processes for a one-off read
+    assert reader.path == gen / "r0"
+    assert reader.count() == 25
+    reader.close()
+    assert state(gen) == {"serving": 0, "synced": True}
+    # A reader never finishes a conversion (a writer does): it says so.
+    gen.rename(tmp_path / "gen.single")
+    with pytest.raises(StoreError, match="being converted"):
+        open_edge_store(gen, DIM, hybrid=True, replicas=False, writer=False)
+
+
 def test_an_interrupted_conversion_is_finished_by_the_next_open(tmp_path: Path) -> None:
     gen = tmp_path / "gen"
     single = EdgeStore.open(gen, DIM, hybrid=True)

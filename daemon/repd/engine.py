@@ -378,7 +378,8 @@ class Engine:
                     # damage it before failing on its own lock). Raises IndexBusy.
                     self._lock = DataLock.reader(self.data_dir)
                 return open_edge_store(self.data_dir / location, gen.dim, hybrid=gen.hybrid,
-                                       replicas=self.settings.store.replicas)
+                                       replicas=self.settings.store.replicas,
+                                       writer=self.writer)
             from qdrant_client import QdrantClient
 
             from repd.adapters.store_server import ServerStore, set_alias

@@ -493,10 +493,23 @@ def _default_threshold() -> int:
 # -- layout ----------------------------------------------------------------------------
 
 def open_edge_store(path: Path, dim: int, *, hybrid: bool, replicas: bool,
-                    **options: Any) -> Store:
+                    writer: bool = True, **options: Any) -> Store:
     """The embedded store at ``path``: replicated or single, converting the folder when
     it has the other layout (a single shard becomes replica ``r0``; the authoritative
-    replica becomes the single shard)."""
+    replica becomes the single shard).
+
+    Not ``writer`` (a one-off reader such as ``repd query`` with no daemon running):
+    the folder is used as it is, never converted or repaired, and a replicated one is
+    read through its authoritative shard in this process (no store processes to start).
+    """
+    if not writer:
+        if _sibling(path, _MOVING_SUFFIX).exists():
+            raise StoreError(f"the index at {path} was being converted when repd stopped; "
+                             "start the daemon (or run `repd index`) to finish that first")
+        if is_replicated(path):
+            serving, _ = _read_state(path)
+            return EdgeStore.open(path / REPLICA_DIRS[serving], dim, hybrid=hybrid, **options)
+        return EdgeStore.open(path, dim, hybrid=hybrid, **options)
     if replicas:
         return ReplicatedStore.open(path, dim, hybrid=hybrid, **options)
     try:
