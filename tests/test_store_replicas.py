@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from repd.adapters import store_replicas
 from repd.adapters.store import StoreError
 from repd.adapters.store_edge import EdgeStore
 from repd.adapters.store_replicas import (
@@ -183,6 +184,26 @@ def test_a_crash_leaves_a_lagging_replica_that_the_next_open_repairs(tmp_path: P
     assert set(again.iter_ids()) == wanted
     again.close()
     assert replica_ids(gen, "r1") == wanted
+
+
+def test_close_stops_a_standby_stuck_in_a_build_and_the_next_open_repairs_it(
+        store: ReplicatedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_replicas, "CLOSE_STANDBY_WAIT", 0.5)
+    gen = tmp_path / "gen"
+    store.upsert(points(3 * THRESHOLD))
+    store.flush()
+    os.kill(store.process_ids()[1], signal.SIGSTOP)  # a build that will not end soon
+    assert store.maybe_build_index() is True
+    store.upsert(points(10, start=3 * THRESHOLD))
+    start = time.monotonic()
+    store.close()  # does not wait for r1 beyond CLOSE_STANDBY_WAIT (then kills it)
+    assert time.monotonic() - start < 30
+    assert state(gen) == {"serving": 0, "synced": False}
+
+    again = ReplicatedStore.open(gen, DIM, hybrid=True, index_threshold=THRESHOLD)
+    assert again.count() == 3 * THRESHOLD + 10
+    again.close()
+    assert replica_ids(gen, "r1") == replica_ids(gen, "r0")
 
 
 def test_a_dead_store_process_is_a_clear_error_not_a_hang(store: ReplicatedStore) -> None:

@@ -42,6 +42,7 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import IO, Any
 
@@ -67,6 +68,14 @@ _COPY_SUFFIX = ".copy"
 MAX_LAG_POINTS = 65536
 #: Seconds ``close`` gives a store process to exit once its input is closed.
 _EXIT_WAIT = 30.0
+#: Seconds ``close`` waits for a busy standby (a build) before killing it.
+CLOSE_STANDBY_WAIT = 20.0
+#: Largest segment a replica's optimizer builds or merges. Builds never pause the daemon
+#: here, so segments may grow well past the threshold: fewer segments make queries
+#: faster (163,840 random points, hybrid: 4 segments answer in 3.7 ms at p50 where 21
+#: segments of at most 12,288 take 15.3 ms), for 2.5x the build work (merges reuse the
+#: larger segment's graph: 214 s of builds against 87 s).
+REPLICA_SEGMENT_POINTS = 65536
 
 # Every store process is started from this one long-lived thread: the kernel's
 # parent-death signal (store_worker._die_with_parent) fires when the *thread* that
@@ -237,7 +246,8 @@ class ReplicatedStore:
             raise StoreError(f"cannot prepare the replicated index at {path}: {exc}") from exc
         threshold = int(edge_options.get("index_threshold") or _default_threshold())
         # Explicit, so both processes use the threshold this process was configured with.
-        edge_options = {**edge_options, "index_threshold": threshold}
+        edge_options = {"max_segment_points": max(REPLICA_SEGMENT_POINTS, 2 * threshold),
+                        **edge_options, "index_threshold": threshold}
         store = cls(path, dim, hybrid, serving, threshold)
         futures = [r.call("open", path / d, dim, hybrid=hybrid, **edge_options)
                    for r, d in zip(store._replicas, REPLICA_DIRS, strict=True)]
@@ -411,20 +421,36 @@ class ReplicatedStore:
     # -- lifecycle -----------------------------------------------------------------------
 
     def close(self) -> None:
-        """Let both replicas finish (a build under way included), close them, and mark
-        them synced; later calls raise ``StoreError``."""
+        """Close both replicas and mark them synced; later calls raise ``StoreError``.
+
+        The serving replica is always waited for. The standby gets ``CLOSE_STANDBY_WAIT``
+        seconds to finish a build and the writes queued behind it; past that it is
+        killed (a stopping service has 30 s before systemd kills it anyway; a merge
+        build at 1M points takes up to ~15 s): the marker
+        then stays unsynced and the next open replaces it by a copy of the serving one.
+        """
         if self._closed:
             return
         self._closed = True
+        with self._lock:
+            serving = self._serving
         futures = [r.call("close") for r in self._replicas]
-        errors = [f.exception() for f in futures]
-        for r in self._replicas:
-            r.stop()
+        errors = [futures[serving].exception()]
+        standby = 1 - serving
+        try:
+            errors.append(futures[standby].exception(timeout=CLOSE_STANDBY_WAIT))
+            stopped_early = False
+        except FutureTimeout:
+            log.warning("store_replica_stopped_busy", path=str(self.path),
+                        replica=REPLICA_DIRS[standby], waited_s=CLOSE_STANDBY_WAIT)
+            stopped_early = True
+        for i, r in enumerate(self._replicas):
+            r.stop(kill=stopped_early and i == standby)
         if any(errors):
             raise next(e for e in errors if e is not None)
         with self._lock:
-            if self._fault is None:
-                _write_state(self.path, self._serving, synced=True)
+            if self._fault is None and not stopped_early:
+                _write_state(self.path, serving, synced=True)
 
     def drop(self) -> None:
         """Stop both processes and delete the generation's folder (see ``Store.drop``)."""
