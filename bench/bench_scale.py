@@ -212,15 +212,20 @@ class QueryProbe:
         self.vector = emb.embed([words.query()])[0].tolist()
         self.sparse = self.enc.embed_query(words.query())
         self.samples: list[tuple[float, float]] = []  # (start, seconds)
+        #: Seconds of the queries that started while a replica was building.
+        self.while_replica_builds: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="query-probe", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            building = getattr(self.store, "building", None) is not None
             t = time.perf_counter()
             self.store.search(self.vector, 10, sparse=self.sparse, mode="hybrid")
             self.samples.append((t, time.perf_counter() - t))
+            if building:
+                self.while_replica_builds.append(self.samples[-1][1])
             time.sleep(0.02)
 
     def stop(self) -> None:
@@ -234,9 +239,14 @@ class QueryProbe:
         ms = [d * 1000 for _, d in self.samples]
         during = [d * 1000 for t, d in self.samples
                   if any(t < b1 and t + d > b0 for b0, b1 in builds)]
+        replica = [d * 1000 for d in self.while_replica_builds]
         return {"queries": len(ms), "p50_ms": round(pct(ms, 0.5), 1),
                 "p99_ms": round(pct(ms, 0.99), 1), "max_ms": round(max(ms, default=0), 1),
-                "max_during_builds_ms": round(max(during, default=0), 1)}
+                "max_during_builds_ms": round(max(during, default=0), 1),
+                "while_a_replica_builds": {
+                    "queries": len(replica),
+                    "p99_ms": round(pct(replica, 0.99), 1) if replica else None,
+                    "max_ms": round(max(replica, default=0), 1)}}
 
 
 def groups_of(files: int, per_file: int) -> Iterator[range]:

@@ -76,6 +76,9 @@ CLOSE_STANDBY_WAIT = 20.0
 #: segments of at most 12,288 take 15.3 ms), for 2.5x the build work (merges reuse the
 #: larger segment's graph: 214 s of builds against 87 s).
 REPLICA_SEGMENT_POINTS = 65536
+#: Points per write request: the serving replica gets a group's parts one after the
+#: other, so a query waits behind one part at most (~10-40 ms), not a whole group.
+WRITE_PART = 256
 
 # Every store process is started from this one long-lived thread: the kernel's
 # parent-death signal (store_worker._die_with_parent) fires when the *thread* that
@@ -92,6 +95,12 @@ def _spawn() -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "repd.adapters.store_worker", str(os.getpid())]
     return _SPAWNER.submit(subprocess.Popen, argv, stdin=subprocess.PIPE,
                            stdout=subprocess.PIPE, env=env).result()
+
+
+def frame(method: str, *args: Any, **kwargs: Any) -> bytes:
+    """One request as a ``store_worker`` frame."""
+    data = pickle.dumps((method, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(8, "big") + data
 
 
 class _Replica:
@@ -132,16 +141,18 @@ class _Replica:
 
     def call(self, method: str, *args: Any, points: int = 0, **kwargs: Any) -> Future[Any]:
         """Send one request; ``points`` counts towards ``lag_points`` until answered."""
+        return self.send(frame(method, *args, **kwargs), points)
+
+    def send(self, data: bytes, points: int = 0) -> Future[Any]:
+        """Send one request made by ``frame`` (one pickle for both replicas)."""
         fut: Future[Any] = Future()
-        data = pickle.dumps((method, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-        frame = len(data).to_bytes(8, "big") + data
         with self._lock:
             if self._dead is not None:
                 fut.set_exception(StoreError(self._dead))
                 return fut
             self._pending.append((fut, points))
             self.lag_points += points
-            self._outbox.put(frame)
+            self._outbox.put(data)
         return fut
 
     def oldest(self) -> Future[Any] | None:
@@ -222,6 +233,7 @@ class ReplicatedStore:
         self._build: Future[Any] | None = None
         self._building: int | None = None
         self._swap_due = False
+        self._writing = False
         self._closed = False
         self._dropped = False
         #: Set when one replica failed alone (see ``_standby_done``).
@@ -247,6 +259,9 @@ class ReplicatedStore:
         threshold = int(edge_options.get("index_threshold") or _default_threshold())
         # Explicit, so both processes use the threshold this process was configured with.
         edge_options = {"max_segment_points": max(REPLICA_SEGMENT_POINTS, 2 * threshold),
+                        # Half the cores for a build (a new shard's setting): the serving
+                        # replica and the daemon keep the rest while the standby builds.
+                        "indexing_threads": max(1, (os.cpu_count() or 2) // 2),
                         **edge_options, "index_threshold": threshold}
         store = cls(path, dim, hybrid, serving, threshold)
         futures = [r.call("open", path / d, dim, hybrid=hybrid, **edge_options)
@@ -270,28 +285,46 @@ class ReplicatedStore:
             self._check_dim(p.vector, f"point {p.id}")
             if self.hybrid and p.sparse is not None:
                 check_sparse(p.sparse, f"sparse vector of point {p.id}")
-        self._write("upsert_packed", *pack_points(points), points=len(points))
+        # In parts, sent to the serving replica one after the other, so that a query
+        # waits for one part at most, not for a whole group of thousands of points.
+        self._write([(frame("upsert_packed", *pack_points(points[i:i + WRITE_PART])),
+                      len(points[i:i + WRITE_PART]))
+                     for i in range(0, len(points), WRITE_PART)])
         self.written_since_build += len(points)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete points by id in both replicas; unknown ids are ignored."""
         if ids:
-            self._write("delete", list(ids), points=len(ids))
+            self._write([(frame("delete", list(ids[i:i + WRITE_PART])),
+                          len(ids[i:i + WRITE_PART]))
+                         for i in range(0, len(ids), WRITE_PART)])
 
     def flush(self) -> None:
         """Make every write durable in the serving replica (the authoritative one)."""
-        self._write("flush")
+        self._write([(frame("flush"), 0)])
 
-    def _write(self, method: str, *args: Any, points: int = 0) -> None:
+    def _write(self, parts: list[tuple[bytes, int]]) -> None:
+        """Send ``parts`` (frames and their points) to both replicas, in order; return
+        once the serving one applied them all."""
         self._usable()
         self._mark_unsynced()
         self._wait_for_lag()
         with self._lock:
-            futures = [r.call(method, *args, points=points) for r in self._replicas]
+            # No swap while the parts go out (see _on_idle): the serving replica stays
+            # the one that gets them one by one.
+            self._writing = True
             serving = self._serving
-        futures[serving].result()
-        standby = 1 - serving
-        futures[standby].add_done_callback(lambda f: self._standby_done(standby, f))
+            standby = 1 - serving
+            queued = [self._replicas[standby].send(data, n) for data, n in parts]
+        try:
+            for data, n in parts:
+                self._replicas[serving].send(data, n).result()
+        finally:
+            for fut in queued:
+                fut.add_done_callback(lambda f: self._standby_done(standby, f))
+            with self._lock:
+                self._writing = False
+            self._on_idle()
 
     def _wait_for_lag(self) -> None:
         for r in self._replicas:
@@ -401,12 +434,17 @@ class ReplicatedStore:
                 return
             if swap and fut.result():
                 self._swap_due = True  # swapped in once it has caught up (_on_idle)
+            elif not swap and not self._closed:
+                # Both replicas are built up to here. Points written meanwhile may be
+                # due already: build them now rather than at the next call (the
+                # standby's optimize() finds nothing due in microseconds otherwise).
+                self._start_build(index, None, swap=True)
         self._on_idle()
 
     def _on_idle(self) -> None:
         """Swap roles once a standby that built has applied every write sent to it."""
         with self._lock:
-            if not self._swap_due or self._fault is not None:
+            if not self._swap_due or self._fault is not None or self._writing:
                 return
             standby = 1 - self._serving
             if self._replicas[standby].pending:
@@ -472,6 +510,12 @@ class ReplicatedStore:
         except OSError as exc:
             raise StoreError(f"deleting the index at {self.path} failed: {exc}") from exc
         self._dropped = True
+
+    @property
+    def building(self) -> str | None:
+        """The replica building HNSW now, if any."""
+        with self._lock:
+            return None if self._building is None else REPLICA_DIRS[self._building]
 
     def process_ids(self) -> list[int]:
         """The store processes' pids, replica ``r0`` first."""
