@@ -118,25 +118,28 @@ def test_a_build_runs_in_the_standby_then_both_swap_and_end_built(
         assert store.info()["replicas"]["building"] == "r1"
         # The build is stuck in r1: r0 still answers queries and takes writes.
         assert store.search(pts[7].vector, 1)[0].id == pts[7].id
-        more = points(50, start=len(pts))
+        more = points(2 * THRESHOLD, start=len(pts))
         store.upsert(more)
-        assert store.count() == len(pts) + 50
+        assert store.count() == len(pts) + len(more)
         assert store.maybe_build_index() is False  # one build at a time
         assert store.info()["hnsw_built"] is False  # r0 has not built
     store.wait_idle(timeout=300)
     info = store.info()
-    # r1 built, caught up with the writes queued meanwhile, and took over; then r0
-    # built the same.
-    assert info["replicas"]["serving"] == "r1"
+    # r1 built, caught up with the writes queued meanwhile, and took over; r0 built all
+    # of it and took over; r1 then built the points written during its first build:
+    # with no call asking, both end built.
+    total = len(pts) + len(more)
+    assert info["replicas"]["building"] is None
     assert info["hnsw_built"] is True
-    assert store.count() == len(pts) + 50
+    assert store.count() == total
+    assert info["indexed_vectors"] == total
     assert store.search(more[3].vector, 1)[0].id == more[3].id
     store.close()
     for replica in REPLICA_DIRS:
         built = EdgeStore.open(tmp_path / "gen" / replica, DIM, hybrid=True)
         try:
-            assert built.info()["hnsw_built"] is True, replica
-            assert built.count() == len(pts) + 50
+            assert built.info()["indexed_vectors"] == total, replica
+            assert built.count() == total
         finally:
             built.close()
 

@@ -12,7 +12,8 @@ never calls Edge: each replica is a ``store_worker`` process owning one shard, a
 * ``maybe_build_index`` sends the build to the other (standby) replica, which builds in
   its own process while the serving one answers; once it has built and caught up
   with the writes queued meanwhile, the two swap roles and the new standby builds the
-  same, so both end up indexed.
+  same, so both end up indexed; whenever a build did something the two swap again, so
+  points written during a build are built too, until a build finds nothing due.
 
 Folder layout of a replicated generation ``P``: ``P/r0`` and ``P/r1`` (two Edge shards)
 and ``P/replicas.json`` (``serving``: which one is authoritative, ``synced``: whether
@@ -39,6 +40,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -79,6 +81,11 @@ REPLICA_SEGMENT_POINTS = 65536
 #: Points per write request: the serving replica gets a group's parts one after the
 #: other, so a query waits behind one part at most (~10-40 ms), not a whole group.
 WRITE_PART = 256
+#: Thresholds' worth of points a writer may write while a build runs before it waits
+#: for the build (see ``ReplicatedStore._wait_for_build``).
+BUILD_AHEAD = 2
+#: Longest a write waits for a build or a lagging replica, in seconds.
+WRITER_WAIT = 20.0
 
 # Every store process is started from this one long-lived thread: the kernel's
 # parent-death signal (store_worker._die_with_parent) fires when the *thread* that
@@ -234,6 +241,7 @@ class ReplicatedStore:
         self._building: int | None = None
         self._swap_due = False
         self._writing = False
+        self._written_during_build = 0
         self._closed = False
         self._dropped = False
         #: Set when one replica failed alone (see ``_standby_done``).
@@ -287,10 +295,13 @@ class ReplicatedStore:
                 check_sparse(p.sparse, f"sparse vector of point {p.id}")
         # In parts, sent to the serving replica one after the other, so that a query
         # waits for one part at most, not for a whole group of thousands of points.
+        self._wait_for_build()
         self._write([(frame("upsert_packed", *pack_points(points[i:i + WRITE_PART])),
                       len(points[i:i + WRITE_PART]))
                      for i in range(0, len(points), WRITE_PART)])
         self.written_since_build += len(points)
+        with self._lock:
+            self._written_during_build += len(points)
 
     def delete(self, ids: Sequence[str]) -> None:
         """Delete points by id in both replicas; unknown ids are ignored."""
@@ -326,11 +337,37 @@ class ReplicatedStore:
                 self._writing = False
             self._on_idle()
 
+    def _wait_for_build(self) -> None:
+        """Hold a write back while a build runs and ``BUILD_AHEAD`` thresholds' worth of
+        points were written since it began.
+
+        Edge seals a replica's whole unindexed backlog in one build, so a writer that
+        ran on freely would make each build larger and slower than the last, and
+        leave the serving replica scanning ever more unindexed points. Bulk writing thus
+        goes at the pace of the builds, as it does without replicas, but the waiting is
+        the writer's alone: queries never wait for a build. At most ``WRITER_WAIT``
+        seconds per write (the daemon's watchdog expects its worker back well within
+        a minute); a longer build lets the backlog grow a little instead.
+        """
+        with self._lock:
+            build = self._build
+            ahead = self._written_during_build
+        if build is None or ahead < BUILD_AHEAD * self.index_threshold:
+            return
+        with contextlib.suppress(StoreError, FutureTimeout):
+            build.result(timeout=WRITER_WAIT)
+
     def _wait_for_lag(self) -> None:
+        """Hold a write back while a replica lags by over ``MAX_LAG_POINTS`` (at most
+        ``WRITER_WAIT`` seconds, as ``_wait_for_build``)."""
+        deadline = time.monotonic() + WRITER_WAIT
         for r in self._replicas:
             while r.lag_points > MAX_LAG_POINTS and (oldest := r.oldest()) is not None:
-                with contextlib.suppress(StoreError):
-                    oldest.result()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                with contextlib.suppress(StoreError, FutureTimeout):
+                    oldest.result(timeout=left)
 
     def _standby_done(self, index: int, fut: Future[Any]) -> None:
         exc = fut.exception()
@@ -414,31 +451,29 @@ class ReplicatedStore:
         with self._lock:
             if self._build is not None or self._swap_due:
                 return False
-            self._start_build(1 - self._serving, backlog, swap=True)
+            self._start_build(1 - self._serving, backlog)
         self.written_since_build = 0
         return True
 
-    def _start_build(self, index: int, backlog: int | None, *, swap: bool) -> None:
-        """Send a build to replica ``index`` (called under the lock); ``swap``: make it
-        the serving one once it built and caught up (False for the second replica's
-        build of the same points)."""
+    def _start_build(self, index: int, backlog: int | None) -> None:
+        """Send a build to replica ``index`` (called under the lock)."""
         fut = self._replicas[index].call("maybe_build_index", backlog=backlog)
         self._build, self._building = fut, index
-        fut.add_done_callback(lambda f: self._build_done(index, f, swap))
+        self._written_during_build = 0
+        fut.add_done_callback(lambda f: self._build_done(index, f))
 
-    def _build_done(self, index: int, fut: Future[Any], swap: bool) -> None:
+    def _build_done(self, index: int, fut: Future[Any]) -> None:
         with self._lock:
             self._build, self._building = None, None
             if fut.exception() is not None:
                 self._standby_done(index, fut)
                 return
-            if swap and fut.result():
-                self._swap_due = True  # swapped in once it has caught up (_on_idle)
-            elif not swap and not self._closed:
-                # Both replicas are built up to here. Points written meanwhile may be
-                # due already: build them now rather than at the next call (the
-                # standby's optimize() finds nothing due in microseconds otherwise).
-                self._start_build(index, None, swap=True)
+            # A replica that built something is the better one to serve: it swaps in
+            # once it has caught up (_on_idle), and the other then builds in turn. The
+            # chain ends at the first build that finds nothing due (in microseconds),
+            # so points written during a build are built without anyone asking.
+            if fut.result() and not self._closed:
+                self._swap_due = True
         self._on_idle()
 
     def _on_idle(self) -> None:
@@ -454,7 +489,7 @@ class ReplicatedStore:
             _write_state(self.path, standby, synced=False)
             self._serving = standby
             # The new standby holds the same points, so it has the same build due.
-            self._start_build(1 - standby, None, swap=False)
+            self._start_build(1 - standby, None)
 
     # -- lifecycle -----------------------------------------------------------------------
 
