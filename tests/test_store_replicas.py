@@ -189,6 +189,29 @@ def test_a_crash_leaves_a_lagging_replica_that_the_next_open_repairs(tmp_path: P
     assert replica_ids(gen, "r1") == wanted
 
 
+def test_a_writer_far_ahead_of_a_build_waits_for_it_but_queries_do_not(
+        store: ReplicatedStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_replicas, "WRITER_WAIT", 120.0)
+    store.upsert(points(3 * THRESHOLD))
+    _, r1 = store.process_ids()
+    with frozen(r1):
+        assert store.maybe_build_index() is True
+        start = time.monotonic()
+        store.upsert(points(2 * THRESHOLD, start=3 * THRESHOLD))  # up to BUILD_AHEAD
+        store.search(points(1)[0].vector, 3)
+        # Far below the 120 s it would have waited for the build (which cannot end).
+        assert time.monotonic() - start < 60
+        monkeypatch.setattr(store_replicas, "WRITER_WAIT", 1.0)
+        start = time.monotonic()
+        store.upsert(points(10, start=5 * THRESHOLD))  # beyond: waits for the build
+        waited = time.monotonic() - start
+        # The build cannot end (r1 is stopped): the write went on after WRITER_WAIT.
+        assert waited >= store_replicas.WRITER_WAIT
+        assert store.count() == 5 * THRESHOLD + 10
+    store.wait_idle(timeout=300)
+    assert store.info()["indexed_vectors"] == 5 * THRESHOLD + 10
+
+
 def test_close_stops_a_standby_stuck_in_a_build_and_the_next_open_repairs_it(
         store: ReplicatedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(store_replicas, "CLOSE_STANDBY_WAIT", 0.5)
