@@ -246,7 +246,14 @@ class ReplicatedStore:
         self._dropped = False
         #: Set when one replica failed alone (see ``_standby_done``).
         self._fault: str | None = None
-        self._replicas = [_Replica(f"{path.name}/{d}", self._on_idle) for d in REPLICA_DIRS]
+        self._replicas: list[_Replica] = []
+        try:
+            for d in REPLICA_DIRS:
+                self._replicas.append(_Replica(f"{path.name}/{d}", self._on_idle))
+        except OSError as exc:  # no process could be started (no memory, no fds)
+            for r in self._replicas:
+                r.stop(kill=True)
+            raise StoreError(f"cannot start a store process for {path}: {exc}") from exc
 
     @classmethod
     def open(cls, path: Path, dim: int, *, hybrid: bool = False,
