@@ -197,19 +197,20 @@ def test_a_writer_far_ahead_of_a_build_waits_for_it_but_queries_do_not(
     with frozen(r1):
         assert store.maybe_build_index() is True
         start = time.monotonic()
-        store.upsert(points(2 * THRESHOLD, start=3 * THRESHOLD))  # up to BUILD_AHEAD
+        ahead = store_replicas.BUILD_AHEAD * THRESHOLD
+        store.upsert(points(ahead, start=3 * THRESHOLD))  # up to BUILD_AHEAD
         store.search(points(1)[0].vector, 3)
         # Far below the 120 s it would have waited for the build (which cannot end).
         assert time.monotonic() - start < 60
         monkeypatch.setattr(store_replicas, "WRITER_WAIT", 1.0)
         start = time.monotonic()
-        store.upsert(points(10, start=5 * THRESHOLD))  # beyond: waits for the build
+        store.upsert(points(10, start=3 * THRESHOLD + ahead))  # beyond: waits
         waited = time.monotonic() - start
         # The build cannot end (r1 is stopped): the write went on after WRITER_WAIT.
         assert waited >= store_replicas.WRITER_WAIT
-        assert store.count() == 5 * THRESHOLD + 10
+        assert store.count() == 3 * THRESHOLD + ahead + 10
     store.wait_idle(timeout=300)
-    assert store.info()["indexed_vectors"] == 5 * THRESHOLD + 10
+    assert store.info()["indexed_vectors"] == 3 * THRESHOLD + ahead + 10
 
 
 def test_close_stops_a_standby_stuck_in_a_build_and_the_next_open_repairs_it(

@@ -83,7 +83,7 @@ REPLICA_SEGMENT_POINTS = 65536
 WRITE_PART = 256
 #: Thresholds' worth of points a writer may write while a build runs before it waits
 #: for the build (see ``ReplicatedStore._wait_for_build``).
-BUILD_AHEAD = 2
+BUILD_AHEAD = 4
 #: Longest a write waits for a build or a lagging replica, in seconds.
 WRITER_WAIT = 20.0
 
