@@ -233,6 +233,22 @@ def test_close_stops_a_standby_stuck_in_a_build_and_the_next_open_repairs_it(
     assert replica_ids(gen, "r1") == replica_ids(gen, "r0")
 
 
+def test_store_processes_outlive_terminal_and_stop_signals(
+        store: ReplicatedStore, tmp_path: Path) -> None:
+    # Ctrl-C, a closed terminal and systemd's stop signal the whole process group or
+    # unit: the daemon stops (or reloads) in order, so its store processes must not die
+    # under it; they end when the daemon closes them.
+    store.upsert(points(20))
+    for pid in store.process_ids():
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            os.kill(pid, sig)
+    store.upsert(points(5, start=20))
+    store.flush()
+    assert store.count() == 25
+    store.close()
+    assert state(tmp_path / "gen") == {"serving": 0, "synced": True}
+
+
 def test_a_dead_store_process_is_a_clear_error_not_a_hang(store: ReplicatedStore) -> None:
     store.upsert(points(10))
     os.kill(store.process_ids()[1], signal.SIGKILL)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import struct
 import sys
 import traceback
@@ -129,7 +130,6 @@ def _die_with_parent(parent: int) -> None:
     if not sys.platform.startswith("linux"):
         return
     import ctypes
-    import signal
 
     pr_set_pdeathsig = 1
     libc = ctypes.CDLL(None, use_errno=True)
@@ -144,6 +144,12 @@ def main() -> int:
     ``argv[1]``: the parent's pid (see ``_die_with_parent``)."""
     if len(sys.argv) > 1:
         _die_with_parent(int(sys.argv[1]))
+    # The daemon alone decides when this process ends (end of input, or its death):
+    # Ctrl-C or a closed terminal signals the whole process group, and systemd's stop
+    # sends SIGTERM to the whole unit; dying then would lose writes the daemon is still
+    # sending while it stops in order (and SIGHUP means "reload" to the daemon).
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything else written to stdout must not corrupt the frames
     sys.stdout = sys.stderr
