@@ -202,6 +202,13 @@ def check_search(
     )
 
 
+def check_dim(vector: Sequence[float], dim: int, what: str, where: str) -> None:
+    """Raise ``StoreError`` unless ``vector`` has ``dim`` floats; ``where`` names the
+    store in the message ("the index at PATH", "collection 'NAME'")."""
+    if len(vector) != dim:
+        raise StoreError(f"{what} has {len(vector)} floats, {where} holds {dim}")
+
+
 def check_sparse(vec: SparseVec, what: str) -> SparseVec:
     """``vec`` sorted by index, after checking it is a valid Qdrant sparse vector.
 

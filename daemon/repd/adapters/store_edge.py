@@ -17,6 +17,7 @@ from repd.adapters.store import (
     DENSE_VECTOR,
     SPARSE_VECTOR,
     StoreError,
+    check_dim,
     check_search,
     check_sparse,
 )
@@ -510,9 +511,7 @@ class EdgeStore:
         return self._shard
 
     def _check_dim(self, vector: Sequence[float], what: str) -> None:
-        if len(vector) != self.dim:
-            raise StoreError(f"{what} has {len(vector)} floats, the index at {self.path} "
-                             f"holds {self.dim}")
+        check_dim(vector, self.dim, what, f"the index at {self.path}")
 
     def _error(self, action: str, exc: Exception) -> StoreError:
         return StoreError(f"{action} failed on index at {self.path}: {exc}")

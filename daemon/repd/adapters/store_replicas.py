@@ -49,7 +49,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import repd
-from repd.adapters.store import DEFAULT_RRF_K, Store, StoreError, check_sparse
+from repd.adapters import store_edge
+from repd.adapters.store import DEFAULT_RRF_K, Store, StoreError, check_dim, check_sparse
 from repd.adapters.store_edge import DROPPING_SUFFIX, EdgeStore, shard_exists
 from repd.adapters.store_worker import pack_points, read_frame
 from repd.core.types import Hit, PointRecord, SearchMode, SparseVec
@@ -271,7 +272,9 @@ class ReplicatedStore:
                 _repair(path, serving)
         except OSError as exc:
             raise StoreError(f"cannot prepare the replicated index at {path}: {exc}") from exc
-        threshold = int(edge_options.get("index_threshold") or _default_threshold())
+        # Read at call time: a benchmark may change the module's default.
+        threshold = int(edge_options.get("index_threshold")
+                        or store_edge.DEFAULT_INDEX_THRESHOLD)
         # Explicit, so both processes use the threshold this process was configured with.
         edge_options = {"max_segment_points": max(REPLICA_SEGMENT_POINTS, 2 * threshold),
                         # Half the cores for a build (a new shard's setting): the serving
@@ -297,7 +300,7 @@ class ReplicatedStore:
         # Checked here so the two replicas can only fail alike on a bad request, never
         # one of them alone.
         for p in points:
-            self._check_dim(p.vector, f"point {p.id}")
+            check_dim(p.vector, self.dim, f"point {p.id}", f"the index at {self.path}")
             if self.hybrid and p.sparse is not None:
                 check_sparse(p.sparse, f"sparse vector of point {p.id}")
         # In parts, sent to the serving replica one after the other, so that a query
@@ -590,16 +593,6 @@ class ReplicatedStore:
             _write_state(self.path, self._serving, synced=False)
             self._marked_unsynced = True
 
-    def _check_dim(self, vector: Sequence[float], what: str) -> None:
-        if len(vector) != self.dim:
-            raise StoreError(f"{what} has {len(vector)} floats, the index at {self.path} "
-                             f"holds {self.dim}")
-
-
-def _default_threshold() -> int:
-    from repd.adapters.store_edge import DEFAULT_INDEX_THRESHOLD
-
-    return DEFAULT_INDEX_THRESHOLD
 
 
 # -- layout ----------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from repd.adapters.store import (
     SPARSE_VECTOR,
     SearchPlan,
     StoreError,
+    check_dim,
     check_search,
     check_sparse,
 )
@@ -323,9 +324,7 @@ class ServerStore:
         return self._client
 
     def _check_dim(self, vector: Sequence[float], what: str) -> None:
-        if len(vector) != self.dim:
-            raise StoreError(f"{what} has {len(vector)} floats, collection "
-                             f"{self.collection!r} holds {self.dim}")
+        check_dim(vector, self.dim, what, f"collection {self.collection!r}")
 
     def _error(self, action: str, exc: Exception) -> StoreError:
         return StoreError(f"{action} failed on collection {self.collection!r}: {exc}")
