@@ -14,15 +14,17 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from repd.adapters import store_replicas
+from repd.adapters import store_replicas, store_worker
 from repd.adapters.store import StoreError
 from repd.adapters.store_edge import EdgeStore
 from repd.adapters.store_replicas import (
@@ -105,6 +107,28 @@ def test_writes_and_queries_do_not_wait_for_a_busy_standby(
     ids = {p.id for p in pts[1:]}
     assert replica_ids(tmp_path / "gen", "r0") == ids
     assert replica_ids(tmp_path / "gen", "r1") == ids
+
+
+def test_a_read_goes_to_an_idle_standby_while_the_serving_replica_is_busy(
+        store: ReplicatedStore) -> None:
+    serving, _ = store.process_ids()
+    first = points(50)
+    store.upsert(first)
+    later = points(50, start=50)
+    with ThreadPoolExecutor(1) as pool, frozen(serving):
+        # The write waits for the frozen serving replica; the standby applies it.
+        writing = pool.submit(store.upsert, later)
+        # (Polled on the client: info() itself is a read that could reach the frozen one.)
+        standby = store._replicas[1]
+        wait_for(lambda: standby.pending == 0, timeout=60,
+                 what="the standby to apply the write")
+        # Answered by the standby while the serving replica cannot run at all, with
+        # every write that returned (and the one under way).
+        assert store.search(first[3].vector, 1)[0].id == first[3].id
+        assert store.count() == 100
+        assert not writing.done()
+    writing.result(timeout=60)
+    assert store.search(later[7].vector, 1)[0].id == later[7].id
 
 
 def test_a_build_runs_in_the_standby_then_both_swap_and_end_built(
@@ -247,6 +271,34 @@ def test_store_processes_outlive_terminal_and_stop_signals(
     assert store.count() == 25
     store.close()
     assert state(tmp_path / "gen") == {"serving": 0, "synced": True}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="per-thread priorities are Linux's")
+def test_a_build_runs_at_lower_priority_in_threads_that_inherit_it() -> None:
+    # Edge builds in threads it starts for each build: they must inherit the lower
+    # priority, and the store process's own thread (its queries) must keep its own.
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = priority()
+    seen: list[int] = []
+
+    def build() -> str:
+        inner = threading.Thread(target=lambda: seen.append(priority()))
+        inner.start()
+        inner.join()
+        return "built"
+
+    assert store_worker.in_low_priority_thread(build) == "built"
+    assert seen == [min(19, before + store_worker.BUILD_NICE)]
+    assert priority() == before
+
+    def fail() -> None:
+        raise StoreError("disk full")
+
+    with pytest.raises(StoreError, match="disk full"):
+        store_worker.in_low_priority_thread(fail)
 
 
 def test_a_dead_store_process_is_a_clear_error_not_a_hang(store: ReplicatedStore) -> None:

@@ -8,7 +8,8 @@ never calls Edge: each replica is a ``store_worker`` process owning one shard, a
 * a write goes to both (the same requests in the same order), and returns once the
   *serving* replica applied it; the other applies it when it can (it may be building);
 * a read (search, retrieve, count...) goes to the serving replica, which has every
-  write that returned;
+  write that returned, or to the standby when the serving one is busy and the standby
+  has applied everything sent to it (so it holds every write that returned too);
 * ``maybe_build_index`` sends the build to the other (standby) replica, which builds in
   its own process while the serving one answers; once it has built and caught up
   with the writes queued meanwhile, the two swap roles and the new standby builds the
@@ -80,8 +81,10 @@ CLOSE_STANDBY_WAIT = 20.0
 #: larger segment's graph: 214 s of builds against 87 s).
 REPLICA_SEGMENT_POINTS = 65536
 #: Points per write request: the serving replica gets a group's parts one after the
-#: other, so a query waits behind one part at most (~10-40 ms), not a whole group.
-WRITE_PART = 256
+#: other, so a query waits behind one part at most, not a whole group (64 points take
+#: ~10-15 ms on a loaded 2-core machine, 256 took 50-60 ms: most of it is turning the
+#: payloads into Edge's points, which holds the store process's GIL).
+WRITE_PART = 64
 #: Thresholds' worth of points a writer may write while a build runs before it waits
 #: for the build (see ``ReplicatedStore._wait_for_build``).
 BUILD_AHEAD = 4
@@ -397,8 +400,19 @@ class ReplicatedStore:
     def _read(self, method: str, *args: Any, **kwargs: Any) -> Any:
         self._usable()
         with self._lock:
-            fut = self._replicas[self._serving].call(method, *args, **kwargs)
+            fut = self._replicas[self._reader()].call(method, *args, **kwargs)
         return fut.result()
+
+    def _reader(self) -> int:
+        """The replica a read goes to (called under the lock): the serving one, unless
+        it is busy (a write part, a flush) while the standby has answered everything
+        sent to it. Every write is queued to the standby before the serving replica
+        gets it, so an idle standby holds every write that returned: the read sees them
+        all, and does not wait behind the serving replica's work."""
+        serving, standby = self._replicas[self._serving], self._replicas[1 - self._serving]
+        if serving.pending and not standby.pending:
+            return 1 - self._serving
+        return self._serving
 
     def search(
         self,
