@@ -338,6 +338,24 @@ def test_write_group_writes_both_generations_and_deletes_from_both(
     assert manifest.intents() == []
 
 
+def test_write_group_yields_to_readers_only_before_a_flush_that_holds_the_gil(
+        manifest: Manifest, gens: Gens) -> None:
+    a = gens.open(FakeEmbedder("a", 8, 40), "active")
+    assert a.store.flush_holds_gil  # an in-process Edge shard
+    calls: list[str] = []
+    pa = plan("a.txt", ["alpha one"])
+    writer.write_group(manifest, [gen_write(a, [pa])], primary=True,
+                       rows=rows_of(manifest, [pa]), before_flush=lambda: calls.append("y"))
+    assert calls == ["y"]
+    # A store process (replicas) or a server flushes without our GIL: no pause.
+    a.store.flush_holds_gil = False
+    pb = plan("b.txt", ["beta one"])
+    writer.write_group(manifest, [gen_write(a, [pb])], primary=True,
+                       rows=rows_of(manifest, [pb]), before_flush=lambda: calls.append("y"))
+    assert calls == ["y"]
+    assert_store_matches(manifest, a)
+
+
 def test_write_group_backfill_leaves_file_rows_alone_and_saves_the_cursor(
         manifest: Manifest, gens: Gens) -> None:
     a = gens.open(FakeEmbedder("a", 8, 40), "active")

@@ -44,6 +44,9 @@ class Store(Protocol):
     #: The layout: False = one unnamed dense vector; True = a named dense vector
     #: ``"dense"`` plus a sparse vector ``"bm25"`` with the IDF modifier.
     hybrid: bool
+    #: Whether ``flush`` holds the daemon's GIL while it syncs (an in-process Edge
+    #: shard): the daemon's writer then gives queries in flight a moment first.
+    flush_holds_gil: bool
 
     def upsert(self, points: Sequence[PointRecord]) -> None:
         """Insert or overwrite points by id.

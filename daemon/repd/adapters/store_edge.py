@@ -79,6 +79,9 @@ class EdgeStore:
     Use ``EdgeStore.open``; the shard is single-process (Edge locks its WAL).
     """
 
+    #: Every Edge call holds the GIL of the process that makes it, ``flush`` included.
+    flush_holds_gil = True
+
     def __init__(
         self,
         shard: qe.EdgeShard,

@@ -229,6 +229,9 @@ class ReplicatedStore:
     any number of readers.
     """
 
+    #: The shards flush in their own processes.
+    flush_holds_gil = False
+
     def __init__(self, path: Path, dim: int, hybrid: bool, serving: int,
                  index_threshold: int) -> None:
         """Start both store processes (no shard opened yet); prefer ``open``."""

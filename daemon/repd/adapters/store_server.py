@@ -70,6 +70,9 @@ class ServerStore:
     ``close`` closes it.
     """
 
+    #: The server syncs in its own process (local mode has nothing to sync).
+    flush_holds_gil = False
+
     def __init__(
         self,
         client: QdrantClient,

@@ -100,9 +100,11 @@ def write_group(manifest: Manifest, writes: Sequence[GenWrite], *, primary: bool
     crashpoint("delete")
     changed = [w for w, points, stale in staged if points or stale]
     if changed:
-        # The new points already answer queries; the flush's disk syncs hold the GIL
-        # (100-200 ms on Edge), freezing every API thread. Readers first.
-        before_flush()
+        # The new points already answer queries; an in-process Edge shard's flush holds
+        # the GIL for its disk syncs (100-200 ms), freezing every API thread. Readers
+        # first (a store process or a server holds no GIL of ours).
+        if any(w.handle.store.flush_holds_gil for w in changed):
+            before_flush()
         # One flush per store for the group: the intents cover upserts and deletes alike,
         # and nothing is marked done before this returns.
         for w in changed:
