@@ -145,6 +145,12 @@ class _Replica:
         return self._proc.pid
 
     @property
+    def alive(self) -> bool:
+        """False once the process is known to have exited."""
+        with self._lock:
+            return self._dead is None
+
+    @property
     def pending(self) -> int:
         """Requests sent and not yet answered."""
         with self._lock:
@@ -413,7 +419,7 @@ class ReplicatedStore:
         gets it, so an idle standby holds every write that returned: the read sees them
         all, and does not wait behind the serving replica's work."""
         serving, standby = self._replicas[self._serving], self._replicas[1 - self._serving]
-        if serving.pending and not standby.pending:
+        if serving.pending and not standby.pending and standby.alive:
             return 1 - self._serving
         return self._serving
 
