@@ -25,6 +25,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 import numpy as np
@@ -140,26 +141,17 @@ def in_low_priority_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
     its creator's nice value, so the whole build runs at the lower priority. Linux
     alone has per-thread priorities; elsewhere ``fn`` runs as it is.
     """
-    outcome: list[Any] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="repd-build",
+                            initializer=_lower_thread_priority) as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
-    def run() -> None:
-        if sys.platform.startswith("linux"):
-            tid = threading.get_native_id()
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, tid,
-                               min(19, os.getpriority(os.PRIO_PROCESS, tid) + BUILD_NICE))
-        try:
-            outcome.append((True, fn(*args, **kwargs)))
-        except BaseException as exc:  # handed to the caller's thread
-            outcome.append((False, exc))
 
-    thread = threading.Thread(target=run, name="repd-build")
-    thread.start()
-    thread.join()
-    ok, value = outcome[0]
-    if not ok:
-        raise value
-    return value
+def _lower_thread_priority() -> None:
+    if sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, tid,
+                           min(19, os.getpriority(os.PRIO_PROCESS, tid) + BUILD_NICE))
 
 
 def _die_with_parent(parent: int) -> None:
