@@ -2,7 +2,8 @@
 
     python bench/bench_scale.py [--files 100000] [--chunks-per-file 10]
         [--workdir /tmp/repd-scale] [--queries 300] [--daemon] [--index-threshold N]
-        [--policy inline|idle|backlog] [--keep] [--out report.json]
+        [--policy inline|idle|backlog] [--replicas] [--daemon-layouts single,replicas]
+        [--builds-s 900] [--keep] [--out report.json]
 
 ``--policy`` says when HNSW is built while writing (``write_all``): ``inline`` as
 ``repd index`` does, ``idle`` as the daemon did before the build backlog (one build at
@@ -30,7 +31,14 @@ Phases and what each reports:
 * ``--daemon``: then a real ``repd run`` on the same data folder, with the real MiniLM
   (the generation is recorded under its identity, so the daemon accepts the index and
   embeds nothing: every file's stat matches): time from start to idle, RSS, API query
-  and status p50/p99 through the socket.
+  and status p50/p99 through the socket. ``--daemon-layouts single,replicas`` runs one
+  daemon per layout in turn on the same folder (the second converts it, as a user
+  switching ``store.replicas`` would).
+* ``--builds-s``: then, in each daemon, the API while the store builds HNSW: a folder of
+  1,000 files is deleted and the daemon's next idle check vacuums (rebuilds) the
+  segments that lost points, and a store just converted to replicas merges its
+  segments too; a probe queries through the API every 50 ms meanwhile (see
+  ``builds_phase``).
 
 Figures are absolute for this machine (2 shared cores); the ratios worth quoting are
 within one run (build stall vs. the rest of the write path).
@@ -359,13 +367,107 @@ def real_model_identity(env: dict[str, str]) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
-def daemon_phase(home: Path, root: Path, words: Words, n: int,
-                 replicas: bool = False) -> dict[str, Any]:
-    """A real daemon on the data folder: start to idle, RSS, API latencies."""
+class ApiProbe:
+    """A thread asking the daemon's API one query every 50 ms (the real model embeds
+    each), each after a status call that says whether a store copy is building, so every
+    query is tagged with the build it may have raced."""
+
+    def __init__(self, daemon: Any, words: Words) -> None:
+        self.daemon = daemon
+        self.queries = [words.query() for _ in range(200)]
+        #: (start, query ms, status ms, replica building or None)
+        self.samples: list[tuple[float, float, float, str | None]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="api-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        client = self.daemon.client
+        i = 0
+        while not self._stop.is_set():
+            t = time.perf_counter()
+            st = client.status()
+            s_ms = (time.perf_counter() - t) * 1000
+            building = (st.get("store", {}).get("replicas") or {}).get("building")
+            t = time.perf_counter()
+            client.query(self.queries[i % len(self.queries)], k=10)
+            self.samples.append((t, (time.perf_counter() - t) * 1000, s_ms, building))
+            i += 1
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        """Stop probing."""
+        self._stop.set()
+        self._thread.join()
+
+
+def latency(values: Sequence[float]) -> dict[str, Any]:
+    """Count, p50, p99 and max (ms) of ``values``."""
+    if not values:
+        return {"n": 0}
+    return {"n": len(values), "p50_ms": round(pct(values, 0.5), 1),
+            "p99_ms": round(pct(values, 0.99), 1), "max_ms": round(max(values), 1),
+            "over_100_ms": sum(v > 100 for v in values)}
+
+
+def builds_phase(d: Any, root: Path, folder: int, words: Words, replicas: bool,
+                 limit_s: float) -> dict[str, Any]:
+    """The API while the daemon's store builds HNSW: one folder of ``FILES_PER_DIR``
+    files is deleted (a user removing a directory), so the daemon deletes its points and,
+    at its next idle check (``app.INDEX_CHECK_EVERY_S``), ``maybe_build_index`` vacuums
+    the segments that lost them (a rebuild of each, HNSW included). A store just
+    converted to replicas also merges its segments then (the replicated layout allows
+    larger ones). A probe queries through the API every 50 ms until one idle check has
+    passed, no copy has built for 10 s and the vacuum is done (or ``limit_s``)."""
+    from repd.app import INDEX_CHECK_EVERY_S
+
+    probe = ApiProbe(d, words)
+    time.sleep(3)
+    t_del = time.perf_counter()
+    shutil.rmtree(root / f"d{folder:04d}")
+    quiet_at: float | None = None
+    last_build = t_del
+    episodes, was_building = 0, False
+    st: dict[str, Any] = {}
+    while (now := time.perf_counter()) - t_del < limit_s:
+        st = d.status()
+        q = st["queue"]
+        building = (st["store"].get("replicas") or {}).get("building")
+        if building:
+            episodes += not was_building
+            last_build = now
+        was_building = bool(building)
+        busy = q["pending"] or q["scans"] or q["settling"] or st["state"] != "idle"
+        quiet_at = None if busy else (quiet_at or now)
+        vacuumed = st["store"]["indexed_vectors"] <= st["store"]["points"]
+        if (quiet_at is not None and now - quiet_at > INDEX_CHECK_EVERY_S + 10
+                and now - last_build > 10 and vacuumed):
+            break
+        time.sleep(1)
+    seconds = time.perf_counter() - t_del
+    probe.stop()
+    after = [s for s in probe.samples if s[0] >= t_del]
+    return {"deleted_files": FILES_PER_DIR, "seconds": round(seconds, 1),
+            "ended_by_limit": seconds >= limit_s,
+            "delete_to_quiet_s": round(quiet_at - t_del, 1) if quiet_at else None,
+            "points_after": st.get("store", {}).get("points"),
+            "build_episodes_seen": episodes if replicas else None,
+            # A build in the daemon's process stalls whichever call comes first.
+            "longest_api_call_ms": round(max((max(s[1], s[2]) for s in after), default=0), 1),
+            "query_all": latency([s[1] for s in after]),
+            "query_while_building": latency([s[1] for s in after if s[3]]) if replicas else None,
+            "status_all": latency([s[2] for s in after]),
+            "status_while_building": latency([s[2] for s in after if s[3]]) if replicas else None}
+
+
+def daemon_phase(home: Path, root: Path, words: Words, n: int, replicas: bool = False,
+                 builds_folder: int | None = None, builds_limit_s: float = 900) -> dict[str, Any]:
+    """A real daemon on the data folder: start to idle, RSS, API latencies (and, with
+    ``builds_folder``, the API while its store builds: ``builds_phase``)."""
     from tests.daemon_harness import DaemonProc
 
     d = DaemonProc(home, [root],
-                   extra_env={"REPD_STORE__REPLICAS": "true"} if replicas else None)
+                   extra_env={"REPD_STORE__REPLICAS": "true" if replicas else "false"})
     t0 = time.perf_counter()
     d.start(wait_idle=False)
     try:
@@ -373,25 +475,34 @@ def daemon_phase(home: Path, root: Path, words: Words, n: int,
         to_idle = time.perf_counter() - t0
         queries = [words.query() for _ in range(n)]
         d.client.query(queries[0], k=10)  # first query loads nothing more, but warms up
-        q_ms, s_ms = [], []
+        q_ms, s_ms, building = [], [], 0
         for q in queries:
             t = time.perf_counter()
             d.client.query(q, k=10)
             q_ms.append((time.perf_counter() - t) * 1000)
             t = time.perf_counter()
-            d.client.status()
+            now = d.client.status()
             s_ms.append((time.perf_counter() - t) * 1000)
+            building += bool((now["store"].get("replicas") or {}).get("building"))
         rss, peak = rss_kb(d.pid)
         children = [c for t in Path(f"/proc/{d.pid}/task").iterdir()
                     for c in (t / "children").read_text().split()]
         store_rss = sum(rss_kb(c)[0] for c in children)
-        return {"start_to_idle_s": round(to_idle, 1), "rss_mib": rss // 1024,
-                "store_processes_rss_mib": store_rss // 1024,
-                "peak_rss_mib": peak // 1024,
-                "query_p50_ms": round(pct(q_ms, 0.5), 1), "query_p99_ms": round(pct(q_ms, 0.99), 1),
-                "status_p50_ms": round(pct(s_ms, 0.5), 2),
-                "status_p99_ms": round(pct(s_ms, 0.99), 2),
-                "points": st.get("store", {}).get("points")}
+        out: dict[str, Any] = {
+            "replicas": replicas, "start_to_idle_s": round(to_idle, 1), "rss_mib": rss // 1024,
+            "store_processes_rss_mib": store_rss // 1024,
+            "peak_rss_mib": peak // 1024,
+            "query_p50_ms": round(pct(q_ms, 0.5), 1), "query_p99_ms": round(pct(q_ms, 0.99), 1),
+            "status_p50_ms": round(pct(s_ms, 0.5), 2),
+            "status_p99_ms": round(pct(s_ms, 0.99), 2),
+            "queries_while_a_copy_built": building,
+            "points": st.get("store", {}).get("points")}
+        if builds_folder is not None:
+            print(f"daemon (replicas={replicas}): deleting folder {builds_folder} ...",
+                  flush=True)
+            out["builds"] = builds_phase(d, root, builds_folder, words, replicas,
+                                         builds_limit_s)
+        return out
     finally:
         d.stop(timeout=120)
 
@@ -403,6 +514,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/repd-scale"))
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--daemon", action="store_true", help="also serve it through `repd run`")
+    ap.add_argument("--daemon-layouts", default=None,
+                    help="comma-separated daemons to run in turn, each `single` or "
+                         "`replicas` (default: the layout written); the folder is "
+                         "converted between them as a user changing store.replicas would")
+    ap.add_argument("--builds-s", type=float, default=0,
+                    help="with --daemon: then delete one folder per daemon and probe the "
+                         "API while the store builds, for at most this many seconds")
     ap.add_argument("--index-threshold", type=int, default=None,
                     help="override store_edge.DEFAULT_INDEX_THRESHOLD for this run")
     ap.add_argument("--policy", choices=("inline", "idle", "backlog"), default="inline",
@@ -489,8 +607,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     report["store_mib"] = round(du_bytes(data / "shards") / 2**20, 1)
     print(json.dumps(report, indent=1, default=str), flush=True)
     if args.daemon:
-        report["daemon"] = daemon_phase(home, root, words, args.queries, args.replicas)
-        print(json.dumps(report["daemon"], indent=1), flush=True)
+        layouts = (args.daemon_layouts or ("replicas" if args.replicas else "single")).split(",")
+        runs = []
+        for i, layout in enumerate(layouts):
+            if layout not in ("single", "replicas"):
+                ap.error(f"--daemon-layouts: {layout!r} is neither single nor replicas")
+            runs.append(daemon_phase(home, root, words, args.queries, layout == "replicas",
+                                     builds_folder=i if args.builds_s else None,
+                                     builds_limit_s=args.builds_s))
+            print(json.dumps(runs[-1], indent=1), flush=True)
+            report["daemon"] = runs[0] if len(runs) == 1 else runs
+            if args.out:  # after each daemon: a long run keeps what it measured
+                args.out.write_text(json.dumps(report, indent=1, default=str))
     if args.out:
         args.out.write_text(json.dumps(report, indent=1, default=str))
     if not args.keep:

@@ -118,3 +118,23 @@ def test_a_second_daemon_is_refused_before_loading_the_model(daemon: DaemonProc,
     assert proc.returncode == 1, proc.stderr
     assert f"being written by pid {daemon.pid} (`repd run`)" in proc.stderr
     assert "Traceback" not in proc.stderr and "loading_model" not in proc.stderr
+
+
+def test_doctor_suggests_replicas_for_a_large_index_in_one_copy(
+        daemon: DaemonProc, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The advice reads the daemon's real status: an embedded index in one copy at or
+    past ``REPLICAS_ADVICE_POINTS`` gets it, a smaller one or a replicated one does not."""
+    from repd import doctor
+
+    st = daemon.status()
+    points = st["store"]["points"]
+    assert points > 0 and st["store"]["kind"] == "embedded" and not st["store"]["replicas"]
+    monkeypatch.setattr(doctor, "REPLICAS_ADVICE_POINTS", points)
+    check = doctor._store_from_status(st)
+    assert check.level == "ok" and "`[store] replicas = true`" in check.message, check.message
+    monkeypatch.setattr(doctor, "REPLICAS_ADVICE_POINTS", points + 1)
+    assert "replicas" not in doctor._store_from_status(st).message
+    monkeypatch.setattr(doctor, "REPLICAS_ADVICE_POINTS", points)
+    replicated = {**st, "store": {**st["store"],
+                                  "replicas": {"serving": "r0", "building": None}}}
+    assert "replicas" not in doctor._store_from_status(replicated).message

@@ -200,12 +200,25 @@ def check_daemon_and_store(settings: Settings) -> list[Check]:
     return out
 
 
+#: Points from which ``repd doctor`` suggests ``store.replicas`` for an embedded index
+#: kept in one copy: a large folder that changes rebuilds HNSW often, and each build
+#: (~3-6 s on 2 cores) pauses queries and status in the daemon's process.
+REPLICAS_ADVICE_POINTS = 100_000
+
+
 def _store_from_status(st: dict[str, object]) -> Check:
     store = st.get("store")
     gen = st.get("generation")
     points = store.get("points") if isinstance(store, dict) else None
     gen_id = gen.get("id") if isinstance(gen, dict) else None
-    return Check("store", "ok", f"{points} points, generation {gen_id} (from the daemon)")
+    message = f"{points} points, generation {gen_id} (from the daemon)"
+    if (isinstance(store, dict) and store.get("kind") == "embedded"
+            and not store.get("replicas") and isinstance(points, int)
+            and points >= REPLICAS_ADVICE_POINTS):
+        message += ("; in one copy, each HNSW build pauses queries for seconds: "
+                    "`[store] replicas = true` builds in a second copy instead (twice the "
+                    "disk)")
+    return Check("store", "ok", message)
 
 
 def _writer_checks(busy: IndexBusy) -> list[Check]:
