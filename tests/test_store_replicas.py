@@ -450,3 +450,43 @@ def test_a_daemon_on_replicas_serves_edits_and_recovers_from_kill_9(tmp_path: Pa
         assert r0 == r1 and len(r0) == points
     finally:
         d.stop()
+
+
+def test_a_repair_copies_the_shard_with_its_holes(tmp_path: Path) -> None:
+    """Edge's storage files are sparse; the copy that repairs (or converts to) a replica
+    keeps them sparse, so it takes the disk of the replica it copies, not ~3x."""
+    gen = tmp_path / "gen"
+    single = EdgeStore.open(gen, DIM, hybrid=True, index_threshold=THRESHOLD)
+    single.upsert(points(50))
+    single.close()
+
+    def blocks(root: Path) -> tuple[int, int]:
+        files = [p for p in root.rglob("*") if p.is_file()]
+        return (sum(p.stat().st_blocks for p in files), sum(p.stat().st_size for p in files))
+
+    used, apparent = blocks(gen)
+    assert used * 512 < apparent / 2  # Edge preallocates: mostly holes (else no test)
+    replicated = open_edge_store(gen, DIM, hybrid=True, replicas=True)  # copies r0 to r1
+    replicated.close()
+    r0, r1 = blocks(gen / "r0"), blocks(gen / "r1")
+    assert r1[1] == r0[1]  # the same apparent sizes
+    assert r1[0] <= r0[0] * 1.1 + 64, (r0, r1)  # and about the same blocks on disk
+    assert replica_ids(gen, "r1") == {p.id for p in points(50)}
+
+
+def test_copy_sparse_copies_data_between_holes_exactly(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    with open(src, "wb") as fh:
+        fh.truncate(8 << 20)
+        fh.seek(1 << 20)
+        fh.write(b"a" * 5000)
+        fh.seek(6 << 20)
+        fh.write(b"b" * 70_000)
+    store_replicas.copy_sparse(str(src), str(dst))
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_blocks <= src.stat().st_blocks
+    empty_src, empty_dst = tmp_path / "e", tmp_path / "e2"
+    with open(empty_src, "wb") as fh:
+        fh.truncate(1 << 20)  # a hole to the end: no data at all
+    store_replicas.copy_sparse(str(empty_src), str(empty_dst))
+    assert empty_dst.stat().st_size == 1 << 20 and empty_dst.stat().st_blocks == 0

@@ -33,6 +33,7 @@ time.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
@@ -701,7 +702,7 @@ def _repair(path: Path, serving: int) -> None:
     if copy.exists():
         shutil.rmtree(copy)
     if shard_exists(source):
-        shutil.copytree(source, copy)
+        shutil.copytree(source, copy, copy_function=copy_sparse)
         if target.exists():
             shutil.rmtree(target)
         copy.rename(target)
@@ -710,6 +711,58 @@ def _repair(path: Path, serving: int) -> None:
     _fsync_dir(path)
     log.info("store_replica_repaired", path=str(path), source=REPLICA_DIRS[serving])
     _write_state(path, serving, synced=True)
+
+
+def copy_sparse(src: str, dst: str) -> str:
+    """Copy a file keeping its holes, then its metadata (``shutil.copy2`` otherwise).
+
+    Edge preallocates its storage files sparse: a 1M-point shard of 3.3 GB on disk is
+    9.6 GB of apparent size, and a plain copy (``shutil.copy2``) writes every hole out
+    as zeros, so a repaired or converted replica took three times the disk of the one it
+    copies. Here only the data extents are copied (``SEEK_DATA``/``SEEK_HOLE``; through
+    ``copy_file_range``, so in the kernel, and a reflink where the filesystem has them)
+    and the size is set last, so the holes stay holes. Where the filesystem cannot say
+    where its holes are, or the system has no ``copy_file_range`` (Linux's), the copy is
+    a plain one.
+    """
+    if not hasattr(os, "copy_file_range") or not hasattr(os, "SEEK_DATA"):
+        return str(shutil.copy2(src, dst))
+    with open(src, "rb") as fin:
+        size = os.fstat(fin.fileno()).st_size
+        try:
+            extents = list(_data_extents(fin.fileno(), size))
+        except OSError:
+            extents = None
+        if extents is None:
+            return str(shutil.copy2(src, dst))
+        with open(dst, "wb") as fout:
+            for start, end in extents:
+                offset = start
+                while offset < end:
+                    n = os.copy_file_range(fin.fileno(), fout.fileno(), end - offset,
+                                           offset, offset)
+                    if n == 0:  # the file shrank meanwhile: nothing more to read
+                        break
+                    offset += n
+            fout.truncate(size)
+    shutil.copystat(src, dst)
+    return dst
+
+
+def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of data in the file; raises OSError where the
+    filesystem does not support ``SEEK_DATA``."""
+    pos = 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from pos to the end
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, end
+        pos = end
 
 
 def _read_state(path: Path) -> tuple[int, bool]:
