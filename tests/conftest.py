@@ -19,6 +19,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("REPD_OPENVINO_CACHE",
                       os.path.join(tempfile.gettempdir(), f"repd-tests-openvino-{os.getuid()}"))
 
+#: ``REPD_TEST_REPLICAS=1`` runs the suite on the replicated embedded store: the
+#: ``store.replicas`` default is true in this process, and tests/helpers ``cli_env`` sets
+#: it for every repd the tests start. (Tests that pass an explicit layout keep theirs.)
+TEST_REPLICAS = os.environ.get("REPD_TEST_REPLICAS") == "1"
+if TEST_REPLICAS:
+    from repd.settings import Settings, StoreSettings
+
+    StoreSettings.model_fields["replicas"].default = True
+    StoreSettings.model_rebuild(force=True)
+    Settings.model_rebuild(force=True)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _openvino_export_ready() -> None:
