@@ -367,6 +367,13 @@ def real_model_identity(env: dict[str, str]) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+def copy_building(status: dict[str, Any]) -> str | None:
+    """The replica building HNSW per a daemon's status (None: none, or one copy)."""
+    replicas = status.get("store", {}).get("replicas") or {}
+    building: str | None = replicas.get("building")
+    return building
+
+
 class ApiProbe:
     """A thread asking the daemon's API one query every 50 ms (the real model embeds
     each), each after a status call that says whether a store copy is building, so every
@@ -388,7 +395,7 @@ class ApiProbe:
             t = time.perf_counter()
             st = client.status()
             s_ms = (time.perf_counter() - t) * 1000
-            building = (st.get("store", {}).get("replicas") or {}).get("building")
+            building = copy_building(st)
             t = time.perf_counter()
             client.query(self.queries[i % len(self.queries)], k=10)
             self.samples.append((t, (time.perf_counter() - t) * 1000, s_ms, building))
@@ -432,7 +439,7 @@ def builds_phase(d: Any, root: Path, folder: int, words: Words, replicas: bool,
     while (now := time.perf_counter()) - t_del < limit_s:
         st = d.status()
         q = st["queue"]
-        building = (st["store"].get("replicas") or {}).get("building")
+        building = copy_building(st)
         if building:
             episodes += not was_building
             last_build = now
@@ -483,7 +490,7 @@ def daemon_phase(home: Path, root: Path, words: Words, n: int, replicas: bool = 
             t = time.perf_counter()
             now = d.client.status()
             s_ms.append((time.perf_counter() - t) * 1000)
-            building += bool((now["store"].get("replicas") or {}).get("building"))
+            building += bool(copy_building(now))
         rss, peak = rss_kb(d.pid)
         children = [c for t in Path(f"/proc/{d.pid}/task").iterdir()
                     for c in (t / "children").read_text().split()]

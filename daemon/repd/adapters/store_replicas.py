@@ -731,9 +731,7 @@ def copy_sparse(src: str, dst: str) -> str:
         size = os.fstat(fin.fileno()).st_size
         try:
             extents = list(_data_extents(fin.fileno(), size))
-        except OSError:
-            extents = None
-        if extents is None:
+        except OSError:  # the filesystem cannot say where its holes are
             return str(shutil.copy2(src, dst))
         with open(dst, "wb") as fout:
             for start, end in extents:
