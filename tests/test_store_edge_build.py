@@ -10,13 +10,22 @@ hashes of the text), as in tests/test_generations.py.
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
+import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from repd.adapters.manifest import Manifest
-from repd.adapters.store_edge import DEFAULT_BUILD_BACKLOG, DEFAULT_INDEX_THRESHOLD, EdgeStore
+from repd.adapters.store_edge import (
+    DEFAULT_BUILD_BACKLOG,
+    DEFAULT_INDEX_THRESHOLD,
+    TEMP_SEGMENTS,
+    EdgeStore,
+)
 from repd.core.ignore import IgnoreRules
 from repd.core.types import PointRecord
 from repd.pipeline.generations import GenerationHandle, Generations, GenView
@@ -182,3 +191,55 @@ def test_a_backfill_builds_along_the_way_with_a_backlog(tmp_path: Path) -> None:
             new_store.close()
         store.close()
         manifest.close()
+
+
+def small_segments(path: Path, n: int) -> set[str]:
+    """A shard of ``n`` points in many small sealed segments (a build every threshold's
+    worth, merging disabled); returns the ids."""
+    store = EdgeStore.open(path, DIM, index_threshold=THRESHOLD)
+    for i in range(0, n, THRESHOLD):
+        store.upsert(points(THRESHOLD, start=i))
+        store.maybe_build_index()
+    ids = set(store.iter_ids())
+    store.close()
+    return ids
+
+
+def test_a_build_killed_midway_loses_nothing_and_its_leftovers_are_removed(
+        tmp_path: Path) -> None:
+    shard = tmp_path / "shard"
+    ids = small_segments(shard, 60 * THRESHOLD)
+    # Another process merges the small segments (a larger max_segment_points makes
+    # them due) and is killed as soon as the half-built segment shows on disk.
+    merge = textwrap.dedent(f"""
+        from pathlib import Path
+        from repd.adapters.store_edge import EdgeStore
+        store = EdgeStore.open(Path({str(shard)!r}), {DIM}, index_threshold={THRESHOLD},
+                               max_segment_points=1_000_000)
+        print("open", flush=True)
+        store.maybe_build_index()
+        print("built", flush=True)
+    """)
+    temp = shard / TEMP_SEGMENTS
+    proc = subprocess.Popen([sys.executable, "-c", merge], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "open\n"
+        deadline = time.monotonic() + 120
+        while not (temp.is_dir() and any(temp.iterdir())):
+            assert proc.poll() is None, "the merge ended before it could be caught mid-way"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert any(temp.iterdir())  # the killed build's half-made segment
+
+    store = EdgeStore.open(shard, DIM, index_threshold=THRESHOLD, max_segment_points=1_000_000)
+    try:
+        assert list(temp.iterdir()) == []
+        assert set(store.iter_ids()) == ids
+        assert store.maybe_build_index() is True  # the merge runs again, whole
+        assert set(store.iter_ids()) == ids
+        assert len(store.search(points(1)[0].vector, 5)) == 5
+    finally:
+        store.close()
