@@ -26,7 +26,7 @@ import pytest
 
 from repd.adapters import store_replicas, store_worker
 from repd.adapters.store import StoreError
-from repd.adapters.store_edge import EdgeStore
+from repd.adapters.store_edge import TEMP_SEGMENTS, EdgeStore
 from repd.adapters.store_replicas import (
     REPLICA_DIRS,
     REPLICAS_FILE,
@@ -255,6 +255,50 @@ def test_close_stops_a_standby_stuck_in_a_build_and_the_next_open_repairs_it(
     assert again.count() == 3 * THRESHOLD + 10
     again.close()
     assert replica_ids(gen, "r1") == replica_ids(gen, "r0")
+
+
+def test_a_standby_stopped_mid_merge_with_nothing_written_behind_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A single shard of many small segments (merging off: segments of 1.5 thresholds),
+    # as a large index in one copy is when store.replicas is turned on.
+    gen = tmp_path / "gen"
+    single = EdgeStore.open(gen, DIM, hybrid=True, index_threshold=THRESHOLD)
+    for i in range(0, 40 * THRESHOLD, THRESHOLD):
+        single.upsert(points(THRESHOLD, start=i))
+        single.maybe_build_index()
+    single.close()
+    ids = replica_ids(gen, "")
+
+    store = ReplicatedStore.open(gen, DIM, hybrid=True, index_threshold=THRESHOLD)
+    standby = gen / "r1"
+    copy_inode = standby.stat().st_ino
+    # Replicas merge segments up to REPLICA_SEGMENT_POINTS: the standby starts a merge,
+    # and the daemon stops (CLOSE_STANDBY_WAIT: 0) as soon as the merge shows on disk.
+    monkeypatch.setattr(store_replicas, "CLOSE_STANDBY_WAIT", 0.0)
+    temp = standby / TEMP_SEGMENTS
+    store.upsert(points(5, start=40 * THRESHOLD))  # written before the build: both have it
+    ids |= {p.id for p in points(5, start=40 * THRESHOLD)}
+    assert state(gen)["synced"] is False
+    assert store.maybe_build_index() is True
+    wait_for(lambda: temp.is_dir() and any(temp.iterdir()), 120, "the merge to start")
+    store.close()
+    assert any(temp.iterdir())  # it was stopped mid-merge
+    # Nothing was written behind the build: the standby holds every point, so it is
+    # kept (not replaced by a copy of r0) and the merge can resume from it.
+    assert state(gen) == {"serving": 0, "synced": True}
+
+    again = ReplicatedStore.open(gen, DIM, hybrid=True, index_threshold=THRESHOLD)
+    try:
+        assert standby.stat().st_ino == copy_inode
+        assert list(temp.iterdir()) == []  # the half-made segment is gone
+        assert set(again.iter_ids()) == ids
+        assert again.maybe_build_index() is True
+        again.wait_idle(timeout=120)
+        info = again.info()
+    finally:
+        again.close()
+    assert replica_ids(gen, "r0") == replica_ids(gen, "r1") == ids
+    assert isinstance(info["segments"], int) and info["segments"] < 10
 
 
 def test_store_processes_outlive_terminal_and_stop_signals(

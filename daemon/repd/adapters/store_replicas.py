@@ -21,7 +21,9 @@ and ``P/replicas.json`` (``serving``: which one is authoritative, ``synced``: wh
 the other is known to hold the same points). Every flush waits for the serving
 replica, so after a crash that replica holds exactly what a single shard would, and the
 other may lag: the open finds ``synced`` false and copies the authoritative shard over
-the other before anything reads it. A clean ``close`` drains both and marks them synced.
+the other before anything reads it. A clean ``close`` drains both and marks them synced;
+so does one that stops a standby busy building when nothing was written behind the
+build (see ``close``).
 
 Costs: twice the disk and the page cache of one shard, two processes of ~60 MB, every
 build done twice (in a process of its own, on another core when there is one), and one
@@ -256,10 +258,14 @@ class ReplicatedStore:
         self._swap_due = False
         self._writing = False
         self._written_during_build = 0
+        #: Whether a write was queued to the building replica behind its build.
+        self._written_behind_build = False
         self._closed = False
         self._dropped = False
         #: Set when one replica failed alone (see ``_standby_done``).
         self._fault: str | None = None
+        #: The replica ``close`` is killing: its requests failing then is no fault.
+        self._killing: int | None = None
         self._replicas: list[_Replica] = []
         try:
             for d in REPLICA_DIRS:
@@ -349,6 +355,8 @@ class ReplicatedStore:
             self._writing = True
             serving = self._serving
             standby = 1 - serving
+            if self._building == standby:
+                self._written_behind_build = True
             queued = [self._replicas[standby].send(data, n) for data, n in parts]
         try:
             for data, n in parts:
@@ -394,7 +402,7 @@ class ReplicatedStore:
 
     def _standby_done(self, index: int, fut: Future[Any]) -> None:
         exc = fut.exception()
-        if exc is not None:
+        if exc is not None and index != self._killing:
             # The replicas got the same checked requests: one failing alone is a fault
             # of its process or disk. Refuse everything until a restart repairs it from
             # the authoritative one, rather than serve a store that went out of step.
@@ -494,6 +502,7 @@ class ReplicatedStore:
         fut = self._replicas[index].call("maybe_build_index", backlog=backlog)
         self._build, self._building = fut, index
         self._written_during_build = 0
+        self._written_behind_build = False
         fut.add_done_callback(lambda f: self._build_done(index, f))
 
     def _build_done(self, index: int, fut: Future[Any]) -> None:
@@ -533,8 +542,14 @@ class ReplicatedStore:
         The serving replica is always waited for. The standby gets ``CLOSE_STANDBY_WAIT``
         seconds to finish a build and the writes queued behind it; past that it is
         killed (a stopping service has 30 s before systemd kills it anyway; a merge
-        build at 1M points takes up to ~15 s): the marker
-        then stays unsynced and the next open replaces it by a copy of the serving one.
+        build at 1M points takes minutes). A standby killed in a build with no write
+        queued behind it holds every point the serving one does (Edge keeps the old
+        segments whole until a new one is swapped in, and its WAL has every write the
+        process applied): its files are synced to disk and both are marked synced, so
+        the next open keeps it with the merges it finished (a long merge, such as the
+        one that turning ``store.replicas`` on for a large index starts, then resumes
+        where it was instead of starting over). Otherwise the marker stays unsynced and
+        the next open replaces the standby by a copy of the serving one.
         """
         if self._closed:
             return
@@ -548,16 +563,26 @@ class ReplicatedStore:
             errors.append(futures[standby].exception(timeout=CLOSE_STANDBY_WAIT))
             stopped_early = False
         except FutureTimeout:
-            log.warning("store_replica_stopped_busy", path=str(self.path),
-                        replica=REPLICA_DIRS[standby], waited_s=CLOSE_STANDBY_WAIT)
             stopped_early = True
+        with self._lock:
+            # Read before the kill: from here no write can be queued any more.
+            complete = self._fault is None and (
+                not stopped_early
+                or (self._building == standby and not self._written_behind_build))
+            if stopped_early:
+                self._killing = standby
+        if stopped_early:
+            log.warning("store_replica_stopped_busy", path=str(self.path),
+                        replica=REPLICA_DIRS[standby], waited_s=CLOSE_STANDBY_WAIT,
+                        kept=complete)
         for i, r in enumerate(self._replicas):
             r.stop(kill=stopped_early and i == standby)
         if any(errors):
             raise next(e for e in errors if e is not None)
-        with self._lock:
-            if self._fault is None and not stopped_early:
-                _write_state(self.path, serving, synced=True)
+        if complete:
+            if stopped_early:
+                _sync_tree(self.path / REPLICA_DIRS[standby])
+            _write_state(self.path, serving, synced=True)
 
     def drop(self) -> None:
         """Stop both processes and delete the generation's folder (see ``Store.drop``)."""
@@ -671,7 +696,7 @@ def _finish_move(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
     moving.rename(path)
-    _fsync_dir(path.parent)
+    _fsync_path(path.parent)
 
 
 def _prepare(path: Path) -> tuple[int, bool]:
@@ -708,7 +733,7 @@ def _repair(path: Path, serving: int) -> None:
         copy.rename(target)
     elif target.exists():
         shutil.rmtree(target)  # nothing authoritative yet: both start empty
-    _fsync_dir(path)
+    _fsync_path(path)
     log.info("store_replica_repaired", path=str(path), source=REPLICA_DIRS[serving])
     _write_state(path, serving, synced=True)
 
@@ -783,10 +808,19 @@ def _write_state(path: Path, serving: int, *, synced: bool) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path / REPLICAS_FILE)
-    _fsync_dir(path)
+    _fsync_path(path)
 
 
-def _fsync_dir(path: Path) -> None:
+def _sync_tree(path: Path) -> None:
+    """Write every file and folder under ``path`` through to disk (what a killed store
+    process wrote is in the page cache only; ``fsync`` from any process flushes it)."""
+    for entry in [path, *path.rglob("*")]:
+        if entry.is_file() or entry.is_dir():  # links, sockets: nothing Edge writes
+            _fsync_path(entry)
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a folder (through a read-only descriptor, which Linux allows)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
