@@ -19,14 +19,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("REPD_OPENVINO_CACHE",
                       os.path.join(tempfile.gettempdir(), f"repd-tests-openvino-{os.getuid()}"))
 
-#: ``REPD_TEST_REPLICAS=1`` runs the suite on the replicated embedded store: the
-#: ``store.replicas`` default is true in this process, and tests/helpers ``cli_env`` sets
-#: it for every repd the tests start. (Tests that pass an explicit layout keep theirs.)
-TEST_REPLICAS = os.environ.get("REPD_TEST_REPLICAS") == "1"
-if TEST_REPLICAS:
+#: ``REPD_TEST_REPLICAS=0`` runs the suite on the embedded store in one copy (the
+#: ``store.replicas`` default is the replicated one): the default is false in this
+#: process, and tests/helpers ``cli_env`` sets it for every repd the tests start. (Tests
+#: that pass an explicit layout keep theirs.)
+TEST_ONE_COPY = os.environ.get("REPD_TEST_REPLICAS") == "0"
+if TEST_ONE_COPY:
     from repd.settings import Settings, StoreSettings
 
-    StoreSettings.model_fields["replicas"].default = True
+    StoreSettings.model_fields["replicas"].default = False
     StoreSettings.model_rebuild(force=True)
     Settings.model_rebuild(force=True)
 

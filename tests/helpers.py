@@ -76,8 +76,8 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
     })
     if "REPD_OPENVINO_CACHE" in os.environ:  # the run's one export folder (tests/conftest.py)
         env["REPD_OPENVINO_CACHE"] = os.environ["REPD_OPENVINO_CACHE"]
-    if os.environ.get("REPD_TEST_REPLICAS") == "1":  # the suite on replicas (conftest.py)
-        env["REPD_STORE__REPLICAS"] = "true"
+    if os.environ.get("REPD_TEST_REPLICAS") == "0":  # the suite on one copy (conftest.py)
+        env["REPD_STORE__REPLICAS"] = "false"
     env.update(extra)
     return env
 

@@ -67,10 +67,24 @@ def fresh(root: Path, tmp: Path) -> dict[str, Any]:
 @pytest.mark.parametrize("point", ["intent:1", "delete:1", "commit:1", "intent:2", "upsert:2",
                                    "delete:2", "commit:2"])
 def test_kill_at_each_write_step(tmp_path: Path, point: str) -> None:
+    kill_at_write_step(tmp_path, point, {})
+
+
+# The suite runs on the default layout (two copies, store.replicas); the write steps in
+# the other, one copy in the process that writes, are checked here.
+@pytest.mark.parametrize("point", ["delete:1", "upsert:2", "commit:2"])
+def test_kill_at_a_write_step_in_one_copy(tmp_path: Path, point: str) -> None:
+    kill_at_write_step(tmp_path, point, {"REPD_STORE__REPLICAS": "false"})
+    shards = tmp_path / "home" / "data" / "repd" / "shards"
+    assert list(shards.glob("*/segments")) and not list(shards.glob("*/replicas.json"))
+
+
+def kill_at_write_step(tmp_path: Path, point: str, layout: dict[str, str]) -> None:
+    """Index, change the files, kill the next run at ``point``, recover, compare."""
     root = tmp_path / "root"
     make_corpus(root, 30, seed=1)
     home = tmp_path / "home"
-    env = cli_env(home)
+    env = cli_env(home, **layout)
     run_cli(["index", str(root)], env)
     mutate(root, seed=2)  # so the crashed run has upserts AND deletions to make
     proc = run_cli(["index", str(root)], {**env, "REPD_CRASH_AT": point}, check=False)

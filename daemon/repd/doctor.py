@@ -200,9 +200,10 @@ def check_daemon_and_store(settings: Settings) -> list[Check]:
     return out
 
 
-#: Points from which ``repd doctor`` suggests ``store.replicas`` for an embedded index
-#: kept in one copy: a large folder that changes rebuilds HNSW often, and each build
-#: (~3-6 s on 2 cores) pauses queries and status in the daemon's process.
+#: Points from which ``repd doctor`` suggests ``store.replicas`` (the default) for an
+#: embedded index its user keeps in one copy: a large folder that changes rebuilds HNSW
+#: often, and each build (~3-6 s on 2 cores) pauses queries and status in the daemon's
+#: process.
 REPLICAS_ADVICE_POINTS = 100_000
 
 
@@ -216,8 +217,8 @@ def _store_from_status(st: dict[str, object]) -> Check:
             and not store.get("replicas") and isinstance(points, int)
             and points >= REPLICAS_ADVICE_POINTS):
         message += ("; in one copy, each HNSW build pauses queries for seconds: "
-                    "`[store] replicas = true` builds in a second copy instead (twice the "
-                    "disk)")
+                    "`[store] replicas = true` (the default) builds in a second copy instead "
+                    "(twice the disk)")
     return Check("store", "ok", message)
 
 

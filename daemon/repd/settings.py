@@ -38,10 +38,11 @@ class StoreSettings(_Section):
     api_key: SecretStr | None = None
     collection: str = Field(default="repd", description="alias / collection name prefix")
     replicas: bool = Field(
-        default=False,
+        default=True,
         description="embedded only: keep two copies of each index, each in a process of "
         "its own, so HNSW builds never pause the daemon (queries go to the copy not "
-        "building); twice the disk; changing it converts the index at the next start")
+        "building); twice the disk; false: one copy in the daemon's process, where each "
+        "build pauses it for seconds; changing it converts the index at the next start")
 
     @field_validator("path")
     @classmethod
