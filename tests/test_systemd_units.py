@@ -574,8 +574,10 @@ def test_example_config_comments_show_the_defaults(tmp_path: Path, clean_env: No
 # `systemd-analyze security --offline=true UNIT` (systemd 252), lower is safer. Before the
 # hardening of issue 9: system unit 3.5, user unit 6.3. The user unit is scored as if it
 # were a system service (the offline analysis cannot score a user unit), so most of what
-# remains is capabilities and "runs as root", which a user service never has.
-SECURITY_SCORES = {"system": (SYSTEM_UNIT, 0.5), "user": (USER_UNIT, 3.5)}
+# remains is capabilities and "runs as root", which a user service never has. 0.1 of
+# each is setpriority, allowed back from @resources so that the store processes can
+# lower their builds' priority (test_build_threads_run_at_lower_priority_under_the_units).
+SECURITY_SCORES = {"system": (SYSTEM_UNIT, 0.6), "user": (USER_UNIT, 3.6)}
 
 
 @pytest.mark.parametrize("which", sorted(SECURITY_SCORES))
@@ -658,6 +660,26 @@ def test_daemon_indexes_and_answers_under_the_units_sandbox(tmp_path: Path, whic
         code = daemon.stop()
     log = daemon.log.read_text()
     assert code == 0 and "Bad system call" not in log, (code, log[-3000:])
+
+
+@pytest.mark.parametrize("which", sorted(SECURITY_SCORES))
+def test_build_threads_run_at_lower_priority_under_the_units(which: str) -> None:
+    """The store processes' HNSW builds run at BUILD_NICE lower priority under the
+    unit's system call filter too (@resources, which it removes, holds setpriority: the
+    priority call failed there, silently, until the unit allowed it back)."""
+    why_not = _sandbox_available()
+    if why_not:
+        pytest.skip(f"cannot reproduce the unit's sandbox here: {why_not}")
+    probe = ("import os, threading\n"
+             "from repd.adapters.store_worker import BUILD_NICE, in_low_priority_thread\n"
+             "def nice():\n"
+             "    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())\n"
+             "print(nice(), in_low_priority_thread(nice), BUILD_NICE)\n")
+    done = subprocess.run(sandboxed(SECURITY_SCORES[which][0], [sys.executable, "-c", probe]),
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, during, step = (int(x) for x in done.stdout.split())
+    assert during == min(19, before + step), done.stdout
 
 
 def _descendants(pid: int) -> list[int]:
