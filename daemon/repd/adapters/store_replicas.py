@@ -522,8 +522,8 @@ class ReplicatedStore:
     def _on_idle(self) -> None:
         """Swap roles once a standby that built has applied every write sent to it."""
         with self._lock:
-            if not self._swap_due or self._fault is not None or self._writing:
-                return
+            if not self._swap_due or self._fault is not None or self._writing or self._closed:
+                return  # closing: the roles stay as close read them
             standby = 1 - self._serving
             if self._replicas[standby].pending:
                 return
@@ -579,9 +579,14 @@ class ReplicatedStore:
             r.stop(kill=stopped_early and i == standby)
         if any(errors):
             raise next(e for e in errors if e is not None)
-        if complete:
-            if stopped_early:
+        if complete and stopped_early:
+            try:
                 _sync_tree(self.path / REPLICA_DIRS[standby])
+            except OSError as exc:  # then it is not known durable: the next open copies
+                log.warning("store_replica_not_kept", path=str(self.path),
+                            replica=REPLICA_DIRS[standby], error=str(exc))
+                complete = False
+        if complete:
             _write_state(self.path, serving, synced=True)
 
     def drop(self) -> None:
