@@ -237,22 +237,46 @@ def test_a_writer_far_ahead_of_a_build_waits_for_it_but_queries_do_not(
     assert store.info()["indexed_vectors"] == 3 * THRESHOLD + ahead + 10
 
 
-def test_close_stops_a_standby_stuck_in_a_build_and_the_next_open_repairs_it(
-        store: ReplicatedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(store_replicas, "CLOSE_STANDBY_WAIT", 0.5)
-    gen = tmp_path / "gen"
+def stuck_standby_closed(store: ReplicatedStore, gen: Path) -> None:
+    """Close ``store`` while its standby (r1) is frozen in a build with writes queued
+    behind it: close kills it after CLOSE_STANDBY_WAIT."""
     store.upsert(points(3 * THRESHOLD))
     store.flush()
     os.kill(store.process_ids()[1], signal.SIGSTOP)  # a build that will not end soon
     assert store.maybe_build_index() is True
+    # Behind the build, so r1 has not got them: new points, and some old ones deleted.
     store.upsert(points(10, start=3 * THRESHOLD))
+    store.delete([p.id for p in points(5)])
+    store.flush()
     start = time.monotonic()
     store.close()  # does not wait for r1 beyond CLOSE_STANDBY_WAIT (then kills it)
     assert time.monotonic() - start < 30
+
+
+def test_close_kills_a_standby_stuck_in_a_build_and_replays_the_writes_behind_it(
+        store: ReplicatedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_replicas, "CLOSE_STANDBY_WAIT", 0.5)
+    monkeypatch.setattr(store_replicas, "CATCH_UP_WAIT", 120.0)  # a loaded machine
+    gen = tmp_path / "gen"
+    r1_inode = (gen / "r1").stat().st_ino
+    stuck_standby_closed(store, gen)
+    # A fresh store process replayed the 10 points (and the flush) into r1: it is kept.
+    assert state(gen) == {"serving": 0, "synced": True}
+    assert (gen / "r1").stat().st_ino == r1_inode
+    assert replica_ids(gen, "r1") == replica_ids(gen, "r0") == {
+        p.id for p in points(3 * THRESHOLD + 10)[5:]}
+
+
+def test_a_standby_that_cannot_catch_up_in_time_is_repaired_at_the_next_open(
+        store: ReplicatedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(store_replicas, "CLOSE_STANDBY_WAIT", 0.5)
+    monkeypatch.setattr(store_replicas, "CATCH_UP_WAIT", 0.0)  # the replay is cut short
+    gen = tmp_path / "gen"
+    stuck_standby_closed(store, gen)
     assert state(gen) == {"serving": 0, "synced": False}
 
     again = ReplicatedStore.open(gen, DIM, hybrid=True, index_threshold=THRESHOLD)
-    assert again.count() == 3 * THRESHOLD + 10
+    assert again.count() == 3 * THRESHOLD + 5
     again.close()
     assert replica_ids(gen, "r1") == replica_ids(gen, "r0")
 

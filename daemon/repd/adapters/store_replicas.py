@@ -22,8 +22,8 @@ the other is known to hold the same points). Every flush waits for the serving
 replica, so after a crash that replica holds exactly what a single shard would, and the
 other may lag: the open finds ``synced`` false and copies the authoritative shard over
 the other before anything reads it. A clean ``close`` drains both and marks them synced;
-so does one that stops a standby busy building when nothing was written behind the
-build (see ``close``).
+so does one that has to kill a busy standby, once that standby holds every write (it
+replays those it had not confirmed; see ``close``).
 
 Costs: twice the disk and the page cache of one shard, two processes of ~60 MB, every
 build done twice (in a process of its own, on another core when there is one), and one
@@ -77,6 +77,10 @@ MAX_LAG_POINTS = 65536
 _EXIT_WAIT = 30.0
 #: Seconds ``close`` waits for a busy standby (a build) before killing it.
 CLOSE_STANDBY_WAIT = 20.0
+#: Seconds ``close`` then gives a fresh store process to replay the writes the killed
+#: standby had not confirmed (a stopping service has 30 s in all before systemd kills
+#: it; cut short, the next open copies the serving replica instead).
+CATCH_UP_WAIT = 8.0
 #: Largest segment a replica's optimizer builds or merges. Builds never pause the daemon
 #: here, so segments may grow well past the threshold: fewer segments make queries
 #: faster (163,840 random points, hybrid: 4 segments answer in 3.7 ms at p50 where 21
@@ -128,7 +132,8 @@ class _Replica:
         self._stdin: IO[bytes] = self._proc.stdin
         self._stdout: IO[bytes] = self._proc.stdout
         self._lock = threading.Lock()
-        self._pending: deque[tuple[Future[Any], int]] = deque()
+        #: (future, points, the frame when it is a write) of each unanswered request.
+        self._pending: deque[tuple[Future[Any], int, bytes | None]] = deque()
         #: Points of the writes sent and not yet applied.
         self.lag_points = 0
         self._dead: str | None = None
@@ -163,17 +168,23 @@ class _Replica:
         """Send one request; ``points`` counts towards ``lag_points`` until answered."""
         return self.send(frame(method, *args, **kwargs), points)
 
-    def send(self, data: bytes, points: int = 0) -> Future[Any]:
-        """Send one request made by ``frame`` (one pickle for both replicas)."""
+    def send(self, data: bytes, points: int = 0, *, write: bool = False) -> Future[Any]:
+        """Send one request made by ``frame`` (one pickle for both replicas); a ``write``
+        is kept until answered (see ``unanswered_writes``)."""
         fut: Future[Any] = Future()
         with self._lock:
             if self._dead is not None:
                 fut.set_exception(StoreError(self._dead))
                 return fut
-            self._pending.append((fut, points))
+            self._pending.append((fut, points, data if write else None))
             self.lag_points += points
             self._outbox.put(data)
         return fut
+
+    def unanswered_writes(self) -> list[bytes]:
+        """The frames of the writes sent and not yet answered, in order."""
+        with self._lock:
+            return [data for _, _, data in self._pending if data is not None]
 
     def oldest(self) -> Future[Any] | None:
         """The oldest unanswered request, if any."""
@@ -210,7 +221,7 @@ class _Replica:
             except (EOFError, OSError, pickle.UnpicklingError):
                 break
             with self._lock:
-                fut, points = self._pending.popleft()
+                fut, points, _ = self._pending.popleft()
                 self.lag_points -= points
                 idle = not self._pending
             if status == "ok":
@@ -224,7 +235,7 @@ class _Replica:
         rc = self._proc.wait()
         with self._lock:
             self._dead = f"the store process of {self.name} has exited (status {rc})"
-            failed = [f for f, _ in self._pending]
+            failed = [f for f, _, _ in self._pending]
             self._pending.clear()
             self.lag_points = 0
         for fut in failed:
@@ -266,6 +277,8 @@ class ReplicatedStore:
         self._fault: str | None = None
         #: The replica ``close`` is killing: its requests failing then is no fault.
         self._killing: int | None = None
+        #: What ``open`` gave each store process's ``EdgeStore.open`` (set by ``open``).
+        self._edge_options: dict[str, Any] = {}
         self._replicas: list[_Replica] = []
         try:
             for d in REPLICA_DIRS:
@@ -301,6 +314,7 @@ class ReplicatedStore:
                         "indexing_threads": max(1, (os.cpu_count() or 2) // 2),
                         **edge_options, "index_threshold": threshold}
         store = cls(path, dim, hybrid, serving, threshold)
+        store._edge_options = edge_options
         futures = [r.call("open", path / d, dim, hybrid=hybrid, **edge_options)
                    for r, d in zip(store._replicas, REPLICA_DIRS, strict=True)]
         errors = [f.exception() for f in futures]
@@ -357,10 +371,10 @@ class ReplicatedStore:
             standby = 1 - serving
             if self._building == standby:
                 self._written_behind_build = True
-            queued = [self._replicas[standby].send(data, n) for data, n in parts]
+            queued = [self._replicas[standby].send(data, n, write=True) for data, n in parts]
         try:
             for data, n in parts:
-                self._replicas[serving].send(data, n).result()
+                self._replicas[serving].send(data, n, write=True).result()
         finally:
             for fut in queued:
                 fut.add_done_callback(lambda f: self._standby_done(standby, f))
@@ -548,8 +562,11 @@ class ReplicatedStore:
         process applied): its files are synced to disk and both are marked synced, so
         the next open keeps it with the merges it finished (a long merge, such as the
         one that turning ``store.replicas`` on for a large index starts, then resumes
-        where it was instead of starting over). Otherwise the marker stays unsynced and
-        the next open replaces the standby by a copy of the serving one.
+        where it was instead of starting over). When writes were queued behind it, a
+        fresh store process replays them into it (``_catch_up``, at most
+        ``CATCH_UP_WAIT`` seconds) and closes it, and it is kept the same way. Only
+        when that fails does the marker stay unsynced, and the next open replaces the
+        standby by a copy of the serving one.
         """
         if self._closed:
             return
@@ -571,14 +588,21 @@ class ReplicatedStore:
                 or (self._building == standby and not self._written_behind_build))
             if stopped_early:
                 self._killing = standby
-        if stopped_early:
-            log.warning("store_replica_stopped_busy", path=str(self.path),
-                        replica=REPLICA_DIRS[standby], waited_s=CLOSE_STANDBY_WAIT,
-                        kept=complete)
+            fault = self._fault
+        # Taken before the kill, which fails them all: replaying a write the standby did
+        # apply changes nothing (each one sets or removes whole points), so a write
+        # answered meanwhile does no harm.
+        behind = self._replicas[standby].unanswered_writes() if stopped_early else []
         for i, r in enumerate(self._replicas):
             r.stop(kill=stopped_early and i == standby)
         if any(errors):
             raise next(e for e in errors if e is not None)
+        if stopped_early and not complete and fault is None:
+            complete = self._catch_up(standby, behind)
+        if stopped_early:
+            log.warning("store_replica_stopped_busy", path=str(self.path),
+                        replica=REPLICA_DIRS[standby], waited_s=CLOSE_STANDBY_WAIT,
+                        kept=complete, replayed_writes=len(behind))
         if complete and stopped_early:
             try:
                 _sync_tree(self.path / REPLICA_DIRS[standby])
@@ -588,6 +612,34 @@ class ReplicatedStore:
                 complete = False
         if complete:
             _write_state(self.path, serving, synced=True)
+
+    def _catch_up(self, index: int, frames: list[bytes]) -> bool:
+        """Replay ``frames`` (the writes a killed replica had not confirmed) into that
+        replica in a fresh store process and close it; True once it has, within
+        ``CATCH_UP_WAIT`` seconds. It then holds what the serving one does."""
+        deadline = time.monotonic() + CATCH_UP_WAIT
+        try:
+            replica = _Replica(f"{self.path.name}/{REPLICA_DIRS[index]}", lambda: None)
+        except OSError:
+            return False
+        done = False
+        try:
+            futures = [replica.call("open", self.path / REPLICA_DIRS[index], self.dim,
+                                    hybrid=self.hybrid, **self._edge_options)]
+            futures += [replica.send(data) for data in frames]
+            futures.append(replica.call("close"))
+            for fut in futures:
+                if fut.exception(timeout=max(0.0, deadline - time.monotonic())) is not None:
+                    return False
+            done = True
+        except FutureTimeout:
+            return False
+        finally:
+            replica.stop(kill=not done)
+            if not done:
+                log.warning("store_replica_catch_up_failed", path=str(self.path),
+                            replica=REPLICA_DIRS[index], writes=len(frames))
+        return True
 
     def drop(self) -> None:
         """Stop both processes and delete the generation's folder (see ``Store.drop``)."""
