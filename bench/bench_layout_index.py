@@ -34,11 +34,7 @@ from bench.bench_engine import (  # noqa: E402
     repd,
     write_corpus,
 )
-
-
-def folder_mib(path: Path) -> float:
-    """Disk blocks in use under ``path`` (Edge's files are sparse), in MiB."""
-    return sum(f.stat().st_blocks * 512 for f in path.rglob("*") if f.is_file()) / 2**20
+from repd.adapters.store_edge import disk_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -66,8 +62,8 @@ def main() -> None:
             print(json.dumps({"pair": pair, "replicas": replicas == "true",
                               "wall_s": round(wall, 1),
                               "chunks": result.get("chunks_embedded"),
-                              "store_mib": round(folder_mib(home / "data" / "repd" / "shards"),
-                                                 1)}),
+                              "store_mib": round(
+                                  disk_bytes(home / "data" / "repd" / "shards") / 2**20, 1)}),
                   flush=True)
     one, two = statistics.median(walls["false"]), statistics.median(walls["true"])
     print(f"repd index, median wall: one copy {one:.1f} s, two copies (default) {two:.1f} s, "

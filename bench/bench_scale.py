@@ -47,7 +47,6 @@ within one run (build stall vs. the rest of the write path).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -98,16 +97,6 @@ def rss_kb(pid: int | str = "self") -> tuple[int, int]:
     fields = dict(line.split(":", 1) for line in
                   Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
-
-
-def du_bytes(path: Path) -> int:
-    """Bytes on disk (allocated blocks) under ``path``."""
-    total = 0
-    for dirpath, _, names in os.walk(path):
-        for n in names:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, n)).st_blocks * 512
-    return total
 
 
 class FakeEmbedder:
@@ -611,7 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report["vector_cache_mib"] = round(int(rows[0][1]) / 2**20, 1)
     finally:
         m.close()
-    report["store_mib"] = round(du_bytes(data / "shards") / 2**20, 1)
+    report["store_mib"] = round(store_edge.disk_bytes(data / "shards") / 2**20, 1)
     print(json.dumps(report, indent=1, default=str), flush=True)
     if args.daemon:
         layouts = (args.daemon_layouts or ("replicas" if args.replicas else "single")).split(",")

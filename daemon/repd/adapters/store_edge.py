@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterator, Sequence
@@ -621,7 +622,7 @@ def _remove_stale_builds(path: Path) -> None:
         return
     for entry in stale:
         try:
-            size = sum(f.stat().st_blocks * 512 for f in entry.rglob("*") if f.is_file())
+            size = disk_bytes(entry)
             if entry.is_dir():
                 shutil.rmtree(entry)
             else:
@@ -630,6 +631,24 @@ def _remove_stale_builds(path: Path) -> None:
             log.warning("store_stale_build_kept", path=str(entry), error=str(exc))
             continue
         log.info("store_stale_build_removed", path=str(entry), bytes=size)
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes on disk under ``path`` (a folder or a file): allocated blocks, not sizes,
+    since Edge preallocates its files sparse (32 MiB pages, mostly holes). 0 when there
+    is nothing there (a server collection's location); a file vanishing meanwhile counts
+    0."""
+    if not path.is_dir():
+        try:
+            return path.lstat().st_blocks * 512
+        except OSError:
+            return 0
+    total = 0
+    for root, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += (Path(root) / name).lstat().st_blocks * 512
+    return total
 
 
 def shard_exists(path: Path) -> bool:

@@ -22,7 +22,6 @@ Life of a migration (docs/architecture.md, "Model upgrades"):
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections import deque
@@ -492,6 +491,8 @@ class Migrations:
         return len(stale)
 
     def _prune(self) -> ModelCommandResult:
+        from repd.adapters.store_edge import disk_bytes
+
         manifest = self.engine.manifest
         retired = [g for g in manifest.generations() if g.state == "retired"]
         if not retired:
@@ -506,7 +507,7 @@ class Migrations:
                 except EngineError as exc:
                     raise MigrationRefused(f"cannot open generation {row.id} to delete it: "
                                            f"{exc}") from None
-            freed += _size_of(self.engine.data_dir / row.location.replace("{id}", str(row.id)))
+            freed += disk_bytes(self.engine.data_dir / row.location.replace("{id}", str(row.id)))
             self.engine.drop_generation(handle)
             log.info("generation_pruned", generation=row.id, model=row.model_name)
         self.generations.publish(retired=())
@@ -716,16 +717,3 @@ def _loading_message(model: str) -> str:
 
     note = making_note(model)
     return f"loading {model}: the first time, {note}" if note else f"loading {model}"
-
-
-def _size_of(path: Path) -> int:
-    """Bytes under ``path`` (0 when it is not a folder here, e.g. a server collection)."""
-    total = 0
-    for root, _, names in os.walk(path):
-        for n in names:
-            try:
-                # Allocated blocks, not st_size: Edge pre-allocates sparse 32 MiB files.
-                total += (Path(root) / n).lstat().st_blocks * 512
-            except OSError:
-                continue
-    return total
