@@ -269,8 +269,6 @@ class ReplicatedStore:
         self._swap_due = False
         self._writing = False
         self._written_during_build = 0
-        #: Whether a write was queued to the building replica behind its build.
-        self._written_behind_build = False
         self._closed = False
         self._dropped = False
         #: Set when one replica failed alone (see ``_standby_done``).
@@ -369,8 +367,6 @@ class ReplicatedStore:
             self._writing = True
             serving = self._serving
             standby = 1 - serving
-            if self._building == standby:
-                self._written_behind_build = True
             queued = [self._replicas[standby].send(data, n, write=True) for data, n in parts]
         try:
             for data, n in parts:
@@ -516,7 +512,6 @@ class ReplicatedStore:
         fut = self._replicas[index].call("maybe_build_index", backlog=backlog)
         self._build, self._building = fut, index
         self._written_during_build = 0
-        self._written_behind_build = False
         fut.add_done_callback(lambda f: self._build_done(index, f))
 
     def _build_done(self, index: int, fut: Future[Any]) -> None:
@@ -556,17 +551,17 @@ class ReplicatedStore:
         The serving replica is always waited for. The standby gets ``CLOSE_STANDBY_WAIT``
         seconds to finish a build and the writes queued behind it; past that it is
         killed (a stopping service has 30 s before systemd kills it anyway; a merge
-        build at 1M points takes minutes). A standby killed in a build with no write
-        queued behind it holds every point the serving one does (Edge keeps the old
+        build at 1M points takes minutes). A standby killed with no write unanswered
+        (in a build, say) holds every point the serving one does (Edge keeps the old
         segments whole until a new one is swapped in, and its WAL has every write the
         process applied): its files are synced to disk and both are marked synced, so
         the next open keeps it with the merges it finished (a long merge, such as the
         one that turning ``store.replicas`` on for a large index starts, then resumes
-        where it was instead of starting over). When writes were queued behind it, a
-        fresh store process replays them into it (``_catch_up``, at most
-        ``CATCH_UP_WAIT`` seconds) and closes it, and it is kept the same way. Only
-        when that fails does the marker stay unsynced, and the next open replaces the
-        standby by a copy of the serving one.
+        where it was instead of starting over). When writes were unanswered (queued
+        behind a build, or a lagging standby's), a fresh store process replays them
+        into it (``_catch_up``, at most ``CATCH_UP_WAIT`` seconds) and closes it, and it
+        is kept the same way. Only when that fails does the marker stay unsynced, and
+        the next open replaces the standby by a copy of the serving one.
         """
         if self._closed:
             return
@@ -582,36 +577,41 @@ class ReplicatedStore:
         except FutureTimeout:
             stopped_early = True
         with self._lock:
-            # Read before the kill: from here no write can be queued any more.
-            complete = self._fault is None and (
-                not stopped_early
-                or (self._building == standby and not self._written_behind_build))
             if stopped_early:
                 self._killing = standby
-            fault = self._fault
-        # Taken before the kill, which fails them all: replaying a write the standby did
-        # apply changes nothing (each one sets or removes whole points), so a write
+            complete = self._fault is None
+        # Taken before the kill, which fails them all (no write can be queued any more:
+        # the store is closed). None unanswered: the standby applied every write, and
+        # whatever it was busy with (a build) left its points whole. Replaying a write it
+        # did apply changes nothing (each one sets or removes whole points), so a write
         # answered meanwhile does no harm.
         behind = self._replicas[standby].unanswered_writes() if stopped_early else []
         for i, r in enumerate(self._replicas):
             r.stop(kill=stopped_early and i == standby)
         if any(errors):
             raise next(e for e in errors if e is not None)
-        if stopped_early and not complete and fault is None:
-            complete = self._catch_up(standby, behind)
         if stopped_early:
+            if complete:
+                # A replay ends with a clean close (a flush); a killed process's last
+                # writes are in the page cache only.
+                complete = (self._catch_up(standby, behind) if behind
+                            else self._synced_to_disk(standby))
             log.warning("store_replica_stopped_busy", path=str(self.path),
                         replica=REPLICA_DIRS[standby], waited_s=CLOSE_STANDBY_WAIT,
                         kept=complete, replayed_writes=len(behind))
-        if complete and stopped_early:
-            try:
-                _sync_tree(self.path / REPLICA_DIRS[standby])
-            except OSError as exc:  # then it is not known durable: the next open copies
-                log.warning("store_replica_not_kept", path=str(self.path),
-                            replica=REPLICA_DIRS[standby], error=str(exc))
-                complete = False
         if complete:
             _write_state(self.path, serving, synced=True)
+
+    def _synced_to_disk(self, index: int) -> bool:
+        """Write a killed replica's files through to disk; False if that failed (it is
+        then not known durable, and the next open copies the other over it)."""
+        try:
+            _sync_tree(self.path / REPLICA_DIRS[index])
+        except OSError as exc:
+            log.warning("store_replica_not_kept", path=str(self.path),
+                        replica=REPLICA_DIRS[index], error=str(exc))
+            return False
+        return True
 
     def _catch_up(self, index: int, frames: list[bytes]) -> bool:
         """Replay ``frames`` (the writes a killed replica had not confirmed) into that
