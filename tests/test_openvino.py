@@ -162,8 +162,10 @@ def test_auto_precision_is_the_cpus_and_keeps_torchs_vectors(
     assert ov_emb.precision == expected and torch_emb.precision == "f32"
     runner: Any = ov_emb._backend
     assert _precision_of(runner._bulk) == expected
-    # The query copy (one thread) computes in the same precision as the bulk copy.
-    ov_emb.embed(["p53"])
+    # The query copy (one thread, for queries during a batch) computes in the same
+    # precision as the bulk copy.
+    with runner.copies._bulk_busy:  # what a running batch holds
+        ov_emb.embed(["p53"])
     assert _precision_of(runner._small) == expected
     # A text's vector hardly depends on the batch it is in: alone against in a batch.
     texts = _texts()[:20]
@@ -255,6 +257,37 @@ def test_queries_and_a_bulk_batch_from_two_threads(pair: tuple[Embedder, Embedde
             errors.append("query")
     worker.join()
     assert errors == []
+
+
+@needs_openvino
+def test_a_query_runs_on_every_core_unless_a_batch_holds_them(
+        pair: tuple[Embedder, Embedder], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Idle, a query takes the bulk copy (all cores); during a batch, the one-thread copy,
+    with the same vector; a batch waits for the bulk copy rather than share it."""
+    _, ov_emb = pair
+    copies: Any = ov_emb._backend.copies  # type: ignore[attr-defined]
+    used: list[bool] = []
+    real_request = copies.request
+
+    def spy(small: bool) -> Any:
+        used.append(small)
+        return real_request(small)
+
+    monkeypatch.setattr(copies, "request", spy)
+    query = ["telomere length and ageing"]
+    idle = ov_emb.embed(query)
+    done = threading.Event()
+    with copies._bulk_busy:  # a batch is running
+        during = ov_emb.embed(query)
+        batch = threading.Thread(target=lambda: (ov_emb.embed(_texts()[:8]), done.set()))
+        batch.start()
+        # Whatever the load, the batch cannot finish while the copy is held.
+        assert not done.wait(0.5)
+    batch.join(timeout=120)
+    assert done.is_set()
+    assert used[:2] == [False, True] and set(used[2:]) == {False}
+    assert int(copies.small.get_property("INFERENCE_NUM_THREADS")) == 1
+    assert float(_cos(idle, during)[0]) >= 0.9999
 
 
 @needs_openvino

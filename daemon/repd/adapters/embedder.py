@@ -43,10 +43,11 @@ DEFAULT_TOKEN_BUDGET = 16384
 OPENVINO_TOKEN_BUDGET = 4096
 BUNDLED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _BUNDLED_ALIASES = frozenset({BUNDLED_MODEL, "all-MiniLM-L6-v2"})
-# Inputs up to this many padded tokens (a search query) run on one CPU thread: splitting
-# so little work gains nothing, and an OpenMP team on a busy machine stalls at every
-# barrier until all its threads get a core back. Measured on this 2-core box under
-# load: a query took 25 ms on one thread, 100-1000 ms on two.
+# Inputs up to this many padded tokens (a search query). torch runs them on one CPU
+# thread: an OpenMP team on a busy machine stalls at every barrier until all its threads
+# get a core back (measured on this 2-core box under load: a query took 25 ms on one
+# thread, 100-1000 ms on two). OpenVINO's threads do not stall so: it runs them on all
+# cores unless a batch is running (see openvino_backend.CompiledCopies.infer).
 _SMALL_RUN_TOKENS = 128
 _PROBE_TEXTS = ("repd", "A longer probe sentence, so that the two texts need padding.")
 
