@@ -423,3 +423,41 @@ def test_snippet_of_a_long_first_sentence_shows_the_match() -> None:
     snip = make_snippet(text, "needle")
     assert snip.startswith("... ") and "needle" in snip and len(snip) <= 160
     assert make_snippet(text, "intro").startswith("Intro filler words")
+
+
+def test_the_ascii_fast_paths_read_the_same_words_and_sentences_as_the_regexes() -> None:
+    # ASCII text is split with str.translate/str.split and sentences are found with
+    # str.find (several times faster); other text goes through the regexes. Both must
+    # find the same words, sentence ends, best sentence and first match, or a snippet
+    # would change with one accented letter elsewhere in the chunk.
+    import random
+    import re
+
+    pool = ["rotate", "Rotate", "rotateKeys", "HTTPServer", "ABc", "x2", "2x", "load_config",
+            "keys", "the", "Backups", "cells", "running", "a", "I", "e.g", "3.5", "v2Beta"]
+    seps = [" ", " ", ". ", "! ", "? ", ".\t", "?\n", "\n", "\n\n", ", ", "_", "-", ".",
+            "\x1c", "!", "(", ")"]
+    rng = random.Random(7)
+    for _ in range(3000):
+        text = "".join(rng.choice(pool) + rng.choice(seps) for _ in range(rng.randint(0, 40)))
+        query = " ".join(rng.choice(pool) for _ in range(rng.randint(1, 4)))
+        regex_terms: set[str] = set()
+        for word in search_mod._WORD_RE.findall(text):
+            regex_terms |= search_mod._word_terms(word)
+        assert search_mod._terms(text) == regex_terms
+        ends = [m.end() for m in re.finditer(r"[.!?](?=\s)|\n", text)]
+        ends += [] if ends and ends[-1] == len(text) else [len(text)]
+        assert search_mod._unit_ends(text, 0) == ends
+        weights = search_mod._query_weights(query)
+        lowered = text.lower()
+        live = frozenset(t for t in weights if t in lowered)
+        assert (search_mod._best_start(text, weights, lowered, live)
+                == search_mod._best_start(text, weights, None, frozenset(weights)))
+        first = next((m.start() for m in search_mod._WORD_RE.finditer(text)
+                      if search_mod._word_terms(m.group()) & live), 0)
+        assert search_mod._first_match(text, live) == first
+    # And a snippet does not change when a letter far from it is not ASCII.
+    text = "Intro here. " + "filler words " * 20 + "To rotate the keys, run it. Tail."
+    snip = make_snippet(text, "rotate keys")
+    assert snip == make_snippet(text.replace("here", "héré"), "rotate keys")
+    assert snip.startswith("... ") and snip.endswith("To rotate the keys, run it. Tail.")
