@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -129,6 +130,39 @@ def test_a_read_goes_to_an_idle_standby_while_the_serving_replica_is_busy(
         assert not writing.done()
     writing.result(timeout=60)
     assert store.search(later[7].vector, 1)[0].id == later[7].id
+
+
+def test_a_request_to_an_idle_replica_is_written_by_the_caller_and_order_is_kept(
+        store: ReplicatedStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    serving = store._replicas[0]
+    queued: list[bytes | None] = []
+
+    class Outbox:  # the real queue, with what goes through it recorded
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        def put(self, item: bytes | None) -> None:
+            queued.append(item)
+            self.inner.put(item)
+
+        def get(self) -> bytes | None:
+            item: bytes | None = self.inner.get()
+            return item
+
+    serving._outbox = Outbox(serving._outbox)  # type: ignore[assignment]
+    pts = points(20)
+    store.upsert(pts)
+    assert store.search(pts[3].vector, 1)[0].id == pts[3].id
+    assert queued == []  # small requests, each to an idle replica: no hand-off
+    with frozen(store.process_ids()[0]):
+        first = serving.call("count")  # nothing pending: written at once, into the pipe
+        second = serving.call("search", pts[4].vector, 1)  # behind it: the sender's
+        assert len(queued) == 1 and not first.done()
+    assert first.result(timeout=60) == 20
+    assert second.result(timeout=60)[0].id == pts[4].id
+    monkeypatch.setattr(store_replicas, "DIRECT_WRITE_BYTES", 0)  # too large to risk
+    assert store.search(pts[5].vector, 1)[0].id == pts[5].id
+    assert len(queued) == 2
 
 
 def test_a_build_runs_in_the_standby_then_both_swap_and_end_built(

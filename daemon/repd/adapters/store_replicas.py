@@ -73,6 +73,10 @@ _COPY_SUFFIX = ".copy"
 #: Points queued for a busy standby at which a write waits for it to catch up: bounds
 #: the daemon's memory during a long build (~2 KB a point), not its answers.
 MAX_LAG_POINTS = 65536
+#: Largest request written by the calling thread when its replica is idle (see
+#: ``_Replica.send``): a pipe holds at least 16 KiB (64 KiB on Linux), so such a write
+#: into an empty pipe never blocks.
+DIRECT_WRITE_BYTES = 16 * 1024
 #: Seconds ``close`` gives a store process to exit once its input is closed.
 _EXIT_WAIT = 30.0
 #: Seconds ``close`` waits for a busy standby (a build) before killing it.
@@ -138,8 +142,9 @@ class _Replica:
         self.lag_points = 0
         self._dead: str | None = None
         # Requests go through a queue and a thread of their own, so a caller never
-        # blocks on a full pipe while the process is busy building.
+        # blocks on a full pipe while the process is busy building (but see ``send``).
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._stopping = False
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                          name=f"repd-store-{name}-send")
         self._receiver = threading.Thread(target=self._receive_loop, daemon=True,
@@ -178,7 +183,17 @@ class _Replica:
                 return fut
             self._pending.append((fut, points, data if write else None))
             self.lag_points += points
-            self._outbox.put(data)
+            if len(self._pending) > 1 or len(data) > DIRECT_WRITE_BYTES or self._stopping:
+                self._outbox.put(data)
+                return fut
+            # Nothing was pending: the process has read every frame sent before, so the
+            # pipe is empty and a frame this small cannot block. Written from here, a
+            # query skips a hand-off to the sender thread, and the wake-up of a thread
+            # (on an idle core, tens of microseconds); in order, as the next frame can
+            # only be queued once this lock is released.
+            with contextlib.suppress(OSError, ValueError):  # gone: the receiver fails it
+                self._stdin.write(data)
+                self._stdin.flush()
         return fut
 
     def unanswered_writes(self) -> list[bytes]:
@@ -193,7 +208,9 @@ class _Replica:
 
     def stop(self, *, kill: bool = False) -> None:
         """End the process: close its input (it closes its shard and exits) or kill it."""
-        self._outbox.put(None)
+        with self._lock:
+            self._stopping = True  # the sender closes the input: no more direct writes
+            self._outbox.put(None)
         if kill:
             with contextlib.suppress(OSError):
                 self._proc.kill()
