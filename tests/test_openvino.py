@@ -262,20 +262,32 @@ def test_queries_and_a_bulk_batch_from_two_threads(pair: tuple[Embedder, Embedde
 @needs_openvino
 def test_a_query_runs_on_every_core_unless_a_batch_holds_them(
         pair: tuple[Embedder, Embedder], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Idle, a query takes the bulk copy (all cores); during a batch, the one-thread copy,
-    with the same vector; a batch waits for the bulk copy rather than share it."""
+    """Idle, a short query runs on the copy of its width (all cores), a long one on the
+    bulk copy; during a batch, on the one-thread copy, with the same vector; a batch
+    waits for the bulk copy rather than share it."""
     _, ov_emb = pair
     copies: Any = ov_emb._backend.copies  # type: ignore[attr-defined]
-    used: list[bool] = []
-    real_request = copies.request
+    used: list[object] = []
+    real_request, real_width = copies.request, copies._width_request
 
     def spy(small: bool) -> Any:
-        used.append(small)
+        used.append("small" if small else "bulk")
         return real_request(small)
 
+    def spy_width(width: int, *args: Any) -> Any:
+        used.append(width)
+        return real_width(width, *args)
+
     monkeypatch.setattr(copies, "request", spy)
+    monkeypatch.setattr(copies, "_width_request", spy_width)
     query = ["telomere length and ageing"]
+    long_query = [" ".join(["telomere length and ageing in mice"] * 6)]  # > 32 tokens
     idle = ov_emb.embed(query)
+    assert used[0] == 16 and "small" not in used
+    used.clear()
+    ov_emb.embed(long_query)
+    assert used == ["bulk"]
+    used.clear()
     done = threading.Event()
     with copies._bulk_busy:  # a batch is running
         during = ov_emb.embed(query)
@@ -285,9 +297,52 @@ def test_a_query_runs_on_every_core_unless_a_batch_holds_them(
         assert not done.wait(0.5)
     batch.join(timeout=120)
     assert done.is_set()
-    assert used[:2] == [False, True] and set(used[2:]) == {False}
+    assert used[0] == "small" and set(used[1:]) == {"bulk"}
     assert int(copies.small.get_property("INFERENCE_NUM_THREADS")) == 1
     assert float(_cos(idle, during)[0]) >= 0.9999
+
+
+@needs_openvino
+def test_a_short_query_runs_on_a_copy_of_its_width_with_the_same_vector(
+        pair: tuple[Embedder, Embedder], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Queries of up to 16 and of 17-32 tokens run on copies compiled for that input
+    shape, with every core, and get the vectors the dynamic bulk copy gives them."""
+    _, ov_emb = pair
+    copies: Any = ov_emb._backend.copies  # type: ignore[attr-defined]
+    texts = ["telomere length", _CLAIMS[0], _CLAIMS[0] + " " + _CLAIMS[1]]
+    lengths = [n + 2 for n in ov_emb.count_tokens(texts)]  # with [CLS] and [SEP]
+    assert lengths[0] <= 16 < lengths[1] <= 32 < lengths[2]
+    by_width = np.concatenate([ov_emb.embed([t]) for t in texts])
+    for width in (16, 32):
+        compiled = copies._widths[width]
+        assert {tuple(port.get_shape()) for port in compiled.inputs} == {(1, width)}
+        assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == cpu_threads()
+    monkeypatch.setattr(openvino_backend, "QUERY_WIDTHS", ())
+    dynamic = np.concatenate([ov_emb.embed([t]) for t in texts])
+    assert float(_cos(by_width, dynamic).min()) >= openvino_backend.SAME_VECTORS_MIN_COSINE
+
+
+@needs_openvino
+def test_a_width_copy_whose_outputs_move_with_the_padding_is_refused(
+        pair: tuple[Embedder, Embedder], capsys: pytest.CaptureFixture[str]) -> None:
+    """Padded on the left, BERT's tokens move to other positions and their embeddings
+    change: the copy is refused on its first use, loudly, and the bulk copy answers."""
+    import openvino as ov
+
+    _, ov_emb = pair
+    shared: Any = ov_emb._backend.copies  # type: ignore[attr-defined]
+    copies = openvino_backend.CompiledCopies(
+        shared.network, ov.Core().compile_model(
+            shared.network, "CPU", openvino_backend.bulk_config(precision=shared.precision)),
+        precision=shared.precision)
+    prepared: Any = ov_emb._backend.prepare(["telomere length and ageing"])  # type: ignore[attr-defined]
+    features = embedder.pad_features(prepared, [0], ov_emb._backend._padding)  # type: ignore[attr-defined]
+    exact = shared._run(shared.request(small=False), shared.inputs_for(features), copy=True)
+    left = copies.infer(features, left_padded=True)
+    assert copies._widths == {16: None}
+    assert "openvino_width_copy_refused" in capsys.readouterr().out
+    assert float(openvino_export.worst_cosine(left[0], exact[0])) >= 0.9999
+    assert copies.infer(features, left_padded=True).shape == exact.shape  # no retry
 
 
 @needs_openvino

@@ -8,14 +8,19 @@ same network:
 
 * the *bulk* copy runs with :func:`~repd.adapters.device.cpu_threads` inference threads
   (one stream): a batch uses every core we may;
-* a small input (at most ``_SMALL_RUN_TOKENS`` padded tokens: a search query) runs on
-  the bulk copy too while no bulk batch holds it (all cores: a SciFact question in 3.4 ms
-  against 6.0 on one thread, idle, this 2-core box), else on the *small* copy, one
-  thread, compiled on first use. A query never queues behind a bulk batch (a lock held
-  for each bulk run, taken by a query only when free), and a bulk batch waits for at
-  most one query's run.
+* a small input (at most ``_SMALL_RUN_TOKENS`` padded tokens: a search query) runs with
+  all cores too while no bulk batch holds them (a SciFact question in 3.4 ms against 6.0
+  on one thread, idle, this 2-core box), else on the *small* copy, one thread, compiled
+  on first use. A query never queues behind a bulk batch (a lock held for each bulk run,
+  taken by a query only when free), and a bulk batch waits for at most one query's run.
+  With all cores, one text of at most ``QUERY_WIDTHS[-1]`` tokens runs on a *width* copy:
+  the network compiled for one input shape, the text padded to it, the padding's outputs
+  dropped (OpenVINO's CPU kernels for a fixed shape embedded SciFact questions in 3.9 ms
+  against 4.7 through the dynamic network, padding included; ~33 MiB each). One is
+  compiled for the first text of its width, and kept only if that text's token
+  embeddings stay the bulk copy's (see ``_width_copy``).
 
-Both copies compute in one precision: f32, as verified against torch by the export, or
+All copies compute in one precision: f32, as verified against torch by the export, or
 bf16 where the CPU has it natively and the probe vectors stay f32's (see
 :class:`OpenVinoBackend` and :data:`SAME_VECTORS_MIN_COSINE`).
 
@@ -53,6 +58,10 @@ __all__ = ["SAME_VECTORS_MIN_COSINE", "CompiledCopies", "OpenVinoBackend", "Runs
 
 log = get_logger("openvino")
 
+
+#: Input widths (tokens) of the copies compiled for one shape that a single short input
+#: runs on (see the module doc): a query of 1-16 tokens pads to 16, of 17-32 to 32.
+QUERY_WIDTHS = (16, 32)
 
 #: The least cosine between a probe text's vector in another precision and in f32 for
 #: that precision to count as the same representation (the bar torch and OpenVINO f32
@@ -97,6 +106,8 @@ class CompiledCopies:
         #: Held for each run on the bulk copy: one stream runs one request at a time, so
         #: a query takes the bulk copy only when no batch holds it (see ``infer``).
         self._bulk_busy = threading.Lock()
+        #: The width copies by width; None where one was refused (see ``_width_copy``).
+        self._widths: dict[int, Any] = {}
 
     @contextlib.contextmanager
     def bulk_only(self) -> Iterator[None]:
@@ -147,6 +158,7 @@ class CompiledCopies:
             if self._on_bulk is not None:
                 self._on_bulk(compiled)
             self.small = None  # recompiled in the new precision on first use
+            self._widths = {}
             self._local = threading.local()  # infer requests belonged to the old copies
             self.precision = precision
 
@@ -177,32 +189,89 @@ class CompiledCopies:
             inputs["token_type_ids"] = np.zeros_like(features["input_ids"])
         return inputs
 
-    def infer(self, features: dict[str, np.ndarray], copy: bool = True) -> np.ndarray:
+    def infer(self, features: dict[str, np.ndarray], copy: bool = True,
+              left_padded: bool = False) -> np.ndarray:
         """The network's first output (token embeddings) for padded ``features``.
 
         Features the network does not take are left out; a ``token_type_ids`` input it
         takes but the tokenizer does not make is all zeros, as transformers fills it.
         With ``copy`` False the array is the infer request's own output buffer (no copy
         of ~6 MB per batch): valid only until this thread's next ``infer``.
+        ``left_padded``: the tokenizer pads on the left (a width copy pads the same way).
         """
         inputs = self.inputs_for(features)
         ids = features["input_ids"]
         small = (ids.shape[0] * ids.shape[1] <= _SMALL_RUN_TOKENS
                  and not getattr(self._probing, "on", False))
-        # A small input takes the bulk copy (every core) only if no batch holds it; a
+        # A small input runs on every core only if no batch holds the bulk copy; a
         # batch waits for the copy. Measured under load (6 busy processes on 2 cores),
         # OpenVINO's two threads cost a query 10 % more than one, no stall; idle, 43 % less.
         if not self._bulk_busy.acquire(blocking=not small):
             return self._run(self.request(small=True), inputs, copy)
         try:
+            width = next((w for w in QUERY_WIDTHS if ids.shape[1] <= w), None)
+            if small and ids.shape[0] == 1 and width is not None:
+                request = self._width_request(width, inputs, left_padded)
+                if request is not None:
+                    return _run_padded(request, inputs, width, left_padded, copy)
             return self._run(self.request(small=False), inputs, copy)
         finally:
             self._bulk_busy.release()
+
+    def _width_request(self, width: int, inputs: dict[str, np.ndarray],
+                       left_padded: bool) -> Any:
+        """This thread's infer request on the copy of ``width``, or None where that copy
+        was refused. Called with the bulk copy held (its first use checks against it)."""
+        requests: dict[int, Any] = getattr(self._local, "widths", None) or {}
+        if width not in requests:
+            compiled = self._width_copy(width, inputs, left_padded)
+            if compiled is None:
+                return None
+            requests[width] = compiled.create_infer_request()
+            self._local.widths = requests
+        return requests[width]
+
+    def _width_copy(self, width: int, inputs: dict[str, np.ndarray],
+                    left_padded: bool) -> Any:
+        """The copy of ``width``, compiled on first use and checked then: ``inputs``'
+        token embeddings through it, padded, must be the bulk copy's (per-token cosine
+        at least :data:`SAME_VECTORS_MIN_COSINE`), else it is refused (None) for good.
+
+        A model whose outputs depend on the padding (positions counted from the left
+        edge under left padding, say) or that cannot take one fixed shape is refused so.
+        """
+        with self._lock:
+            if width in self._widths:
+                return self._widths[width]
+            import openvino as ov
+
+            compiled: Any = None
+            try:
+                network = self.network.clone()
+                network.reshape({port.get_any_name(): ov.PartialShape([1, width])
+                                 for port in network.inputs})
+                compiled = ov.Core().compile_model(network, "CPU",
+                                                   bulk_config(precision=self.precision))
+                padded = _run_padded(compiled.create_infer_request(), inputs, width,
+                                     left_padded, copy=True)
+                exact = self._run(self.request(small=False), inputs, copy=True)
+                worst = worst_cosine(padded[0], exact[0])
+                if not worst >= SAME_VECTORS_MIN_COSINE:  # NaN too
+                    log.warning("openvino_width_copy_refused", width=width,
+                                reason=f"token embeddings moved (cosine {worst:.6f})")
+                    compiled = None
+            except Exception as exc:  # a network that cannot take a fixed shape
+                log.warning("openvino_width_copy_refused", width=width,
+                            reason=f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+                compiled = None
+            self._widths[width] = compiled
+            return compiled
 
     @staticmethod
     def _run(request: Any, inputs: dict[str, np.ndarray], copy: bool) -> np.ndarray:
         output = request.infer(inputs, share_outputs=True)[request.model_outputs[0]]
         return np.array(output, copy=True) if copy else output
+
 
     def memory_bytes(self) -> int:
         """Bytes of the network's constants (its weights), as the bulk copy holds them.
@@ -282,7 +351,7 @@ class OpenVinoBackend(RunsCompiledCopies, _SentenceTransformerBackend):
         import torch
 
         features = self._features(prepared, batch)
-        hidden = self.copies.infer(features)
+        hidden = self.copies.infer(features, left_padded=self._padding.left)
         with torch.inference_mode():
             state: dict[str, Any] = {k: torch.from_numpy(v) for k, v in features.items()}
             state[self._output_name] = torch.from_numpy(hidden)
@@ -300,3 +369,16 @@ class OpenVinoBackend(RunsCompiledCopies, _SentenceTransformerBackend):
 
     def release_memory(self) -> None:
         """Nothing cached to give back on the CPU."""
+
+
+def _run_padded(request: Any, inputs: dict[str, np.ndarray], width: int, left: bool,
+                copy: bool) -> np.ndarray:
+    """``inputs`` (one text) through ``request`` of a copy of ``width``: padded with
+    zeros (the attention mask's zeros hide the ids; 0 is in every vocabulary), the
+    padding's outputs dropped."""
+    n = inputs["input_ids"].shape[1]
+    pad = ((0, 0), (width - n, 0) if left else (0, width - n))
+    output = request.infer({k: np.pad(v, pad) for k, v in inputs.items()},
+                           share_outputs=True)[request.model_outputs[0]]
+    real = output[:, width - n:] if left else output[:, :n]
+    return np.array(real, copy=True) if copy else real

@@ -228,7 +228,8 @@ class DirectBackend(RunsCompiledCopies):
         """Unit vectors (float32) for the texts at ``batch``, in that order."""
         assert isinstance(prepared, _Tokenized)
         features = pad_features(prepared, batch, self._padding)
-        hidden = self.copies.infer(features, copy=False)  # read before the next infer
+        # read before the next infer
+        hidden = self.copies.infer(features, copy=False, left_padded=self._padding.left)
         mask = features["attention_mask"]
         if self._spec.pooling == "cls":
             # sentence-transformers takes the first attended token (left padding aware).
