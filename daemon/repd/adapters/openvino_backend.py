@@ -272,7 +272,6 @@ class CompiledCopies:
         output = request.infer(inputs, share_outputs=True)[request.model_outputs[0]]
         return np.array(output, copy=True) if copy else output
 
-
     def memory_bytes(self) -> int:
         """Bytes of the network's constants (its weights), as the bulk copy holds them.
 

@@ -1,0 +1,196 @@
+"""The query path's own parts, each against its baseline in the same run: embedding one
+question on OpenVINO's width copies against the dynamic network, and snippets.
+
+    python bench/bench_query_path.py [--scifact DIR] [--queries 200] [--rounds 5]
+                                     [--before DIR]
+
+* **Embedding**: ``Embedder.embed([question])`` for SciFact's train questions, rounds
+  alternating between ``QUERY_WIDTHS`` as shipped and ``()`` (every question through the
+  dynamic bulk copy, as before the width copies), in one process, so that a busy machine
+  weighs on both alike. Also: how many questions fit a width, the least cosine between
+  the two ways' vectors, and the resident memory the width copies added.
+* **Snippets**: ``make_snippet`` for ten chunks per question (the chunks of the SciFact
+  documents its qrels judge relevant, then of others), in a child process per tree;
+  with ``--before DIR`` (the ``daemon/`` folder of another checkout) the same in DIR's
+  code, rounds alternating, and whether the two made the same snippets.
+
+Needs the ``openvino`` extra (``pip install -e '.[openvino]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.bench_engine import add_scifact_argument, find_scifact  # noqa: E402
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def rss_mib() -> float:
+    """This process's resident memory in MiB (Linux)."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096 / 2**20
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def embedding(emb: Any, questions: list[str], rounds: int) -> list[tuple[str, str]]:
+    import numpy as np
+
+    from repd.adapters import openvino_backend
+
+    shipped = openvino_backend.QUERY_WIDTHS
+    openvino_backend.QUERY_WIDTHS = ()
+    dynamic_vectors = np.concatenate([emb.embed([q]) for q in questions])
+    before = rss_mib()
+    openvino_backend.QUERY_WIDTHS = shipped
+    width_vectors = np.concatenate([emb.embed([q]) for q in questions])  # compiles them
+    added = rss_mib() - before
+    times: dict[tuple[int, ...], list[float]] = {shipped: [], (): []}
+    for _ in range(rounds):
+        for widths, out in times.items():
+            openvino_backend.QUERY_WIDTHS = widths
+            for q in questions:
+                t = time.perf_counter()
+                emb.embed([q])
+                out.append((time.perf_counter() - t) * 1000)
+    openvino_backend.QUERY_WIDTHS = shipped
+    tokens = [n + 2 for n in emb.count_tokens(questions)]
+    fit = sum(n <= shipped[-1] for n in tokens)
+    worst = float((width_vectors * dynamic_vectors).sum(axis=1).min())
+    new, old = times[shipped], times[()]
+    return [
+        (f"questions of at most {shipped[-1]} tokens", f"{fit} of {len(questions)}"),
+        ("embed one question, width copies p50 / p95",
+         f"{pct(new, 0.5):.2f} / {pct(new, 0.95):.2f} ms"),
+        ("embed one question, dynamic network p50 / p95",
+         f"{pct(old, 0.5):.2f} / {pct(old, 0.95):.2f} ms"),
+        ("dynamic / width copies, p50", f"{pct(old, 0.5) / pct(new, 0.5):.2f}x"),
+        ("least cosine between the two ways' vectors", f"{worst:.6f}"),
+        ("resident memory the width copies added", f"{added:.0f} MiB"),
+    ]
+
+
+def snippet_pages(data: Path, questions: list[dict[str, str]],
+                  emb: Any) -> list[tuple[str, list[str]]]:
+    """(question, ten chunks) per question: the chunks of the documents its qrels judge
+    relevant, then of the documents after them, cut as the indexer cuts them."""
+    from repd.adapters.extract import extract_bytes
+    from repd.core.chunking import chunk_document
+
+    docs = [json.loads(line) for line in (data / "corpus.jsonl").open()]
+    where = {d["_id"]: n for n, d in enumerate(docs)}
+    qrels: dict[str, list[str]] = {}
+    for line in (data / "qrels" / "train.tsv").open().readlines()[1:]:
+        qid, doc, _ = line.split("\t")
+        qrels.setdefault(qid, []).append(doc)
+
+    def chunks(n: int) -> list[str]:
+        d = docs[n % len(docs)]
+        text = f"# {d['title'].strip()}\n\n{d['text'].strip()}\n"
+        doc = extract_bytes(text.encode(), f"{d['_id']}.md")
+        return [c.text for c in chunk_document(doc, emb.count_tokens, emb.max_tokens)]
+
+    pages = []
+    for q in questions:
+        first = [where[d] for d in qrels.get(q["_id"], []) if d in where] or [0]
+        hits: list[str] = []
+        n = first[0]
+        for n in [*first, *range(first[-1] + 1, first[-1] + 10)]:
+            hits += chunks(n)
+            if len(hits) >= 10:
+                break
+        pages.append((q["text"], hits[:10]))
+    return pages
+
+
+def time_snippets(pages_file: Path) -> None:
+    """Child process: make every page's snippets four times (the first with cold caches,
+    as a daemon's first queries); print microseconds per hit of the first and of the
+    best later pass, and a digest of the snippets (JSON)."""
+    import hashlib
+
+    from repd.pipeline.search import make_snippet
+
+    pages = json.loads(pages_file.read_text())
+    passes = []
+    for _ in range(4):
+        t = time.perf_counter()
+        made = [make_snippet(hit, text) for text, hits in pages for hit in hits]
+        passes.append((time.perf_counter() - t) / len(made) * 1e6)
+    print(json.dumps({"cold": passes[0], "us": min(passes[1:]),
+                      "digest": hashlib.sha256("\n".join(made).encode()).hexdigest()}))
+
+
+def snippets(pages: list[tuple[str, list[str]]], rounds: int,
+             before: Path | None) -> list[tuple[str, str]]:
+    import os
+    import subprocess
+    import tempfile
+
+    trees = {"this tree": HERE.parent / "daemon"}
+    if before is not None:
+        trees["--before"] = before.resolve()
+    with tempfile.TemporaryDirectory() as tmp:
+        pages_file = Path(tmp) / "pages.json"
+        pages_file.write_text(json.dumps(pages))
+        results: dict[str, list[dict[str, object]]] = {name: [] for name in trees}
+        for _ in range(rounds):
+            for name, tree in trees.items():
+                env = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{HERE.parent}"}
+                out = subprocess.run([sys.executable, __file__, "--time-snippets",
+                                      str(pages_file)], env=env, check=True,
+                                     capture_output=True, text=True).stdout
+                results[name].append(json.loads(out.splitlines()[-1]))
+    rows = []
+    for name, runs in results.items():
+        us = sorted(float(str(r["us"])) for r in runs)
+        cold = sorted(float(str(r["cold"])) for r in runs)
+        rows.append((f"make_snippet per hit ({name}), warm best / median; cold median",
+                     f"{us[0]:.1f} / {us[len(us) // 2]:.1f}; {cold[len(cold) // 2]:.1f} us"))
+    if before is not None:
+        new, old = (min(float(str(r["us"])) for r in results[k]) for k in results)
+        same = {str(r["digest"]) for runs in results.values() for r in runs}
+        rows += [("snippets --before / this tree, best rounds", f"{old / new:.2f}x"),
+                 ("the same snippets in both", "yes" if len(same) == 1 else "NO")]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_scifact_argument(ap)
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--before", type=Path, default=None,
+                    help="the daemon/ folder of another checkout: its snippets beside these")
+    ap.add_argument("--time-snippets", type=Path, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.time_snippets is not None:
+        time_snippets(args.time_snippets)
+        return
+    data = find_scifact(args.scifact)
+    questions = [json.loads(x) for x in (data / "queries.jsonl").open()][:args.queries]
+    from repd.adapters.embedder import Embedder
+
+    emb = Embedder.load(MODEL, device="cpu", backend="openvino")
+    rows = snippets(snippet_pages(data, questions, emb), args.rounds, args.before)
+    rows += embedding(emb, [q["text"] for q in questions], args.rounds)
+    width = max(len(name) for name, _ in rows)
+    print()
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
