@@ -5,10 +5,11 @@ question on OpenVINO's width copies against the dynamic network, and snippets.
                                      [--before DIR]
 
 * **Embedding**: ``Embedder.embed([question])`` for SciFact's train questions, rounds
-  alternating between ``QUERY_WIDTHS`` as shipped and ``()`` (every question through the
-  dynamic bulk copy, as before the width copies), in one process, so that a busy machine
-  weighs on both alike. Also: how many questions fit a width, the least cosine between
-  the two ways' vectors, and the resident memory the width copies added.
+  alternating between the width copies the daemon turns on (``use_query_widths``) and
+  none (every question through the dynamic bulk copy, as a one-shot command), in one
+  process, so that a busy machine weighs on both alike. Also: how many questions fit a
+  width, the least cosine between the two ways' vectors, and the resident memory the
+  width copies added.
 * **Snippets**: ``make_snippet`` for ten chunks per question (the chunks of the SciFact
   documents its qrels judge relevant, then of others), in a child process per tree;
   with ``--before DIR`` (the ``daemon/`` folder of another checkout) the same in DIR's
@@ -51,21 +52,21 @@ def embedding(emb: Any, questions: list[str], rounds: int) -> list[tuple[str, st
     from repd.adapters import openvino_backend
 
     shipped = openvino_backend.QUERY_WIDTHS
-    openvino_backend.QUERY_WIDTHS = ()
+    copies = emb._backend.copies  # type: ignore[attr-defined]
     dynamic_vectors = np.concatenate([emb.embed([q]) for q in questions])
     before = rss_mib()
-    openvino_backend.QUERY_WIDTHS = shipped
+    emb.use_query_widths()  # as the daemon does
     width_vectors = np.concatenate([emb.embed([q]) for q in questions])  # compiles them
     added = rss_mib() - before
     times: dict[tuple[int, ...], list[float]] = {shipped: [], (): []}
     for _ in range(rounds):
         for widths, out in times.items():
-            openvino_backend.QUERY_WIDTHS = widths
+            copies.query_widths = widths
             for q in questions:
                 t = time.perf_counter()
                 emb.embed([q])
                 out.append((time.perf_counter() - t) * 1000)
-    openvino_backend.QUERY_WIDTHS = shipped
+    copies.query_widths = shipped
     tokens = [n + 2 for n in emb.count_tokens(questions)]
     fit = sum(n <= shipped[-1] for n in tokens)
     worst = float((width_vectors * dynamic_vectors).sum(axis=1).min())

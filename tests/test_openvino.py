@@ -24,7 +24,9 @@ from repd.adapters.device import (
 )
 from repd.adapters.embedder import Embedder
 from repd.adapters.openvino_export import MARKER, openvino_available
+from repd.engine import Engine
 from repd.settings import Settings
+from tests.helpers import make_settings
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 needs_openvino = pytest.mark.skipif(
@@ -280,6 +282,7 @@ def test_a_query_runs_on_every_core_unless_a_batch_holds_them(
 
     monkeypatch.setattr(copies, "request", spy)
     monkeypatch.setattr(copies, "_width_request", spy_width)
+    monkeypatch.setattr(copies, "query_widths", openvino_backend.QUERY_WIDTHS)
     query = ["telomere length and ageing"]
     long_query = [" ".join(["telomere length and ageing in mice"] * 6)]  # > 32 tokens
     idle = ov_emb.embed(query)
@@ -305,20 +308,26 @@ def test_a_query_runs_on_every_core_unless_a_batch_holds_them(
 @needs_openvino
 def test_a_short_query_runs_on_a_copy_of_its_width_with_the_same_vector(
         pair: tuple[Embedder, Embedder], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Queries of up to 16 and of 17-32 tokens run on copies compiled for that input
-    shape, with every core, and get the vectors the dynamic bulk copy gives them."""
+    """Once asked for (the daemon does), queries of up to 16 and of 17-32 tokens run on
+    copies compiled for that input shape, with every core, and get the vectors the
+    dynamic bulk copy gives them; without, none is compiled (a one-shot command)."""
     _, ov_emb = pair
     copies: Any = ov_emb._backend.copies  # type: ignore[attr-defined]
     texts = ["telomere length", _CLAIMS[0], _CLAIMS[0] + " " + _CLAIMS[1]]
     lengths = [n + 2 for n in ov_emb.count_tokens(texts)]  # with [CLS] and [SEP]
     assert lengths[0] <= 16 < lengths[1] <= 32 < lengths[2]
+    fresh = Embedder.load(MODEL, device="cpu", backend="openvino")
+    fresh_copies: Any = fresh._backend  # type: ignore[attr-defined]
+    dynamic = np.concatenate([fresh.embed([t]) for t in texts])
+    assert fresh_copies.copies.query_widths == () and fresh_copies.copies._widths == {}
+    monkeypatch.setattr(copies, "query_widths", ())
+    ov_emb.use_query_widths()
+    assert copies.query_widths == openvino_backend.QUERY_WIDTHS
     by_width = np.concatenate([ov_emb.embed([t]) for t in texts])
     for width in (16, 32):
         compiled = copies._widths[width]
         assert {tuple(port.get_shape()) for port in compiled.inputs} == {(1, width)}
         assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == cpu_threads()
-    monkeypatch.setattr(openvino_backend, "QUERY_WIDTHS", ())
-    dynamic = np.concatenate([ov_emb.embed([t]) for t in texts])
     assert float(_cos(by_width, dynamic).min()) >= openvino_backend.SAME_VECTORS_MIN_COSINE
 
 
@@ -335,6 +344,7 @@ def test_a_width_copy_whose_outputs_move_with_the_padding_is_refused(
         shared.network, ov.Core().compile_model(
             shared.network, "CPU", openvino_backend.bulk_config(precision=shared.precision)),
         precision=shared.precision)
+    copies.query_widths = openvino_backend.QUERY_WIDTHS
     prepared: Any = ov_emb._backend.prepare(["telomere length and ageing"])  # type: ignore[attr-defined]
     features = embedder.pad_features(prepared, [0], ov_emb._backend._padding)  # type: ignore[attr-defined]
     exact = shared._run(shared.request(small=False), shared.inputs_for(features), copy=True)
@@ -386,3 +396,18 @@ def test_export_is_made_once_reused_and_redone_when_damaged(
     Embedder.load(MODEL, device="cpu", backend="openvino")
     assert len(calls) == 3
     assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+
+
+@needs_openvino
+def test_the_daemons_engine_turns_the_width_copies_on_a_one_shot_one_does_not(
+        tmp_path: Path) -> None:
+    settings = make_settings(tmp_path / "data", backend="openvino")
+    for long_lived in (False, True):
+        engine = Engine(settings, writer=False)
+        engine.query_widths = long_lived  # as repd.app.Daemon.start sets it
+        try:
+            emb: Any = engine.load_model(MODEL)
+            expected = openvino_backend.QUERY_WIDTHS if long_lived else ()
+            assert emb._backend.copies.query_widths == expected
+        finally:
+            engine.close()

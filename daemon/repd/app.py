@@ -109,6 +109,7 @@ class Daemon:
         # The first load of a large model can outlast TimeoutStartSec; ask for more time.
         self.notifier.extend_timeout(300 * 1_000_000)
         self.engine = Engine(self.settings, writer=True)
+        self.engine.query_widths = True  # long-lived: short queries get their own copies
         # An int8 variant named before any index is calibrated on these roots' files.
         self.engine.calibration_roots = list(self.roots)
         from repd.adapters.openvino_int8 import making_note

@@ -78,6 +78,9 @@ class Engine:
         #: Folders (or single files) an int8 variant is calibrated from while nothing is
         #: indexed yet (the configured roots when empty; ``repd index`` sets its targets).
         self.calibration_roots: list[Path] = []
+        #: Models loaded from now on compile copies for short queries (a long-lived
+        #: process: the daemon; see ``Embedder.use_query_widths``).
+        self.query_widths = False
         #: Called when an int8 variant is about to be made (its calibration texts are
         #: asked for only then): a one-shot command says why it waits a minute.
         self.on_calibrate: Callable[[], None] | None = None
@@ -215,13 +218,16 @@ class Engine:
 
         log.info("loading_model", model=name, device=self.settings.device)
         try:
-            return Embedder.load(name, device=self.settings.device,
-                                 token_budget=self.settings.batch_tokens,
-                                 cache_dir=paths.cache_dir(), backend=self.settings.backend,
-                                 openvino_precision=self.settings.openvino_precision,
-                                 calibration=self.calibration_texts)
+            emb = Embedder.load(name, device=self.settings.device,
+                                token_budget=self.settings.batch_tokens,
+                                cache_dir=paths.cache_dir(), backend=self.settings.backend,
+                                openvino_precision=self.settings.openvino_precision,
+                                calibration=self.calibration_texts)
         except EmbedderError as exc:
             raise EngineError(str(exc)) from None
+        if self.query_widths:
+            emb.use_query_widths()
+        return emb
 
     def calibration_texts(self) -> list[str]:
         """Chunk texts to calibrate an int8 variant on: the active index's (the same index

@@ -385,6 +385,15 @@ class Embedder:
         """Padded tokens per batch now; lowered for good after an out-of-memory error."""
         return self._budget
 
+    def use_query_widths(self) -> None:
+        """From now on, embed one short text (a query) on copies of the model compiled
+        for its input width, where the backend has them (OpenVINO: ~15-20 % faster, ~33
+        MiB and a ~0.2 s compile each, on first use); a no-op elsewhere. For a process
+        that answers many queries: the daemon."""
+        hook = getattr(self._backend, "use_query_widths", None)
+        if hook is not None:
+            hook()
+
     def set_token_budget(self, budget: int | None) -> None:
         """Change the padded tokens per batch (a config reload; ``None``: the backend's own);
         OOM halving restarts from it."""

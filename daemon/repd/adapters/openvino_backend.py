@@ -18,7 +18,9 @@ same network:
   dropped (OpenVINO's CPU kernels for a fixed shape embedded SciFact questions in 3.9 ms
   against 4.7 through the dynamic network, padding included; ~33 MiB each). One is
   compiled for the first text of its width, and kept only if that text's token
-  embeddings stay the bulk copy's (see ``_width_copy``).
+  embeddings stay the bulk copy's (see ``_width_copy``). Only a long-lived process
+  turns them on (``use_query_widths``: the daemon): a one-shot query would pay ~0.2 s
+  of compile to save ~1 ms.
 
 All copies compute in one precision: f32, as verified against torch by the export, or
 bf16 where the CPU has it natively and the probe vectors stay f32's (see
@@ -60,7 +62,8 @@ log = get_logger("openvino")
 
 
 #: Input widths (tokens) of the copies compiled for one shape that a single short input
-#: runs on (see the module doc): a query of 1-16 tokens pads to 16, of 17-32 to 32.
+#: runs on once ``use_query_widths`` was called (see the module doc): a query of 1-16
+#: tokens pads to 16, of 17-32 to 32.
 QUERY_WIDTHS = (16, 32)
 
 #: The least cosine between a probe text's vector in another precision and in f32 for
@@ -106,6 +109,8 @@ class CompiledCopies:
         #: Held for each run on the bulk copy: one stream runs one request at a time, so
         #: a query takes the bulk copy only when no batch holds it (see ``infer``).
         self._bulk_busy = threading.Lock()
+        #: The widths a single short input runs on (``QUERY_WIDTHS`` once asked for).
+        self.query_widths: tuple[int, ...] = ()
         #: The width copies by width; None where one was refused (see ``_width_copy``).
         self._widths: dict[int, Any] = {}
 
@@ -209,7 +214,7 @@ class CompiledCopies:
         if not self._bulk_busy.acquire(blocking=not small):
             return self._run(self.request(small=True), inputs, copy)
         try:
-            width = next((w for w in QUERY_WIDTHS if ids.shape[1] <= w), None)
+            width = next((w for w in self.query_widths if ids.shape[1] <= w), None)
             if small and ids.shape[0] == 1 and width is not None:
                 request = self._width_request(width, inputs, left_padded)
                 if request is not None:
@@ -302,6 +307,10 @@ class RunsCompiledCopies:
     @property
     def _small(self) -> Any:
         return self.copies.small
+
+    def use_query_widths(self) -> None:
+        """Run single short inputs on width copies from now on (see the module doc)."""
+        self.copies.query_widths = QUERY_WIDTHS
 
     def _probe(self) -> np.ndarray:
         """The probe texts' vectors, as :meth:`CompiledCopies.switch_precision` compares them."""
