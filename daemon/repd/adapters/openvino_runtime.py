@@ -228,7 +228,7 @@ class DirectBackend(RunsCompiledCopies):
         """Unit vectors (float32) for the texts at ``batch``, in that order."""
         assert isinstance(prepared, _Tokenized)
         features = pad_features(prepared, batch, self._padding)
-        # read before the next infer
+        # The infer request's own buffer, not a copy: read before this thread's next infer.
         hidden = self.copies.infer(features, copy=False, left_padded=self._padding.left)
         mask = features["attention_mask"]
         if self._spec.pooling == "cls":
