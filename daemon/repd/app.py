@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from repd.adapters.sdnotify import Notifier, WatchdogGate
 from repd.api.server import ApiServer
-from repd.engine import Engine
+from repd.engine import QUERY_WARMUP, Engine
 from repd.errors import ConfigError
 from repd.log import configure_logging, get_logger
 from repd.pipeline.changes import ChangeQueue
@@ -43,10 +43,6 @@ INDEX_CHECK_EVERY_S = 60.0
 # Chunks per embedding call in the daemon: about a second or two of CPU work, so a stop
 # request or a watchdog beat never waits long behind the model.
 DAEMON_EMBED_SLICE = 128
-#: Embedded one at a time at start-up (see ``Daemon._warm_queries``): 4 and 24 tokens
-#: in MiniLM's vocabulary, one for each of OpenVINO's query widths.
-_WARM_QUERIES = ("repd", "a folder of notes and code, searched by meaning while it "
-                 "changes: which file says how the daemon recovers")
 
 # Settings a reload applies at once; every other changed key logs "needs restart".
 _LIVE_KEYS = ("roots", "include", "exclude", "max_file_bytes", "max_chunks_per_file",
@@ -172,13 +168,13 @@ class Daemon:
 
     def _warm_queries(self) -> None:
         """Embed a short and a longer question, one at a time, so the first queries do
-        not pay for what their path sets up on first use (OpenVINO's copies for one input
-        width, 16 and 32 tokens: a compile each, ~0.2 s on 2 cores). A failure here is
-        only logged: the query path reports its own."""
+        not pay for what their path sets up on first use (torch's first calls; OpenVINO's
+        copies for one input width, which ``Engine.load_model`` has compiled already). A
+        failure here is only logged: the query path reports its own."""
         assert self.engine is not None
         t0 = time.monotonic()
         try:
-            for text in _WARM_QUERIES:
+            for text in QUERY_WARMUP:
                 self.engine.embedder().embed([text])
         except Exception as exc:  # the model loaded; a query will say what is wrong
             log.warning("query_warmup_failed", error=f"{type(exc).__name__}: {exc}")

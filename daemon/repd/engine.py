@@ -44,6 +44,11 @@ from repd.settings import Settings
 log = get_logger("engine")
 
 MANIFEST = "manifest.sqlite"
+#: Questions embedded one at a time once a long-lived process loaded a model (see
+#: ``Engine.load_model``, ``Daemon._warm_queries``): 4 and 24 tokens in MiniLM's
+#: vocabulary, one for each of OpenVINO's query widths.
+QUERY_WARMUP = ("repd", "a folder of notes and code, searched by meaning while it changes: "
+                "which file says how the daemon recovers")
 
 
 class Engine:
@@ -78,8 +83,8 @@ class Engine:
         #: Folders (or single files) an int8 variant is calibrated from while nothing is
         #: indexed yet (the configured roots when empty; ``repd index`` sets its targets).
         self.calibration_roots: list[Path] = []
-        #: Models loaded from now on compile copies for short queries (a long-lived
-        #: process: the daemon; see ``Embedder.use_query_widths``).
+        #: Models loaded from now on compile copies for short queries, at once (a
+        #: long-lived process: the daemon; see ``Embedder.use_query_widths``).
         self.query_widths = False
         #: Called when an int8 variant is about to be made (its calibration texts are
         #: asked for only then): a one-shot command says why it waits a minute.
@@ -226,7 +231,13 @@ class Engine:
         except EmbedderError as exc:
             raise EngineError(str(exc)) from None
         if self.query_widths:
-            emb.use_query_widths()
+            # Compiled here, where the model loads (at start-up, or on a migration's own
+            # thread), not by the first queries after a switch (~0.2 s each).
+            try:
+                emb.use_query_widths(QUERY_WARMUP)
+            except Exception as exc:  # loaded; a query will say what is wrong
+                log.warning("query_warmup_failed", model=name,
+                            error=f"{type(exc).__name__}: {exc}")
         return emb
 
     def calibration_texts(self) -> list[str]:
