@@ -30,34 +30,25 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench.bench_daemon import pct  # noqa: E402
 from bench.bench_engine import add_scifact_argument, find_scifact  # noqa: E402
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
-def rss_mib() -> float:
-    """This process's resident memory in MiB (Linux)."""
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * 4096 / 2**20
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def embedding(emb: Any, questions: list[str], rounds: int) -> list[tuple[str, str]]:
     import numpy as np
 
+    from bench.bench_scale import rss_kb
     from repd.adapters import openvino_backend
 
     shipped = openvino_backend.QUERY_WIDTHS
     copies = emb._backend.copies  # type: ignore[attr-defined]
     dynamic_vectors = np.concatenate([emb.embed([q]) for q in questions])
-    before = rss_mib()
+    before = rss_kb()[0]
     emb.use_query_widths()  # as the daemon does
     width_vectors = np.concatenate([emb.embed([q]) for q in questions])  # compiles them
-    added = rss_mib() - before
+    added = (rss_kb()[0] - before) / 1024
     times: dict[tuple[int, ...], list[float]] = {shipped: [], (): []}
     for _ in range(rounds):
         for widths, out in times.items():

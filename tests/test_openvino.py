@@ -317,9 +317,9 @@ def test_a_short_query_runs_on_a_copy_of_its_width_with_the_same_vector(
     lengths = [n + 2 for n in ov_emb.count_tokens(texts)]  # with [CLS] and [SEP]
     assert lengths[0] <= 16 < lengths[1] <= 32 < lengths[2]
     fresh = Embedder.load(MODEL, device="cpu", backend="openvino")
-    fresh_copies: Any = fresh._backend  # type: ignore[attr-defined]
+    fresh_copies: Any = fresh._backend.copies  # type: ignore[attr-defined]
     dynamic = np.concatenate([fresh.embed([t]) for t in texts])
-    assert fresh_copies.copies.query_widths == () and fresh_copies.copies._widths == {}
+    assert fresh_copies.query_widths == () and fresh_copies._widths == {}
     monkeypatch.setattr(copies, "query_widths", ())
     ov_emb.use_query_widths()
     assert copies.query_widths == openvino_backend.QUERY_WIDTHS

@@ -386,7 +386,7 @@ def _run_padded(request: Any, inputs: dict[str, np.ndarray], width: int, left: b
     padding's outputs dropped."""
     n = inputs["input_ids"].shape[1]
     pad = ((0, 0), (width - n, 0) if left else (0, width - n))
-    output = request.infer({k: np.pad(v, pad) for k, v in inputs.items()},
-                           share_outputs=True)[request.model_outputs[0]]
+    output = CompiledCopies._run(request, {k: np.pad(v, pad) for k, v in inputs.items()},
+                                 copy=False)
     real = output[:, width - n:] if left else output[:, :n]
     return np.array(real, copy=True) if copy else real
