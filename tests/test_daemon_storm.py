@@ -87,7 +87,10 @@ def test_kill9_during_storm_then_restart_equals_fresh_index(tmp_path: Path) -> N
         p.unlink()
     d2 = DaemonProc(home, [root]).start(timeout=600)
     try:
-        d2.wait_idle(600)
+        st = d2.wait_idle(600)
+        # A kill is no crash: logged (the writes were recovered), not shown as one.
+        assert st["previous_crash"] is None
+        assert '"previous_run_killed"' in d2.log.read_text()
     finally:
         assert d2.stop() == 0
     fresh_home = tmp_path / "fresh"

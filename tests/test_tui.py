@@ -102,6 +102,7 @@ class FakeClient:
         self.problem: str | None = None  # set: the daemon reports itself degraded
         self.migration: dict[str, Any] | None = None  # set: a model migration is under way
         self.retired = False  # set: generation g0002 is kept, retired (rollback possible)
+        self.previous_crash: dict[str, Any] | None = None  # set: the last run died natively
         self.refuse_switch = False
         self.calls: list[tuple[str, Any]] = []
         self.status_calls = 0
@@ -178,6 +179,7 @@ class FakeClient:
             "last_error": None,
             "problem": problem,
             "migration": self.migration,
+            "previous_crash": self.previous_crash,
         }
         return StatusResponse.model_validate(data).model_dump(mode="json")
 
@@ -624,6 +626,27 @@ def test_a_degraded_daemon_is_shown_in_red_until_it_recovers() -> None:
             fake.problem = None
             await until(pilot, lambda: not banner.has_class("-visible"), "the banner to go")
             assert status.value("state") == "indexing"
+
+    run(body)
+
+
+def test_a_crash_of_the_previous_run_is_said_in_the_summary_and_the_daemon_panel() -> None:
+    fake = FakeClient(state="idle")
+    fake.previous_crash = {"at": "2026-12-03T11:30:50Z", "error": "Segmentation fault",
+                           "log": "/home/u/.local/share/repd/last-crash.log"}
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SIZE) as pilot:
+            status = app.query_one("#status", KeyValueGrid)
+            await until(pilot, lambda: app.query_one("#status-crashed").display, "the row")
+            assert "Segmentation fault" in status.value("crashed")
+            assert "last-crash.log" in status.value("crashed")
+            assert "the previous run crashed" in text_of(app, "#summary")
+            assert status.value("state") == "idle"  # history, not a state
+            fake.previous_crash = None  # a daemon restarted cleanly since
+            await until(pilot, lambda: not app.query_one("#status-crashed").display, "gone")
+            assert "crashed" not in text_of(app, "#summary")
 
     run(body)
 

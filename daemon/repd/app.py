@@ -10,12 +10,8 @@ the API), applies SIGHUP reloads, and runs the periodic safety-net rescan.
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 import shutil
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +19,7 @@ from typing import Any, NoReturn
 
 from repd.adapters.sdnotify import Notifier, WatchdogGate
 from repd.api.server import ApiServer
+from repd.crashlog import Crash, CrashLog
 from repd.engine import QUERY_WARMUP, Engine
 from repd.errors import ConfigError
 from repd.log import configure_logging, get_logger
@@ -32,6 +29,7 @@ from repd.pipeline.migration import Migrations
 from repd.pipeline.supervisor import Supervisor
 from repd.pipeline.watcher import Watcher
 from repd.pipeline.worker import IndexWorker, disk_full_message
+from repd.process import end_process
 from repd.service import DaemonService
 from repd.settings import LoadedSettings, Settings, load_settings
 
@@ -78,6 +76,9 @@ class Daemon:
         self.api: ApiServer | None = None
         #: Model upgrades (``repd model ...``); None until the daemon is ready.
         self.models: Migrations | None = None
+        #: The previous run's fatal error, found as this one opens the data folder.
+        self.previous_crash: Crash | None = None
+        self._crash_log: CrashLog | None = None
         self.queue = ChangeQueue.from_settings(self.settings.watch)
         self.service = DaemonService(self)
 
@@ -105,6 +106,9 @@ class Daemon:
         # The first load of a large model can outlast TimeoutStartSec; ask for more time.
         self.notifier.extend_timeout(300 * 1_000_000)
         self.engine = Engine(self.settings, writer=True)
+        # Armed once the data folder's lock is held: the folder's crash file is this run's.
+        self._crash_log = CrashLog(self.engine.data_dir)
+        self.previous_crash = self._crash_log.arm()
         self.engine.query_widths = True  # long-lived: short queries get their own copies
         # An int8 variant named before any index is calibrated on these roots' files.
         self.engine.calibration_roots = list(self.roots)
@@ -259,7 +263,7 @@ class Daemon:
         """Start, serve until SIGTERM/SIGINT, stop, and end the process with status 0.
 
         A start that fails raises (after stopping what had started) for the CLI to
-        report; once running, the process ends here (``_end_process``): nothing returns.
+        report; once running, the process ends here (``end_process``): nothing returns.
         """
         signal.signal(signal.SIGTERM, lambda *_: self._stop.set())
         signal.signal(signal.SIGINT, lambda *_: self._stop.set())
@@ -287,7 +291,7 @@ class Daemon:
                     self.queue.put_scan(root, "")
                 next_rescan = now + interval
         self._shutdown()
-        _end_process(0)
+        end_process(0)
 
     def _status_line(self) -> str:
         if not self.ready or self.worker is None:
@@ -418,27 +422,16 @@ class Daemon:
             # bracketed by intents, recovered at the next start); letting the interpreter
             # tear down under a running native thread is not (SIGABRT, a core dump).
             log.warning("worker_did_not_stop_in_time; exiting without closing the store")
-            _end_process(0)
-        if self.engine is not None:
-            self.engine.close()
+            self._disarm_crash_log()
+            end_process(0)
+        try:
+            if self.engine is not None:
+                self.engine.close()
+        finally:
+            self._disarm_crash_log()  # after the close: a crash inside it is still recorded
         log.info("stopped")
 
-
-def _end_process(code: int) -> NoReturn:
-    """End the process at once, skipping the interpreter's finalization.
-
-    Called when everything that must be closed is closed (store, socket, watcher) or was
-    abandoned on purpose. Finalization would then only free memory the kernel frees
-    anyway, and it is dear: the final garbage collections over torch's, transformers' and
-    OpenVINO's objects and torch's operator deregistration cost about 2 CPU-seconds,
-    ten times the stop itself. On a busy machine that is tens of seconds of wall time
-    after the ``stopped`` line (17 s next to 16 busy processes on 2 cores), enough to
-    outlast systemd's TimeoutStopSec=30 and be killed. Of the exit hooks skipped, only
-    logging's and the standard streams' flushes matter: they are done here.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        # A closed or broken stream has nothing left to save.
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(code)
+    def _disarm_crash_log(self) -> None:
+        if self._crash_log is not None:
+            self._crash_log.disarm()
+            self._crash_log = None

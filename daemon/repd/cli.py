@@ -22,7 +22,7 @@ from repd.textsafe import printable
 #: annotations here are strings, never evaluated.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, NoReturn
 
     from repd.core.types import SearchMode
 
@@ -589,5 +589,18 @@ def _one_line(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def run() -> NoReturn:
+    """The ``repd`` program: :func:`main`, then the process ends without finalization.
+
+    A command's work is done and closed when ``main`` returns; what the interpreter's
+    teardown would add is the cost and the risk of tearing the model runtime down (see
+    :func:`repd.process.end_process`). A native crash prints the threads' stacks.
+    """
+    from repd.process import end_process, fatal_errors_to_stderr
+
+    fatal_errors_to_stderr()
+    end_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -8,6 +8,7 @@ shortened from the left (the end of a path is the part that tells roots apart).
 from __future__ import annotations
 
 import textwrap
+from datetime import datetime
 from typing import Any
 
 from repd.cli_output import ELLIPSIS, text_width
@@ -92,6 +93,8 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
         # While starting, the field says what start-up is doing: not a problem.
         label = "phase" if st.get("state") == "starting" else "PROBLEM"
         lines += wrap_field(label, st["problem"], cols)
+    if st.get("previous_crash"):
+        lines += wrap_field("CRASHED", crash_summary(st["previous_crash"]), cols)
     loaded = m.get("dim") is not None
     # The backend (torch, openvino) and its precision beside the device: the same vectors
     # either way, but they decide the speed, and `auto` picks them.
@@ -128,6 +131,16 @@ def _lines(st: dict[str, Any], cols: int) -> list[str]:
     if st.get("last_error"):
         lines += ["", *wrap_field("last error", st["last_error"], cols)]
     return lines
+
+
+def crash_summary(crash: dict[str, Any]) -> str:
+    """One line on the previous run's fatal error (``previous_crash`` in the status)."""
+    try:  # shown in local time, as a person reads a clock
+        at = datetime.fromisoformat(crash["at"]).astimezone().strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError):
+        at = str(crash["at"])
+    return (f"the previous run died at {at}: {crash['error']}; its threads' stacks are in "
+            f"{crash['log']} (please report it)")
 
 
 def percent(progress: float) -> str:

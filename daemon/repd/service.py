@@ -17,6 +17,7 @@ from repd.api.backend import ApiError
 from repd.api.schema import (
     ActionResponse,
     ComponentStatus,
+    CrashInfo,
     FileIssue,
     FilesResponse,
     GateInfo,
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
     from repd.adapters.store import Store
     from repd.app import Daemon
     from repd.core.types import SparseVec
+    from repd.crashlog import Crash
     from repd.pipeline.worker import WorkerSnapshot
 
 
@@ -150,6 +152,12 @@ def action_response(result: ModelCommandResult) -> ModelActionResponse:
         ok=True, message=result.message,
         generation=str(result.generation) if result.generation is not None else None,
         gate=gate_info(gate) if isinstance(gate, GateReport) else None)
+
+
+def _crash_info(crash: Crash | None) -> CrashInfo | None:
+    if crash is None:
+        return None
+    return CrashInfo(at=crash.at, error=crash.error, log=str(crash.log))
 
 
 class DaemonService:
@@ -269,7 +277,8 @@ class DaemonService:
             components=[ComponentStatus(name=c.name, state=c.state,  # type: ignore[arg-type]
                                         restarts=c.restarts, last_error=c.last_error)
                         for c in health],
-            migration=migration_info(migration) if migration is not None else None)
+            migration=migration_info(migration) if migration is not None else None,
+            previous_crash=_crash_info(d.previous_crash))
 
     def _ready(self) -> tuple[Any, Any]:
         d = self.d

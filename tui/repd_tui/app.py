@@ -33,7 +33,7 @@ from textual.widgets import (
 from textual.worker import Worker, WorkerState
 
 from repd.api.client import ApiClientError, DaemonNotRunning, DaemonUnresponsive
-from repd.cli_status import replicas_summary
+from repd.cli_status import crash_summary, replicas_summary
 from repd.textsafe import printable
 from repd_tui.widgets import (
     ChunkView,
@@ -418,6 +418,7 @@ class RepdApp(App[int]):
                             [
                                 ("state", "state"),
                                 ("problem", "problem"),
+                                ("crashed", "crashed"),
                                 ("model", "model"),
                                 ("generation", "generation"),
                                 ("points", "points"),
@@ -425,7 +426,7 @@ class RepdApp(App[int]):
                                 ("error", "last error"),
                             ],
                             id="status",
-                            hidden=["problem"],
+                            hidden=["problem", "crashed"],
                         )
                     with Panel(id="queue-panel", classes="panel"):
                         yield KeyValueGrid(
@@ -585,6 +586,9 @@ class RepdApp(App[int]):
         status.relabel("problem", "phase" if state == "starting" else "problem")
         status.set("problem", problem or "", flag="error" if state in (
             "degraded", "disk_full") else "busy")
+        crash = st.get("previous_crash")
+        status.show_row("crashed", bool(crash))
+        status.set("crashed", crash_summary(crash) if crash else "", flag="error")
         dim = f", {model['dim']} dims" if model.get("dim") else ""
         where = f" on {model['device']}" if model.get("device") else " (not loaded yet)"
         status.set("model", f"{model['name']}{where}{dim}")
@@ -641,6 +645,8 @@ class RepdApp(App[int]):
         self._paused = paused
         self.sub_title = f"{self.client.target} · {state_text}"
         parts = [problem] if problem else []
+        if crash:  # said where it is always seen; the Daemon panel has the details
+            parts.append("the previous run crashed (d: details)")
         if in_flight:
             parts.append(f"{fmt_count(in_flight)} in flight")
         if moving:

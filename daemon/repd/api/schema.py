@@ -274,6 +274,14 @@ class ComponentStatus(_Response):
     last_error: str | None = Field(default=None, description="why it last stopped")
 
 
+class CrashInfo(_Response):
+    """The previous run's fatal error (a native crash), from the record it left."""
+
+    at: datetime = Field(description="when the previous run died")
+    error: str = Field(description="what killed it, e.g. 'Segmentation fault'")
+    log: str = Field(description="the file holding its threads' stacks")
+
+
 class StatusResponse(_Response):
     """Everything ``repd status`` and the dashboard show."""
 
@@ -301,6 +309,9 @@ class StatusResponse(_Response):
         default_factory=list, description="supervised parts and their health")
     migration: MigrationInfo | None = Field(
         default=None, description="the model migration in progress; null when there is none")
+    previous_crash: CrashInfo | None = Field(
+        default=None, description="set when the run before this one died of a fatal error "
+        "(a crash in native code); shown for as long as this run lives")
 
 
 # --- query --------------------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""How a repd process ends: at once once its work is done, and loudly when native code crashes."""
+
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import logging
+import os
+import sys
+from typing import NoReturn
+
+
+def end_process(code: int) -> NoReturn:
+    """End the process at once, skipping the interpreter's finalization.
+
+    Called when everything that must be closed is closed (store, socket, watcher) or was
+    abandoned on purpose. Finalization would then only free memory the kernel frees
+    anyway, and it is dear and fragile: the final garbage collections over torch's,
+    transformers' and OpenVINO's objects and torch's operator deregistration cost about 2
+    CPU-seconds, ten times a daemon's stop (on a busy machine tens of seconds of wall time,
+    enough to outlast systemd's TimeoutStopSec=30 and be killed), and tearing those
+    libraries down while their native threads live can crash a process whose work
+    succeeded (a one-shot ``repd index`` died of SIGSEGV once in CI, with no trace of
+    where). Of the exit hooks skipped, only logging's and the standard streams' flushes
+    matter: they are done here.
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        # A closed or broken stream has nothing left to save.
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
+def fatal_errors_to_stderr() -> None:
+    """A fatal error (a crash in native code) prints every thread's Python stack on stderr.
+
+    Without it a segmentation fault in the model runtime ends a command with nothing but
+    its exit status. Falls back to no handler when there is no usable stderr.
+    """
+    stream = sys.__stderr__
+    try:
+        if stream is not None:
+            faulthandler.enable(file=stream, all_threads=True)
+            return
+    except (OSError, ValueError, AttributeError):  # a detached process: no stderr to write to
+        pass
+    faulthandler.disable()
