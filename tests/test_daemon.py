@@ -184,12 +184,18 @@ def test_query_cli_goes_through_daemon(daemon: DaemonProc) -> None:
 
     # Through a running daemon the command must not load the model, nor even pydantic
     # or structlog: it is one stdlib HTTP request over the socket (see paths.quick_api_socket).
-    probe = ("import runpy, sys\n"
+    # The program ends in os._exit (repd.process.end_process): the probe looks just before.
+    probe = ("import os, runpy, sys\n"
+             "end = os._exit\n"
+             "def look(code):\n"
+             "    mods = ('torch', 'sentence_transformers', 'qdrant_edge', 'pydantic',\n"
+             "            'structlog', 'logging')\n"
+             "    print('LOADED=' + ','.join(m for m in mods if m in sys.modules),\n"
+             "          file=sys.stderr, flush=True)\n"
+             "    end(code)\n"
+             "os._exit = look\n"
              "sys.argv = ['repd', 'query', 'lava silica', '--json']\n"
-             "try:\n    runpy.run_module('repd.cli', run_name='__main__')\n"
-             "except SystemExit as exc:\n    assert not exc.code, exc.code\n"
-             "mods = ('torch', 'sentence_transformers', 'qdrant_edge', 'pydantic', 'structlog')\n"
-             "print('LOADED=' + ','.join(m for m in mods if m in sys.modules), file=sys.stderr)\n")
+             "runpy.run_module('repd.cli', run_name='__main__')\n")
     proc = subprocess.run([sys.executable, "-c", probe], env=daemon.env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
