@@ -303,7 +303,8 @@ def fake_daemon(ready: bool = True, models: FakeModels | None = None) -> Any:
         roots=[], started_at=time.monotonic(),
         supervisor=SimpleNamespace(health=list), queue=SimpleNamespace(depth=dict),
         settings=SimpleNamespace(model="all-MiniLM-L6-v2", store=SimpleNamespace(kind="embedded")),
-        models=models if ready else None, generations=FakeGenerations(models))
+        models=models if ready else None, generations=FakeGenerations(models),
+        previous_crash=None)
 
 
 def test_service_answers_503_until_ready() -> None:

@@ -308,7 +308,7 @@ def test_status_never_waits_for_the_manifest(harness: Harness, corpus: Path) -> 
         stopping=False, ready=True, phase="ready", worker=harness.worker, engine=harness.engine,
         supervisor=Supervisor(), watcher=None, roots=[corpus], queue=harness.queue,
         settings=harness.engine.settings, started_at=time.monotonic(), models=None,
-        generations=harness.engine.generations)
+        generations=harness.engine.generations, previous_crash=None)
     service = DaemonService(daemon)  # type: ignore[arg-type]
     done = threading.Event()
     result: dict[str, Any] = {}
