@@ -241,3 +241,97 @@ def test_a_peer_that_hangs_up_is_a_lost_connection_for_the_client(tmp_path: Path
         listener.close()
     with pytest.raises(DaemonNotRunning):  # nothing listens any more
         ApiClient(path, timeout=5).status()
+
+
+# --- keep-alive: a run of calls on one connection --------------------------------------------
+
+
+def test_a_reply_says_whether_its_connection_can_carry_the_next_request() -> None:
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    assert exchange(ok).reusable
+    assert exchange(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"2\r\nhi\r\n0\r\n\r\n").reusable
+    assert not exchange(ok + b"EXTRA").reusable  # bytes after the body: out of step
+    assert not exchange(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 5\r\n\r\n"
+                        b"hello").reusable
+    assert not exchange(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello").reusable
+    assert not exchange(b"HTTP/1.1 200 OK\r\n\r\nto the end").reusable
+
+
+def test_a_run_of_calls_reuses_one_connection_to_the_real_server(
+        tmp_path: Path, daemon_socket: OneHitBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = ApiClient(tmp_path / "run" / "repd" / "repd.sock", timeout=10)
+    assert client.query("first")["hits"][0]["path"] == "notes/tides.md"
+    (_, kept), = client._idle
+    for i in range(5):
+        assert client.query(f"again {i}")["hits"][0]["path"] == "notes/tides.md"
+        assert [sock for _, sock in client._idle] == [kept]
+    assert daemon_socket.texts == ["first", *(f"again {i}" for i in range(5))]
+    # One idle longer than REUSE_WITHIN_S is closed, not reused.
+    monkeypatch.setattr("repd.api.client.REUSE_WITHIN_S", -1.0)
+    client.query("later")
+    assert kept.fileno() == -1 and [sock for _, sock in client._idle] != [kept]
+    client.close()
+    assert client._idle == []
+
+
+class ScriptedServer:
+    """A Unix socket server that answers each connection's requests as ``script`` says:
+    per connection, a list of replies (None: read the request and say nothing)."""
+
+    def __init__(self, path: Path, script: list[list[bytes | None]]) -> None:
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.listener.bind(str(path))
+        self.listener.listen(4)
+        self.script = script
+        self.requests: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for replies in self.script:
+            conn, _ = self.listener.accept()
+            with conn:
+                for reply in replies:
+                    self.requests.append(conn.recv(65536))
+                    if reply is None:
+                        conn.recv(65536)  # wait for the client to give up
+                        return
+                    conn.sendall(reply)
+            # the connection closes here without a word: an idle keep-alive timing out
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.listener.close()
+
+
+OK_JSON = b'HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}'
+
+
+def test_a_kept_connection_the_daemon_closed_is_replaced_and_the_request_sent_again(
+        tmp_path: Path) -> None:
+    path = tmp_path / "d.sock"
+    server = ScriptedServer(path, [[OK_JSON], [OK_JSON]])
+    try:
+        client = ApiClient(path, timeout=5)
+        assert client.status() == {}
+        assert client.status() == {}  # the kept one is dead: a new connection, same answer
+    finally:
+        server.close()
+    assert len(server.requests) == 2  # each request reached the server exactly once
+
+
+def test_a_timeout_on_a_kept_connection_is_not_sent_again(tmp_path: Path) -> None:
+    from repd.api.client import DaemonUnresponsive
+
+    path = tmp_path / "d.sock"
+    server = ScriptedServer(path, [[OK_JSON, None]])
+    try:
+        client = ApiClient(path, timeout=0.5)
+        assert client.status() == {}
+        with pytest.raises(DaemonUnresponsive):
+            client.status()  # it may be running: a second copy would run it twice
+    finally:
+        client.close()
+        server.close()
+    assert len(server.requests) == 2
