@@ -42,6 +42,7 @@ class DaemonProc:
         self.proc: subprocess.Popen[str] | None = None
         self.log = home / "daemon.log"
         self.socket = home / "run" / "repd" / "repd.sock"
+        self._client: ApiClient | None = None
 
     def start(self, wait_idle: bool = True, timeout: float = 180) -> DaemonProc:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,11 @@ class DaemonProc:
 
     @property
     def client(self) -> ApiClient:
-        return ApiClient(self.socket, timeout=30)
+        """One client for the life of this object: its calls share a kept connection, as a
+        program that talks to the daemon would (a restarted daemon's is replaced)."""
+        if self._client is None:
+            self._client = ApiClient(self.socket, timeout=30)
+        return self._client
 
     @property
     def pid(self) -> int:
