@@ -8,8 +8,10 @@ idle, then measures, interleaved in one run so that a busy machine weighs on eac
 
 * ``python -c pass``: the interpreter's own start, the floor of any command;
 * ``repd query TEXT``: the console script of this virtual environment, through the daemon;
-* the API call alone (``ApiClient.query`` in this process) and the daemon's own ``took_ms``
-  (embedding and store search), whose difference is the snippets, HTTP and JSON around them;
+* the API call alone (``ApiClient.query`` in this process, one client whose calls share a
+  kept connection) and the daemon's own ``took_ms`` (embedding and store search), whose
+  difference is the snippets, HTTP and JSON around them; and the same call from a new
+  client each time (a new connection, as each ``repd query`` makes);
 * with ``--before DIR`` (the ``daemon/`` folder of another checkout, e.g. ``git archive
   HEAD daemon | tar -x -C /tmp/before``): a second daemon, started from DIR on the same
   notes, and the same command and API calls against it with ``PYTHONPATH=DIR``, so a
@@ -38,6 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 from tests.daemon_harness import DaemonProc  # noqa: E402
 
 from bench.bench_daemon import pct, wait_quiet, write_small_corpus  # noqa: E402
+from repd.api.client import ApiClient  # noqa: E402
 
 QUERIES = ["spring tides and the glaciers", "compiler parser kernel", "protein enzyme membrane",
            "ballad sonnet rhyme", "harbor reef salinity"]
@@ -93,19 +96,26 @@ def measure_commands(runs: int, cmds: dict[str, tuple[list[str], dict[str, str]]
 
 
 def measure_api(daemons: dict[str, DaemonProc], n: int) -> list[tuple[str, str]]:
-    """The API call from this process, and each daemon's own took_ms, interleaved."""
+    """The API call from this process, and each daemon's own took_ms, interleaved; and
+    the same call on a new connection each time (a client per call, as `repd query`)."""
     clients = {name: d.client for name, d in daemons.items()}
     for client in clients.values():
         for q in QUERIES:
             client.query(q)
     api: dict[str, list[float]] = {name: [] for name in daemons}
     took: dict[str, list[float]] = {name: [] for name in daemons}
+    fresh: list[float] = []
+    first = next(iter(daemons.values()))
     for i in range(n):
         for name, client in clients.items():
             t = time.perf_counter()
             res = client.query(QUERIES[i % len(QUERIES)], k=10)
             api[name].append(time.perf_counter() - t)
             took[name].append(float(res["took_ms"]) / 1000)
+        t = time.perf_counter()
+        with ApiClient(first.socket, timeout=30) as once:
+            once.query(QUERIES[i % len(QUERIES)], k=10)
+        fresh.append(time.perf_counter() - t)
     rows = []
     for name in daemons:
         around = [a - b for a, b in zip(api[name], took[name], strict=True)]
@@ -116,6 +126,10 @@ def measure_api(daemons: dict[str, DaemonProc], n: int) -> list[tuple[str, str]]
                   f"{pct(took[name], 0.5) * 1000:.2f} ms"),
                  ("  around it (snippets, HTTP, validation, JSON) p50",
                   f"{pct(around, 0.5) * 1000:.2f} ms")]
+    name = next(iter(daemons))
+    rows.append((f"API query{name} on a new connection each p50 / p95",
+                 f"{pct(fresh, 0.5) * 1000:.2f} / {pct(fresh, 0.95) * 1000:.2f} ms (kept / new "
+                 f"{pct(api[name], 0.5) / pct(fresh, 0.5):.2f})"))
     return rows
 
 
