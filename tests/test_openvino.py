@@ -284,7 +284,7 @@ def test_a_query_runs_on_every_core_unless_a_batch_holds_them(
     monkeypatch.setattr(copies, "_width_request", spy_width)
     monkeypatch.setattr(copies, "query_widths", openvino_backend.QUERY_WIDTHS)
     query = ["telomere length and ageing"]
-    long_query = [" ".join(["telomere length and ageing in mice"] * 6)]  # > 32 tokens
+    long_query = [" ".join(["telomere length and ageing in mice"] * 8)]  # > 48 tokens
     idle = ov_emb.embed(query)
     assert used[0] == 16 and "small" not in used
     used.clear()
@@ -308,23 +308,31 @@ def test_a_query_runs_on_every_core_unless_a_batch_holds_them(
 @needs_openvino
 def test_a_short_query_runs_on_a_copy_of_its_width_with_the_same_vector(
         pair: tuple[Embedder, Embedder], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Once asked for (the daemon does), queries of up to 16 and of 17-32 tokens run on
-    copies compiled for that input shape, with every core, and get the vectors the
-    dynamic bulk copy gives them; without, none is compiled (a one-shot command)."""
+    """Once asked for (the daemon does), queries of up to 16, 17-24, 25-32 and 33-48
+    tokens run on copies compiled for that input shape, with every core, and get the
+    vectors the dynamic bulk copy gives them; without, none is compiled (a one-shot
+    command). A longer one runs on the bulk copy."""
     _, ov_emb = pair
     copies: Any = ov_emb._backend.copies  # type: ignore[attr-defined]
-    texts = ["telomere length", _CLAIMS[0], _CLAIMS[0] + " " + _CLAIMS[1]]
+    widths = openvino_backend.QUERY_WIDTHS
+    assert widths == (16, 24, 32, 48)
+    words = " ".join(_CLAIMS).split()
+    texts = [" ".join(words[:n]) for n in (2, 14, 20, 30, 60)]
     lengths = [n + 2 for n in ov_emb.count_tokens(texts)]  # with [CLS] and [SEP]
-    assert lengths[0] <= 16 < lengths[1] <= 32 < lengths[2]
+    assert lengths[0] <= 16 < lengths[1] <= 24 < lengths[2] <= 32 < lengths[3] <= 48
+    assert lengths[4] > 48
     fresh = Embedder.load(MODEL, device="cpu", backend="openvino")
     fresh_copies: Any = fresh._backend.copies  # type: ignore[attr-defined]
     dynamic = np.concatenate([fresh.embed([t]) for t in texts])
     assert fresh_copies.query_widths == () and fresh_copies._widths == {}
     monkeypatch.setattr(copies, "query_widths", ())
-    ov_emb.use_query_widths()
-    assert copies.query_widths == openvino_backend.QUERY_WIDTHS
+    monkeypatch.setattr(copies, "_widths", {})  # as if none was compiled yet
+    monkeypatch.setattr(copies, "_local", threading.local())  # nor requested
+    ov_emb.use_query_widths()  # no passage: compiled on first use
+    assert copies.query_widths == widths and copies._widths == {}
     by_width = np.concatenate([ov_emb.embed([t]) for t in texts])
-    for width in (16, 32):
+    assert sorted(copies._widths) == list(widths)
+    for width in widths:
         compiled = copies._widths[width]
         assert {tuple(port.get_shape()) for port in compiled.inputs} == {(1, width)}
         assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == cpu_threads()

@@ -44,11 +44,17 @@ from repd.settings import Settings
 log = get_logger("engine")
 
 MANIFEST = "manifest.sqlite"
-#: Questions embedded one at a time once a long-lived process loaded a model (see
-#: ``Engine.load_model``, ``Daemon._warm_queries``): 4 and 24 tokens in MiniLM's
-#: vocabulary, one for each of OpenVINO's query widths.
+#: Questions embedded one at a time once a long-lived process loaded a model
+#: (``Daemon._warm_queries``): 4 and 24 tokens in MiniLM's vocabulary.
 QUERY_WARMUP = ("repd", "a folder of notes and code, searched by meaning while it changes: "
                 "which file says how the daemon recovers")
+#: The passage whose openings compile OpenVINO's query widths as a long-lived process
+#: loads a model (``Engine.load_model``, ``Embedder.use_query_widths``): 59 tokens in
+#: MiniLM's vocabulary, more than the widest.
+QUERY_WIDTHS_PASSAGE = (
+    f"{QUERY_WARMUP[1]} after a crash, where a model upgrade keeps the old index answering, "
+    "and why a question that names a path, a function or an error message finds the chunk "
+    "that holds it")
 
 
 class Engine:
@@ -234,7 +240,7 @@ class Engine:
             # Compiled here, where the model loads (at start-up, or on a migration's own
             # thread), not by the first queries after a switch (~0.2 s each).
             try:
-                emb.use_query_widths(QUERY_WARMUP)
+                emb.use_query_widths(QUERY_WIDTHS_PASSAGE)
             except Exception as exc:  # loaded; a query will say what is wrong
                 log.warning("query_warmup_failed", model=name,
                             error=f"{type(exc).__name__}: {exc}")
