@@ -106,6 +106,8 @@ def test_a_crashed_daemon_is_reported_by_the_next_run(tmp_path: Path) -> None:
     assert record.startswith("Fatal Python error: Segmentation fault"), record[:500]
     assert "(most recent call first)" in record  # every thread's stack
     assert "repd" in record  # the daemon's own frames (its threads wait in repd's code)
+    doctor = run_cli(["doctor", "--quick"], d.env, check=False)
+    assert "has not started since" in doctor.stdout and "Segmentation fault" in doctor.stdout
 
     d2 = DaemonProc(home, [root]).start()
     try:
@@ -121,6 +123,8 @@ def test_a_crashed_daemon_is_reported_by_the_next_run(tmp_path: Path) -> None:
                   if line.startswith("{")]
         assert "previous_run_crashed" in events
         assert d2.top_path("basalt lava") == "lava.md"
+        doctor = run_cli(["doctor", "--quick"], d2.env, check=False).stdout
+        assert "then delete the file" in doctor and str(data_dir / LAST_CRASH_FILE) in doctor
     finally:
         assert d2.stop() == 0
     assert not (data_dir / CRASH_FILE).exists()  # a clean stop: the next run reports nothing

@@ -257,6 +257,37 @@ def check_permissions(settings: Settings) -> Check:
                  "repd index also tighten it when they start)")
 
 
+def check_crashes(settings: Settings) -> Check:
+    """Did a daemon on this data folder die of a fatal error (see :mod:`repd.crashlog`)?
+
+    A record in ``crash.log`` is a crash no daemon has reported yet (none started since);
+    ``last-crash.log`` is the last one reported, kept until someone deletes it.
+    """
+    from datetime import datetime
+
+    from repd.crashlog import CRASH_FILE, LAST_CRASH_FILE, fatal_error
+
+    found = []
+    for name in (CRASH_FILE, LAST_CRASH_FILE):
+        path = settings.store.path / name
+        try:
+            if path.stat().st_size == 0:
+                continue  # a running daemon's armed file, or a kill -9's
+            head = path.read_text(encoding="utf-8", errors="replace")[:4096]
+            when = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+        except OSError:
+            continue
+        found.append((name, path, fatal_error(head), when))
+    if not found:
+        return Check("crashes", "ok", "no fatal error recorded")
+    name, path, error, when = found[0]
+    if name == CRASH_FILE:
+        return Check("crashes", "fail", f"the daemon died at {when} ({error}) and has not "
+                     f"started since; its threads' stacks: {path} (please report it)")
+    return Check("crashes", "warn", f"the daemon died at {when} ({error}); its threads' "
+                 f"stacks: {path} (please report it, then delete the file)")
+
+
 def run_checks(settings: Settings, load_model: bool = True) -> list[Check]:
     """Every check, in the order a person would fix things."""
     daemon_roots = roots_of(daemon_status(settings))
@@ -265,5 +296,6 @@ def run_checks(settings: Settings, load_model: bool = True) -> list[Check]:
     if load_model:
         checks.append(check_model(settings))
     checks.extend(check_daemon_and_store(settings))
+    checks.append(check_crashes(settings))
     checks.append(check_permissions(settings))
     return checks
