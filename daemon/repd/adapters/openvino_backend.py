@@ -16,7 +16,7 @@ same network:
   With all cores, one text of at most ``QUERY_WIDTHS[-1]`` tokens runs on a *width* copy:
   the network compiled for one input shape, the text padded to it, the padding's outputs
   dropped (OpenVINO's CPU kernels for a fixed shape embedded SciFact questions in 3.9 ms
-  against 4.7 through the dynamic network, padding included; ~33 MiB each). One is
+  against 4.9 through the dynamic network, padding included; ~33 MiB each). One is
   compiled for the first text of its width, and kept only if that text's token
   embeddings stay the bulk copy's (see ``_width_copy``). Only a long-lived process
   turns them on (``use_query_widths``: the daemon): a one-shot query would pay ~0.2 s
@@ -64,9 +64,9 @@ log = get_logger("openvino")
 #: Input widths (tokens) of the copies compiled for one shape that a single short input
 #: runs on once ``use_query_widths`` was called (see the module doc): a query of 1-16
 #: tokens pads to 16, of 17-24 to 24, and so on; a longer one runs on the dynamic copy.
-#: SciFact's questions, 10-36 tokens, half of them over 20: on [1, 24] a question of
-#: 17-24 tokens took 19 % less than on [1, 32], one of 33-48 on [1, 48] 27 % less than
-#: on the dynamic copy (bf16, 2 cores).
+#: SciFact's questions, 10-36 tokens, half of them over 20, embedded one at a time in
+#: one run (bf16, 2 idle cores): p50 / p95 3.90 / 5.72 ms on these widths, 4.17 / 6.56 on
+#: 16 and 32 only, 4.92 / 6.57 on the dynamic copy; ~33 MiB each.
 QUERY_WIDTHS = (16, 24, 32, 48)
 
 #: The least cosine between a probe text's vector in another precision and in f32 for
