@@ -4,8 +4,8 @@ Nothing heavy is imported here (no pydantic, no httpx, no FastAPI, not even
 ``http.client``, which brings ``email`` and ``ssl`` along: 15-20 ms to import, more
 than the rest of ``repd query``'s imports together): one request is one HTTP/1.1
 exchange, written and read here (``_exchange``), on the connection the last call left
-open (keep-alive) or a new one. Answers are plain
-dicts shaped like the models in ``repd.api.schema``. Its exceptions belong to repd's one
+open (keep-alive) or a new one. Answers are plain dicts shaped like the models in
+``repd.api.schema``. Its exceptions belong to repd's one
 error tree (``repd.errors``, itself stdlib-only), so the CLI maps each to its exit code.
 """
 
@@ -223,8 +223,8 @@ class ApiClient:
     ``ApiClient(path)`` for the socket; ``ApiClient(base_url="http://127.0.0.1:PORT",
     token=...)`` for TCP. A call takes a connection for itself (one an earlier call left
     open, or a new one) and leaves it for the next when the reply allows: one client may
-    be shared by threads, and a run of calls skips a connect and an accept each (0.5-0.7
-    ms of a query through the API). :meth:`close` closes the connections kept.
+    be shared by threads, and a run of calls skips a connect and an accept each (~0.8 ms
+    of a query's 9 through the API, ``bench/bench_cli_query.py``). :meth:`close` closes the connections kept.
     """
 
     def __init__(
