@@ -224,7 +224,8 @@ class ApiClient:
     token=...)`` for TCP. A call takes a connection for itself (one an earlier call left
     open, or a new one) and leaves it for the next when the reply allows: one client may
     be shared by threads, and a run of calls skips a connect and an accept each (~0.8 ms
-    of a query's 9 through the API, ``bench/bench_cli_query.py``). :meth:`close` closes the connections kept.
+    of a query's 9 through the API, ``bench/bench_cli_query.py``). :meth:`close` closes
+    the connections kept.
     """
 
     def __init__(
