@@ -42,6 +42,8 @@ class Crash:
     at: datetime
     error: str
     log: Path
+    #: The record's first bytes (what logs quote).
+    head: str
 
 
 class CrashLog:
@@ -82,25 +84,40 @@ class CrashLog:
 
     def _previous(self) -> Crash | None:
         try:
-            st = self.path.stat()
+            size = self.path.stat().st_size
         except OSError:
             return None  # the last run stopped cleanly (or there was none)
-        if st.st_size == 0:
+        if size == 0:
             log.warning("previous_run_killed", detail="the last run ended without stopping "
                         "(killed, out of memory or a power cut); its writes are recovered")
             return None
         try:
             self.path.replace(self.last_path)
-            with open(self.last_path, encoding="utf-8", errors="replace") as f:
-                head = f.read(_HEAD_BYTES)
         except OSError as exc:
             log.warning("crash_log_unreadable", path=str(self.path), error=str(exc))
             return None
-        crash = Crash(at=datetime.fromtimestamp(st.st_mtime, UTC), error=fatal_error(head),
-                      log=self.last_path)
+        crash = read_crash(self.last_path)
+        if crash is None:
+            log.warning("crash_log_unreadable", path=str(self.last_path))
+            return None
         log.error("previous_run_crashed", error=crash.error, at=crash.at.isoformat(),
-                  stacks=str(crash.log), record=head)
+                  stacks=str(crash.log), record=crash.head)
         return crash
+
+
+def read_crash(path: Path) -> Crash | None:
+    """The crash the record at ``path`` tells of; None where there is none to read (no
+    file, an empty one, an unreadable one)."""
+    try:
+        st = path.stat()
+        if st.st_size == 0:
+            return None
+        with open(path, encoding="utf-8", errors="replace") as f:
+            head = f.read(_HEAD_BYTES)
+    except OSError:
+        return None
+    return Crash(at=datetime.fromtimestamp(st.st_mtime, UTC), error=fatal_error(head),
+                 log=path, head=head)
 
 
 def fatal_error(record: str) -> str:

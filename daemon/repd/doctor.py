@@ -263,29 +263,21 @@ def check_crashes(settings: Settings) -> Check:
     A record in ``crash.log`` is a crash no daemon has reported yet (none started since);
     ``last-crash.log`` is the last one reported, kept until someone deletes it.
     """
-    from datetime import datetime
+    from repd.crashlog import CRASH_FILE, LAST_CRASH_FILE, read_crash
 
-    from repd.crashlog import CRASH_FILE, LAST_CRASH_FILE, fatal_error
-
-    found = []
     for name in (CRASH_FILE, LAST_CRASH_FILE):
-        path = settings.store.path / name
-        try:
-            if path.stat().st_size == 0:
-                continue  # a running daemon's armed file, or a kill -9's
-            head = path.read_text(encoding="utf-8", errors="replace")[:4096]
-            when = datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
-        except OSError:
+        # An empty crash.log is a running daemon's armed file, or a kill -9's: no crash.
+        crash = read_crash(settings.store.path / name)
+        if crash is None:
             continue
-        found.append((name, path, fatal_error(head), when))
-    if not found:
-        return Check("crashes", "ok", "no fatal error recorded")
-    name, path, error, when = found[0]
-    if name == CRASH_FILE:
-        return Check("crashes", "fail", f"the daemon died at {when} ({error}) and has not "
-                     f"started since; its threads' stacks: {path} (please report it)")
-    return Check("crashes", "warn", f"the daemon died at {when} ({error}); its threads' "
-                 f"stacks: {path} (please report it, then delete the file)")
+        when = crash.at.astimezone().strftime("%Y-%m-%d %H:%M")
+        if name == CRASH_FILE:
+            return Check("crashes", "fail", f"the daemon died at {when} ({crash.error}) and "
+                         f"has not started since; its threads' stacks: {crash.log} (please "
+                         "report it)")
+        return Check("crashes", "warn", f"the daemon died at {when} ({crash.error}); its "
+                     f"threads' stacks: {crash.log} (please report it, then delete the file)")
+    return Check("crashes", "ok", "no fatal error recorded")
 
 
 def run_checks(settings: Settings, load_model: bool = True) -> list[Check]:
