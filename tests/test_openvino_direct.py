@@ -40,7 +40,7 @@ _TEXTS = ["p53", "What causes DNA damage in cells?",
 _CHILD = """
 import json, sys
 from repd.adapters.embedder import Embedder
-emb = Embedder.load(sys.argv[1], device="cpu", backend="auto")
+emb = Embedder.load(sys.argv[1], device="cpu", backend="auto", export_apart=sys.argv[3] == "1")
 texts = json.loads(sys.argv[2])
 print(json.dumps({
     "runner": type(emb._backend).__name__, "backend": emb.backend, "precision": emb.precision,
@@ -54,9 +54,10 @@ print(json.dumps({
 """
 
 
-def _load_in_child(model: str | Path, exports: Path) -> dict[str, Any]:
+def _load_in_child(model: str | Path, exports: Path, *, apart: bool = False) -> dict[str, Any]:
     env = {**os.environ, CACHE_ENV: str(exports), "REPD_LOG_LEVEL": "warning"}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(model), json.dumps(_TEXTS)],
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(model), json.dumps(_TEXTS),
+                           "1" if apart else "0"],
                           env=env, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -100,6 +101,66 @@ def test_a_second_start_runs_the_export_without_torch_and_gives_torchs_vectors(
     want = torch_minilm.embed(_TEXTS)
     assert float(_cos(second["vectors"], want).min()) >= 0.9999
     np.testing.assert_allclose(np.linalg.norm(second["vectors"], axis=1), 1.0, atol=1e-5)
+
+
+@needs_openvino
+def test_a_daemons_first_start_exports_in_a_child_and_never_imports_torch(
+        tmp_path: Path, torch_minilm: Embedder) -> None:
+    """``export_apart`` (the daemon's loads): the export, its check and its runtime spec
+    are made by a child process; this one runs the result with no torch from the start
+    (a first start held ~880 MiB for its whole life, a later one ~410)."""
+    exports = tmp_path / "exports"
+    first = _load_in_child(MODEL, exports, apart=True)
+    assert first["runner"] == "DirectBackend" and first["runtime"] == "direct"
+    assert first["imported"] == []  # no torch, transformers, sentence-transformers, optimum
+    assert (_export_dir(exports) / RUNTIME_SPEC).is_file()
+    assert sorted(p.name for p in exports.iterdir()) == [_export_dir(exports).name]
+    assert first["model_id"] == torch_minilm.model_id
+    assert first["chunking_key"] == torch_minilm.chunking_key
+    assert float(_cos(first["vectors"], torch_minilm.embed(_TEXTS)).min()) >= 0.9999
+
+
+@needs_openvino
+def test_a_real_daemon_that_exports_at_its_first_start_holds_no_torch(tmp_path: Path) -> None:
+    from tests.daemon_harness import DaemonProc
+
+    root = tmp_path / "notes"
+    root.mkdir()
+    (root / "a.md").write_text("# Backups\n\nThe nightly job rotates the keys.\n")
+    exports = tmp_path / "exports"  # empty: this start must export
+    d = DaemonProc(tmp_path / "home", [root], extra_env={CACHE_ENV: str(exports)})
+    d.start(timeout=600)
+    try:
+        model = d.client.status()["model"]
+        assert (model["backend"], model["runtime"]) == ("openvino", "direct")
+        assert (_export_dir(exports) / RUNTIME_SPEC).is_file()
+        maps = Path(f"/proc/{d.pid}/maps").read_text()
+        assert "libtorch" not in maps and "openvino_pytorch_frontend" not in maps
+        assert d.client.query("which job rotates the keys", k=1)["hits"][0]["path"] == "a.md"
+        assert "openvino_exported_apart" in d.log.read_text()
+    finally:
+        d.stop()
+
+
+@needs_openvino
+def test_a_child_export_that_fails_leaves_the_load_to_this_process(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from repd.adapters import openvino_apart
+
+    # A real child that fails says why, from its own output.
+    problem = openvino_apart.export_apart(str(tmp_path / "no-such-model"), None, "auto")
+    assert problem is not None and problem.startswith("exit status 1")
+    assert "no-such-model" in problem
+    # Then the load goes on here, as without the child (and says so).
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
+    monkeypatch.setattr(openvino_apart, "export_apart", lambda *args: "exit status 9: boom")
+    capsys.readouterr()
+    emb = Embedder.load(MODEL, device="cpu", backend="openvino", export_apart=True)
+    assert type(emb._backend).__name__ == "OpenVinoBackend"  # exported here, the full way
+    out = capsys.readouterr().out
+    assert "openvino_export_apart_failed" in out and "boom" in out
+    assert (_export_dir(tmp_path / "exports") / RUNTIME_SPEC).is_file()
 
 
 @needs_openvino
@@ -168,8 +229,8 @@ def test_a_model_with_a_dense_head_gets_no_spec_and_stays_on_the_full_path(
     path = tmp_path / "tiny-dense"
     SentenceTransformer(modules=[*base, Dense(32, 16)], device="cpu").save(str(path))
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
-    for _ in range(2):
-        emb = Embedder.load(str(path), device="cpu", backend="openvino")
+    for apart in (True, False):  # the child exports; no spec, so the full path runs it
+        emb = Embedder.load(str(path), device="cpu", backend="openvino", export_apart=apart)
         assert type(emb._backend).__name__ == "OpenVinoBackend" and emb.dim == 16
     assert not (_export_dir(tmp_path / "exports") / RUNTIME_SPEC).exists()
 

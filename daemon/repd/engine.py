@@ -89,8 +89,9 @@ class Engine:
         #: Folders (or single files) an int8 variant is calibrated from while nothing is
         #: indexed yet (the configured roots when empty; ``repd index`` sets its targets).
         self.calibration_roots: list[Path] = []
-        #: Models loaded from now on compile copies for short queries, at once (a
-        #: long-lived process: the daemon; see ``Embedder.use_query_widths``).
+        #: Models loaded from now on compile copies for short queries, at once, and a
+        #: first OpenVINO export is made in a child process (a long-lived process, the
+        #: daemon; see ``Embedder.use_query_widths`` and ``repd.adapters.openvino_apart``).
         self.query_widths = False
         #: Called when an int8 variant is about to be made (its calibration texts are
         #: asked for only then): a one-shot command says why it waits a minute.
@@ -233,7 +234,8 @@ class Engine:
                                 token_budget=self.settings.batch_tokens,
                                 cache_dir=paths.cache_dir(), backend=self.settings.backend,
                                 openvino_precision=self.settings.openvino_precision,
-                                calibration=self.calibration_texts)
+                                calibration=self.calibration_texts,
+                                export_apart=self.query_widths)
         except EmbedderError as exc:
             raise EngineError(str(exc)) from None
         if self.query_widths:

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -134,7 +135,8 @@ class Embedder:
     def load(cls, model: str, device: str = "auto", token_budget: int | None = None,
              cache_dir: Path | None = None, backend: str = "auto",
              openvino_precision: str = "auto",
-             calibration: Callable[[], Sequence[str]] | None = None) -> Embedder:
+             calibration: Callable[[], Sequence[str]] | None = None,
+             export_apart: bool = False) -> Embedder:
         """Load ``model`` (a Hugging Face name or a local directory) onto ``device``.
 
         ``sentence-transformers/all-MiniLM-L6-v2`` (or ``all-MiniLM-L6-v2``) loads from
@@ -147,7 +149,10 @@ class Embedder:
         is kept only when its vectors stay those of f32 (cosine >= 0.9999), so it is the
         same representation too. ``NAME+int8`` is NAME's int8 variant, its own model
         (see :mod:`repd.adapters.openvino_int8`), made on first use from the chunk texts
-        ``calibration`` gives. Every failure is raised as :class:`EmbedderError`.
+        ``calibration`` gives. ``export_apart``: a first OpenVINO export is made in a
+        child process (:mod:`repd.adapters.openvino_apart`), so that this one never
+        imports torch for it (a long-lived process). Every failure is raised as
+        :class:`EmbedderError`.
         """
         from repd.adapters.openvino_export import openvino_available
         from repd.adapters.openvino_int8 import split_variant
@@ -162,6 +167,9 @@ class Embedder:
             # An export already verified and run once needs neither optimum nor torch.
             direct = cls._load_openvino_direct(model, source, short_name, cache_dir,
                                                token_budget, openvino_precision)
+            if direct is None and export_apart:
+                direct = cls._export_apart(model, source, short_name, cache_dir,
+                                           token_budget, openvino_precision)
             if direct is not None:
                 return direct
         kind = choose_backend(backend, resolved, openvino_available)
@@ -221,6 +229,28 @@ class Embedder:
         return cls(runner, model_name=model, model_id=model_id, device="cpu",
                    token_budget=token_budget, backend_name="openvino",
                    precision=runner.precision)
+
+    @classmethod
+    def _export_apart(cls, model: str, source: str, short_name: str, cache_dir: Path | None,
+                      token_budget: int | None, precision: str) -> Embedder | None:
+        """The export made by a child process, then loaded with no torch; None (after a
+        warning when the child failed) sends :meth:`load` the usual way."""
+        if not _visible(source) or importlib.util.find_spec("optimum.intel") is None:
+            return None  # the in-process path decides (torch, or its own error)
+        from repd.adapters.openvino_apart import export_apart
+
+        log.info("openvino_exporting_apart", model=model)
+        started = time.perf_counter()
+        problem = export_apart(model, cache_dir, precision)
+        if problem is None:
+            log.info("openvino_exported_apart", model=model,
+                     seconds=round(time.perf_counter() - started, 1))
+        else:
+            log.warning("openvino_export_apart_failed", model=model, error=problem,
+                        using="this process")
+            return None
+        return cls._load_openvino_direct(model, source, short_name, cache_dir, token_budget,
+                                         precision)
 
     @classmethod
     def _load_int8(cls, model: str, base: str, device: str, token_budget: int | None,

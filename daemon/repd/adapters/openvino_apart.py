@@ -1,0 +1,69 @@
+"""A model's first OpenVINO export, made in a child process (``python -m`` this module).
+
+Exporting needs torch, transformers, optimum and sentence-transformers in memory, and a
+process that imported them keeps them: a daemon whose first start exported MiniLM held
+~880 MiB for its whole life, against ~410 MiB for every later start, which runs the
+export with no torch at all (:mod:`repd.adapters.openvino_runtime`). So a long-lived
+process has the export made, verified and given its runtime spec by a child, which
+exits, and then loads it the torch-free way. If the child fails, the caller goes on in
+its own process as before, where the same failure is raised with its own message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import repd
+
+#: The child's output kept for a failure's message (its last lines).
+_TAIL_CHARS = 2000
+
+
+def export_apart(model: str, cache_dir: Path | None, precision: str) -> str | None:
+    """Export ``model`` for the CPU in a child process, as ``Embedder.load`` would with
+    ``backend="openvino"``; None when it succeeded, else what it said last."""
+    argv = [sys.executable, "-m", "repd.adapters.openvino_apart", model,
+            "--precision", precision]
+    if cache_dir is not None:
+        argv += ["--cache-dir", str(cache_dir)]
+    env = dict(os.environ)
+    # The child must import this very repd, however this process found it.
+    package_parent = str(Path(repd.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join([package_parent, *filter(None, [env.get("PYTHONPATH")])])
+    try:
+        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, errors="replace", check=False)
+    except OSError as exc:
+        return f"cannot start {sys.executable}: {exc}"
+    if done.returncode == 0:
+        return None
+    said = (done.stderr.strip() or done.stdout.strip())[-_TAIL_CHARS:]
+    return f"exit status {done.returncode}: {said or 'no output'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load (so export) the model named on the command line; 1 with the reason on failure."""
+    ap = argparse.ArgumentParser(prog="python -m repd.adapters.openvino_apart")
+    ap.add_argument("model")
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--cache-dir", type=Path, default=None)
+    args = ap.parse_args(argv)
+    from repd.adapters.embedder import Embedder, EmbedderError
+
+    try:
+        Embedder.load(args.model, device="cpu", backend="openvino",
+                      openvino_precision=args.precision, cache_dir=args.cache_dir)
+    except EmbedderError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    from repd.process import end_process
+
+    end_process(main())  # without tearing torch and OpenVINO down (see repd.process)
