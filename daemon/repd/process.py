@@ -1,4 +1,5 @@
-"""How a repd process ends: at once once its work is done, and loudly when native code crashes."""
+"""How a repd process ends (at once once its work is done, loudly when native code
+crashes), and the environment of the repd processes it starts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,19 @@ import contextlib
 import faulthandler
 import os
 import sys
+from pathlib import Path
 from typing import NoReturn
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment for a child running ``python -m repd...``: the folder
+    this very repd was imported from comes first on ``PYTHONPATH``, however this process
+    found it (an install, a checkout on ``PYTHONPATH``, a test's path)."""
+    env = dict(os.environ)
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [package_parent, *filter(None, [env.get("PYTHONPATH")])])
+    return env
 
 
 def end_process(code: int) -> NoReturn:

@@ -12,12 +12,11 @@ its own process as before, where the same failure is raised with its own message
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import repd
+from repd.process import child_env
 
 #: The child's output kept for a failure's message (its last lines).
 _TAIL_CHARS = 2000
@@ -30,12 +29,8 @@ def export_apart(model: str, cache_dir: Path | None, precision: str) -> str | No
             "--precision", precision]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
-    env = dict(os.environ)
-    # The child must import this very repd, however this process found it.
-    package_parent = str(Path(repd.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([package_parent, *filter(None, [env.get("PYTHONPATH")])])
     try:
-        done = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+        done = subprocess.run(argv, env=child_env(), stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, errors="replace", check=False)
     except OSError as exc:
         return f"cannot start {sys.executable}: {exc}"

@@ -52,13 +52,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import IO, Any
 
-import repd
 from repd.adapters import store_edge
 from repd.adapters.store import DEFAULT_RRF_K, Store, StoreError, check_dim, check_sparse
 from repd.adapters.store_edge import DROPPING_SUFFIX, EdgeStore, shard_exists
 from repd.adapters.store_worker import pack_points, read_frame
 from repd.core.types import Hit, PointRecord, SearchMode, SparseVec
 from repd.log import get_logger
+from repd.process import child_env
 
 log = get_logger("store")
 
@@ -109,14 +109,9 @@ _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repd-store-spaw
 
 
 def _spawn() -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    # The child must import this very repd, however the parent found it.
-    package_parent = str(Path(repd.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [package_parent, *filter(None, [env.get("PYTHONPATH")])])
     argv = [sys.executable, "-m", "repd.adapters.store_worker", str(os.getpid())]
     return _SPAWNER.submit(subprocess.Popen, argv, stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, env=env).result()
+                           stdout=subprocess.PIPE, env=child_env()).result()
 
 
 def frame(method: str, *args: Any, **kwargs: Any) -> bytes:
