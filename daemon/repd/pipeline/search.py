@@ -108,8 +108,10 @@ class SearchHit:
 
 _WORD_RE = re.compile(r"[^\W_]+")
 # ASCII's non-word characters (those _WORD_RE splits at) as spaces: ``str.split`` then
-# finds the words of ASCII text in C, ~2.5x faster than the regex.
-_ASCII_SPACES = str.maketrans({chr(c): " " for c in range(128) if not chr(c).isalnum()})
+# finds the words of ASCII text in C, ~2.5x faster than the regex. A table for bytes:
+# ``bytes.translate`` runs ~3.5x faster than ``str.translate`` (~1.6 against ~5.6 us
+# for a chunk of 950 characters).
+_ASCII_SPACES = bytes(c if c >= 128 or chr(c).isalnum() else 32 for c in range(256))
 _CAMEL_RE = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 _STOPWORDS = frozenset(
     "a an and are as at be but by can do does for from has have how i if in into is it its "
@@ -135,11 +137,16 @@ def _word_terms(word: str) -> frozenset[str]:
                      if w not in _STOPWORDS)
 
 
+def _spaced(text: str) -> str:
+    """ASCII ``text`` with every non-word character a space (offsets unchanged)."""
+    return text.encode("ascii").translate(_ASCII_SPACES).decode("ascii")
+
+
 def _terms(text: str, spaced: str | None = None) -> set[str]:
     """Lower-cased word stems, identifiers also split (``rotateKeys``, ``rotate_keys``).
-    ``spaced``: ``text`` already translated by ``_ASCII_SPACES`` (ASCII text only)."""
+    ``spaced``: ``_spaced(text)``, given where the caller has it (ASCII text only)."""
     if spaced is None and text.isascii():
-        spaced = text.translate(_ASCII_SPACES)
+        spaced = _spaced(text)
     words = spaced.split() if spaced is not None else _WORD_RE.findall(text)
     # map and union run in C, not a loop in Python over the words.
     return set().union(*map(_word_terms, words))
@@ -179,23 +186,55 @@ def _best_start(text: str, weights: dict[str, int], lowered: str | None,
     A term is the stem (a prefix) of a lower-cased word, so it can only be found where
     the lower-cased text holds it. On ASCII text (``lowered`` given), which lower-cases
     letter for letter, only ``live`` terms (those ``lowered`` holds) can be found, and
-    sentences without any are passed over unread.
+    a sentence can score at most the weights of the live terms its lower-cased text
+    holds: sentences are read best bound first, and reading stops once no bound left
+    can beat (or tie earlier than) the best score read. Hits are dense in the query's
+    words: on SciFact's top-ten hybrid hits (~7 sentences each) ~2.5 are read, and
+    ``make_snippet`` runs 1.7x faster than when every sentence holding a live term was.
     """
     head = _WORD_RE.search(text)
     if head is None:
         return 0
-    spaced = text.translate(_ASCII_SPACES) if lowered is not None else None
+    if lowered is not None:
+        return _best_start_bounded(text, weights, lowered, live, head.start())
     best, best_score = 0, 0
     # From the first word on: the first unit is then the first that holds a word (its
     # leading characters, cut off, hold none), and the later ones are the same.
     a = head.start()
     for n, b in enumerate(_unit_ends(text, a)):
-        if lowered is None or any(t in lowered[a:b] for t in live):
-            terms = _terms(text[a:b], spaced[a:b] if spaced is not None else None)
-            score = sum(map(weights.__getitem__, live.intersection(terms)))
-            if score > best_score:
-                best, best_score = (a if n else 0), score
+        terms = _terms(text[a:b])
+        score = sum(map(weights.__getitem__, live.intersection(terms)))
+        if score > best_score:
+            best, best_score = (a if n else 0), score
         a = b
+    return best
+
+
+def _best_start_bounded(text: str, weights: dict[str, int], lowered: str, live: frozenset[str],
+                        a: int) -> int:
+    """``_best_start`` on ASCII text, from its first word at ``a``: the same sentence,
+    scored exactly only where its bound (the weights of the live terms its lower-cased
+    text holds) could still win. Ties go to the first sentence, as in order."""
+    bounded: list[tuple[int, int, int, int]] = []  # (-bound, n, start, end)
+    live_weights = [(t, weights[t]) for t in live]
+    for n, b in enumerate(_unit_ends(text, a)):
+        seg = lowered[a:b]
+        bound = sum(w for t, w in live_weights if t in seg)
+        if bound:
+            bounded.append((-bound, n, a, b))
+        a = b
+    bounded.sort()
+    spaced = _spaced(text) if bounded else ""
+    best, best_n, best_score = 0, -1, 0
+    for neg, n, a, b in bounded:
+        if -neg < best_score:
+            break  # sorted by bound: none left can reach the best score
+        if -neg == best_score and n > best_n:
+            continue  # at best a tie, after the best: the first of equals stays
+        score = sum(map(weights.__getitem__, live.intersection(_terms(text[a:b],
+                                                                     spaced[a:b]))))
+        if score > best_score or (score == best_score and score and n < best_n):
+            best, best_n, best_score = (a if n else 0), n, score
     return best
 
 
@@ -204,9 +243,15 @@ def _first_match(text: str, live: frozenset[str]) -> int:
     if not text.isascii():
         return next((m.start() for m in _WORD_RE.finditer(text)
                      if _word_terms(m.group()) & live), 0)
-    spaced = text.translate(_ASCII_SPACES)  # same offsets: one character for one
-    at = 0
-    for word in spaced.split():
+    # A word yields a term only where its lower-cased letters hold it: the words that
+    # end before the first place any live term is found cannot match, and are not read.
+    lowered = text.lower()
+    found = [i for i in map(lowered.find, live) if i >= 0]
+    if not found:
+        return 0
+    spaced = _spaced(text)  # same offsets: one character for one
+    at = spaced.rfind(" ", 0, min(found)) + 1  # the word that holds the first one
+    for word in spaced[at:].split():
         at = spaced.find(word, at)  # only spaces lie between ``at`` and this word
         if _word_terms(word) & live:
             return at
@@ -219,7 +264,7 @@ def make_snippet(text: str, query: str = "", width: int = SNIPPET_CHARS) -> str:
     that best matches ``query`` by shared words, longer words weighing more; from the
     start when none matches better than the first. A sentence too long to show whole
     begins a little before its first matching word. "... " marks a cut start, "..." a
-    cut end. A query shows ten: ~45 us each for 500 characters here (it was ~70)."""
+    cut end. A query shows ten: ~43 us each on SciFact's hybrid hits (800 characters)."""
     weights = _query_weights(query) if query else {}
     lowered = text.lower() if weights and text.isascii() else None
     live = frozenset(weights if lowered is None else (t for t in weights if t in lowered))
