@@ -22,6 +22,7 @@ from repd.api.server import ApiServer
 from repd.crashlog import Crash, CrashLog
 from repd.engine import QUERY_WARMUP, Engine
 from repd.errors import ConfigError
+from repd.heap import HeapTrimmer
 from repd.log import configure_logging, get_logger
 from repd.pipeline.changes import ChangeQueue
 from repd.pipeline.generations import Generations
@@ -70,6 +71,7 @@ class Daemon:
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._last_index_check = 0.0
+        self._heap = HeapTrimmer()
         self.watcher: Watcher | None = None
         self.worker: IndexWorker | None = None
         self.engine: Engine | None = None
@@ -322,6 +324,10 @@ class Daemon:
         with self.gate.grace(600):
             for handle in self.engine.generations.view.writing():
                 handle.store.maybe_build_index()
+        # The builds ran in the store processes; what this one's work freed goes back.
+        trimmed = self._heap.maybe_trim()
+        if trimmed is not None:
+            log.info("heap_trimmed", before_mib=trimmed[0] >> 20, after_mib=trimmed[1] >> 20)
 
     # -- reload --------------------------------------------------------------------------
 
