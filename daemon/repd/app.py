@@ -325,9 +325,11 @@ class Daemon:
             for handle in self.engine.generations.view.writing():
                 handle.store.maybe_build_index()
         # The builds ran in the store processes; what this one's work freed goes back.
+        t0 = time.monotonic()
         trimmed = self._heap.maybe_trim()
         if trimmed is not None:
-            log.info("heap_trimmed", before_mib=trimmed[0] >> 20, after_mib=trimmed[1] >> 20)
+            log.info("heap_trimmed", before_mib=trimmed[0] >> 20, after_mib=trimmed[1] >> 20,
+                     ms=round((time.monotonic() - t0) * 1000, 1))
 
     # -- reload --------------------------------------------------------------------------
 

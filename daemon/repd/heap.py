@@ -61,8 +61,9 @@ class HeapTrimmer:
 
     def maybe_trim(self) -> tuple[int, int] | None:
         """(resident bytes before, after) when it trimmed, else None. ctypes lets go of
-        the GIL during the call: other threads run (their ``malloc`` waits for the
-        arena being trimmed, a few milliseconds at most)."""
+        the GIL during the call, so other threads run (a ``malloc`` of theirs may wait
+        for the arena being trimmed): 18 ms for 240 MiB given back among 450 MiB live,
+        1 ms when there is nothing to give back."""
         if self._trim is None:
             return None
         before = resident_bytes()
