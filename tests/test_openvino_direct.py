@@ -277,3 +277,60 @@ def test_only_transformer_pooling_and_normalize_get_a_spec() -> None:
     assert openvino_runtime._pooling(model("Transformer", "Pooling", mode=("mean", "cls"))) is None
     assert openvino_runtime._pooling(model("Transformer", "Pooling", "Dense")) is None
     assert openvino_runtime._pooling(model("Transformer", "Pooling", "Normalize", "Dense")) is None
+
+
+def test_half_made_exports_of_gone_processes_are_removed_and_live_ones_kept(
+        tmp_path: Path) -> None:
+    import time
+
+    from repd.adapters.openvino_export import LEGACY_LEFTOVER_S, remove_leftovers
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    dead_pid = int(gone.stdout)
+    names = {
+        "dead": f".m_1.tmp-{dead_pid}-abc123",
+        "dead_damaged": f".m_1.damaged-{dead_pid}-1700000000",
+        "live": f".m_1.tmp-{os.getpid()}-def456",
+        "legacy_old": ".m_1.tmp-x1y2z3q4",
+        "legacy_new": ".m_2.tmp-q4z3y2x1",
+        "export": "m_1",
+        "other": ".cache",
+    }
+    for name in names.values():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "openvino_model.bin").write_bytes(b"\0" * 1024)
+    old = time.time() - LEGACY_LEFTOVER_S - 60
+    os.utime(tmp_path / names["legacy_old"], (old, old))
+    removed = remove_leftovers(tmp_path)
+    assert sorted(removed) == sorted([names["dead"], names["dead_damaged"],
+                                      names["legacy_old"]])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [names["live"], names["legacy_new"], names["export"], names["other"]])
+
+
+@needs_openvino
+def test_an_export_killed_midway_leaves_nothing_once_the_next_one_is_made(
+        tmp_path: Path) -> None:
+    import signal
+    import time
+
+    exports = tmp_path / "exports"
+    env = {**os.environ, CACHE_ENV: str(exports), "REPD_LOG_LEVEL": "warning"}
+    child = subprocess.Popen([sys.executable, "-m", "repd.adapters.openvino_apart", MODEL],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (exports.is_dir() and any(".tmp-" in p.name for p in exports.iterdir())):
+            assert child.poll() is None, "the export ended before it could be killed"
+            assert time.monotonic() < deadline, "no export folder appeared"
+            time.sleep(0.05)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    (left,) = [p for p in exports.iterdir() if ".tmp-" in p.name]
+    assert f".tmp-{child.pid}-" in left.name
+    got = _load_in_child(MODEL, exports, apart=True)  # the next start: exports again
+    assert got["runtime"] == "direct"
+    assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []
+    assert (_export_dir(exports) / RUNTIME_SPEC).is_file()

@@ -37,7 +37,8 @@ from repd.log import get_logger
 
 __all__ = ["CACHE_ENV", "MARKER", "RUNTIME_SPEC", "ExportReport", "export_folder", "export_root",
            "library_versions", "load_or_export", "openvino_available", "put_in_place",
-           "read_marker", "set_aside", "temp_folder", "worst_cosine", "write_marker"]
+           "read_marker", "remove_leftovers", "set_aside", "temp_folder", "worst_cosine",
+           "write_marker"]
 
 log = get_logger("openvino")
 
@@ -248,9 +249,65 @@ def _export(source: str, folder: Path, model_id: str, ov_config: dict[str, str],
 
 
 def temp_folder(folder: Path) -> Path:
-    """A new empty folder beside ``folder``, to build its contents in (see :func:`put_in_place`)."""
+    """A new empty folder beside ``folder``, to build its contents in (see :func:`put_in_place`).
+
+    Its name carries this process's pid: an export killed midway (``kill -9`` of a
+    first ``repd index``, of the daemon's export child) leaves its folder behind, tens
+    or hundreds of MB, and the next export in the same cache folder removes it once its
+    process is gone (:func:`remove_leftovers`).
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    remove_leftovers(folder.parent)
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-{os.getpid()}-",
+                                 dir=folder.parent))
+
+
+#: A leftover's name: ``.NAME.tmp-PID-XXXX`` (``temp_folder``) or ``.NAME.damaged-PID-NS``
+#: (``set_aside``); ``.NAME.tmp-XXXX`` from before the pid was in the name.
+_LEFTOVER_RE = re.compile(r"^\..+\.(?:tmp|damaged)-(?:(\d+)-)?[^/]*$")
+#: Age past which a leftover without a pid in its name is taken for abandoned.
+LEGACY_LEFTOVER_S = 3600.0
+
+
+def remove_leftovers(parent: Path) -> list[str]:
+    """Remove the half-made exports in ``parent`` whose process is gone (no such pid);
+    those named without a pid once they are an hour old. Returns the names removed.
+    A live process's folder is never touched, nor is anything else in ``parent``."""
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _LEFTOVER_RE.match(entry.name)
+        if m is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            if m.group(1) is not None:
+                if _alive(int(m.group(1))):
+                    continue
+            elif time.time() - entry.stat(follow_symlinks=False).st_mtime < LEGACY_LEFTOVER_S:
+                continue
+        except (OSError, ValueError):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not Path(entry.path).exists():
+            removed.append(entry.name)
+            log.info("openvino_export_leftover_removed", path=entry.path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (of any user: EPERM means it does)."""
+    if pid <= 0:
+        return True  # not a pid this module wrote: leave it
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_marker(tmp: Path, model_id: str, source: str, probes: Sequence[str],
