@@ -1,5 +1,5 @@
 """How a repd process ends (at once once its work is done, loudly when native code
-crashes), and the environment of the repd processes it starts."""
+crashes), the environment of the repd processes it starts, and whether a process lives."""
 
 from __future__ import annotations
 
@@ -20,6 +20,17 @@ def child_env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(
         [package_parent, *filter(None, [env.get("PYTHONPATH")])])
     return env
+
+
+def process_exists(pid: int) -> bool:
+    """Whether a process ``pid`` exists, of any user (EPERM means it does)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def end_process(code: int) -> NoReturn:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO
 
 from repd.errors import EXIT_ERROR, EXIT_TEMPFAIL, ConfigError, EngineError, TransientError
+from repd.process import process_exists
 
 WRITER_LOCK = "writer.lock"
 STORE_LOCK = "store.lock"
@@ -281,16 +282,6 @@ def _reader_holder(data_dir: Path) -> Holder:
 # -- the daemon's record -----------------------------------------------------------------
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_daemon_record(data_dir: Path, pid: int | None = None) -> DaemonRecord | None:
     """The daemon recorded in ``data_dir`` if it is still alive (and is ``pid``, if given)."""
     try:
@@ -300,7 +291,7 @@ def read_daemon_record(data_dir: Path, pid: int | None = None) -> DaemonRecord |
         return None
     if pid is not None and record.pid != pid:
         return None
-    return record if _alive(record.pid) else None
+    return record if process_exists(record.pid) else None
 
 
 def announce_daemon(data_dir: Path, socket: Path | str) -> None:

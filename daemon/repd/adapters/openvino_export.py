@@ -34,6 +34,7 @@ import numpy as np
 from repd import paths
 from repd.adapters.device import EmbedderError
 from repd.log import get_logger
+from repd.process import process_exists
 
 __all__ = ["CACHE_ENV", "MARKER", "RUNTIME_SPEC", "ExportReport", "export_folder", "export_root",
            "library_versions", "load_or_export", "openvino_available", "put_in_place",
@@ -284,7 +285,7 @@ def remove_leftovers(parent: Path) -> list[str]:
             continue
         try:
             if m.group(1) is not None:
-                if _alive(int(m.group(1))):
+                if process_exists(int(m.group(1))):
                     continue
             elif time.time() - entry.stat(follow_symlinks=False).st_mtime < LEGACY_LEFTOVER_S:
                 continue
@@ -295,19 +296,6 @@ def remove_leftovers(parent: Path) -> list[str]:
             removed.append(entry.name)
             log.info("openvino_export_leftover_removed", path=entry.path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (of any user: EPERM means it does)."""
-    if pid <= 0:
-        return True  # not a pid this module wrote: leave it
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_marker(tmp: Path, model_id: str, source: str, probes: Sequence[str],
