@@ -296,6 +296,7 @@ def test_half_made_exports_of_gone_processes_are_removed_and_live_ones_kept(
         "legacy_new": ".m_2.tmp-q4z3y2x1",
         "export": "m_1",
         "other": ".cache",
+        "no_such_pid": ".m_3.tmp-99999999999999999999-abc",  # kept, and no error
     }
     for name in names.values():
         (tmp_path / name).mkdir()
@@ -306,7 +307,8 @@ def test_half_made_exports_of_gone_processes_are_removed_and_live_ones_kept(
     assert sorted(removed) == sorted([names["dead"], names["dead_damaged"],
                                       names["legacy_old"]])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [names["live"], names["legacy_new"], names["export"], names["other"]])
+        [names["live"], names["legacy_new"], names["export"], names["other"],
+         names["no_such_pid"]])
 
 
 @needs_openvino

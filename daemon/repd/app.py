@@ -324,7 +324,7 @@ class Daemon:
         with self.gate.grace(600):
             for handle in self.engine.generations.view.writing():
                 handle.store.maybe_build_index()
-        # The builds ran in the store processes; what this one's work freed goes back.
+        # What this process's work freed goes back to the system (see repd.heap).
         t0 = time.monotonic()
         trimmed = self._heap.maybe_trim()
         if trimmed is not None:

@@ -289,7 +289,7 @@ def remove_leftovers(parent: Path) -> list[str]:
                     continue
             elif time.time() - entry.stat(follow_symlinks=False).st_mtime < LEGACY_LEFTOVER_S:
                 continue
-        except (OSError, ValueError):
+        except (OSError, ValueError, OverflowError):  # a pid past any kernel's: not ours
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         if not Path(entry.path).exists():
