@@ -311,7 +311,7 @@ def test_a_short_query_runs_on_a_copy_of_its_width_with_the_same_vector(
     """Once asked for (the daemon does), queries of up to 16, 17-24, 25-32 and 33-48
     tokens run on copies compiled for that input shape, with every core, and get the
     vectors the dynamic bulk copy gives them; without, none is compiled (a one-shot
-    command). A longer one runs on the bulk copy."""
+    command). A longer one runs on the bulk copy. Asking also readies the one-thread copy."""
     _, ov_emb = pair
     copies: Any = ov_emb._backend.copies  # type: ignore[attr-defined]
     widths = openvino_backend.QUERY_WIDTHS
@@ -325,11 +325,15 @@ def test_a_short_query_runs_on_a_copy_of_its_width_with_the_same_vector(
     fresh_copies: Any = fresh._backend.copies  # type: ignore[attr-defined]
     dynamic = np.concatenate([fresh.embed([t]) for t in texts])
     assert fresh_copies.query_widths == () and fresh_copies._widths == {}
+    assert fresh_copies.small is None  # a one-shot command compiles no one-thread copy
     monkeypatch.setattr(copies, "query_widths", ())
     monkeypatch.setattr(copies, "_widths", {})  # as if none was compiled yet
+    monkeypatch.setattr(copies, "small", None)
     monkeypatch.setattr(copies, "_local", threading.local())  # nor requested
     ov_emb.use_query_widths()  # no passage: compiled on first use
     assert copies.query_widths == widths and copies._widths == {}
+    # The one-thread copy, for queries that come while a batch runs, is ready now.
+    assert int(copies.small.get_property("INFERENCE_NUM_THREADS")) == 1
     by_width = np.concatenate([ov_emb.embed([t]) for t in texts])
     assert sorted(copies._widths) == list(widths)
     for width in widths:

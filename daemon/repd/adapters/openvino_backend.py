@@ -11,8 +11,9 @@ same network:
 * a small input (at most ``_SMALL_RUN_TOKENS`` padded tokens: a search query) runs with
   all cores too while no bulk batch holds them (a SciFact question in 3.4 ms against 6.0
   on one thread, idle, this 2-core box), else on the *small* copy, one thread, compiled
-  on first use. A query never queues behind a bulk batch (a lock held for each bulk run,
-  taken by a query only when free), and a bulk batch waits for at most one query's run.
+  on first use (in a long-lived process, at load: ``use_query_widths``). A query never
+  queues behind a bulk batch (a lock held for each bulk run, taken by a query only when
+  free), and a bulk batch waits for at most one query's run.
   With all cores, one text of at most ``QUERY_WIDTHS[-1]`` tokens runs on a *width* copy:
   the network compiled for one input shape, the text padded to it, the padding's outputs
   dropped (OpenVINO's CPU kernels for a fixed shape embedded SciFact questions in 3.9 ms
@@ -69,6 +70,9 @@ log = get_logger("openvino")
 #: 16 and 32 only, 4.92 / 6.57 on the dynamic copy; ~33 MiB each.
 QUERY_WIDTHS = (16, 24, 32, 48)
 
+#: Tokens of the input that :meth:`CompiledCopies.warm_small` runs: a short query's.
+_WARM_TOKENS = 16
+
 #: The least cosine between a probe text's vector in another precision and in f32 for
 #: that precision to count as the same representation (the bar torch and OpenVINO f32
 #: clear by far, ~1 - 1e-7). bf16 on MiniLM: 0.99997 to torch on 300 SciFact documents.
@@ -120,8 +124,8 @@ class CompiledCopies:
     @contextlib.contextmanager
     def bulk_only(self) -> Iterator[None]:
         """Run this thread's inputs on the bulk copy, however small (the load's probes:
-        a load then compiles one copy, not two; the one-thread copy is compiled for the
-        first query that comes while a batch runs, 0.3 s on 2 cores)."""
+        a load then compiles one copy, not two; the one-thread copy is compiled when a query
+        first needs it, or by ``warm_small``, ~0.25 s on 2 cores)."""
         self._probing.on = True
         try:
             yield
@@ -178,6 +182,15 @@ class CompiledCopies:
                 self.small = ov.Core().compile_model(self.network, "CPU",
                                                      bulk_config(1, self.precision))
             return self.small
+
+    def warm_small(self) -> None:
+        """Compile the one-thread copy and run it once now (~0.25 s on 2 cores: 0.2 s of
+        compile, 60 ms of first run), not in the first query that comes while a batch
+        runs: that query, often the one that looks for a file just saved, took 0.4-0.5 s
+        where the next ones take ~70 ms (``bench/bench_daemon.py``). ~10 MiB."""
+        ids = np.zeros((1, _WARM_TOKENS), dtype=np.int64)  # 0 is in every vocabulary
+        inputs = self.inputs_for({"input_ids": ids, "attention_mask": np.ones_like(ids)})
+        self._run(self.request(small=True), inputs, copy=False)
 
     def request(self, small: bool) -> Any:
         """This thread's infer request on the small or the bulk copy (made on first use)."""
@@ -313,8 +326,10 @@ class RunsCompiledCopies:
 
     def use_query_widths(self) -> tuple[int, ...]:
         """Run single short inputs on width copies from now on (see the module doc); the
-        widths, smallest first."""
+        widths, smallest first. The one-thread copy, which queries take while a batch
+        runs, is made ready now too (:meth:`CompiledCopies.warm_small`)."""
         self.copies.query_widths = QUERY_WIDTHS
+        self.copies.warm_small()
         return QUERY_WIDTHS
 
     def _probe(self) -> np.ndarray:
