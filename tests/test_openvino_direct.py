@@ -336,3 +336,52 @@ def test_an_export_killed_midway_leaves_nothing_once_the_next_one_is_made(
     assert got["runtime"] == "direct"
     assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []
     assert (_export_dir(exports) / RUNTIME_SPEC).is_file()
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped yet does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+# A daemon's loading thread, reduced to the call that has the export made apart.
+_EXPORTING_PARENT = """
+import sys
+from repd.adapters.openvino_apart import export_apart
+print(export_apart(sys.argv[1], None, "auto"))
+"""
+
+
+@needs_openvino
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_export_child_dies_with_the_daemon_that_waits_for_it(tmp_path: Path) -> None:
+    """A daemon killed mid-export (kill -9) leaves no export running on: the child
+    would spend minutes of CPU beside the export the restarted daemon begins."""
+    import signal
+    import time
+
+    exports = tmp_path / "exports"
+    env = {**os.environ, CACHE_ENV: str(exports), "REPD_LOG_LEVEL": "warning"}
+    parent = subprocess.Popen([sys.executable, "-c", _EXPORTING_PARENT, MODEL], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (exports.is_dir() and any(".tmp-" in p.name for p in exports.iterdir())):
+            assert parent.poll() is None, "the export ended before its parent could be killed"
+            assert time.monotonic() < deadline, "no export folder appeared"
+            time.sleep(0.05)
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    (left,) = [p for p in exports.iterdir() if ".tmp-" in p.name]
+    child = int(left.name.split(".tmp-", 1)[1].split("-", 1)[0])  # .NAME.tmp-PID-XXXX
+    assert child != parent.pid
+    deadline = time.monotonic() + 60  # a SIGKILL: seconds even on a loaded machine
+    while _running(child):
+        assert time.monotonic() < deadline, f"export child {child} outlived its parent"
+        time.sleep(0.05)
+    # Killed, not finished: the export never went into place.
+    assert left.is_dir() and not [p for p in exports.iterdir() if (p / MARKER).is_file()]

@@ -12,11 +12,12 @@ its own process as before, where the same failure is raised with its own message
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from repd.process import child_env
+from repd.process import child_env, die_with_parent
 
 #: The child's output kept for a failure's message (its last lines).
 _TAIL_CHARS = 2000
@@ -25,8 +26,11 @@ _TAIL_CHARS = 2000
 def export_apart(model: str, cache_dir: Path | None, precision: str) -> str | None:
     """Export ``model`` for the CPU in a child process, as ``Embedder.load`` would with
     ``backend="openvino"``; None when it succeeded, else what it said last."""
+    # The child dies with this process (a daemon killed mid-export leaves no export
+    # running on; the next start removes its half-made folder): started by the thread
+    # that waits for it, so the parent-death signal cannot fire early.
     argv = [sys.executable, "-m", "repd.adapters.openvino_apart", model,
-            "--precision", precision]
+            "--precision", precision, "--parent", str(os.getpid())]
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
     try:
@@ -46,7 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("model")
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--cache-dir", type=Path, default=None)
+    ap.add_argument("--parent", type=int, default=None,
+                    help="die with this process (the daemon that waits for the export)")
     args = ap.parse_args(argv)
+    if args.parent is not None:
+        die_with_parent(args.parent)
     from repd.adapters.embedder import Embedder, EmbedderError
 
     try:

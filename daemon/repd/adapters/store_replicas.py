@@ -103,7 +103,7 @@ BUILD_AHEAD = 4
 WRITER_WAIT = 20.0
 
 # Every store process is started from this one long-lived thread: the kernel's
-# parent-death signal (store_worker._die_with_parent) fires when the *thread* that
+# parent-death signal (repd.process.die_with_parent) fires when the *thread* that
 # forked the child ends, and the threads that open stores may be short-lived.
 _SPAWNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repd-store-spawn")
 

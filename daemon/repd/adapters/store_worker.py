@@ -30,6 +30,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from repd.process import die_with_parent
+
 _HEADER = struct.Struct(">Q")
 #: How much lower than the process's the priority of a build is (a nice increment):
 #: on a machine with few cores the standby's build would otherwise take CPU time from
@@ -154,26 +156,12 @@ def _lower_thread_priority() -> None:
                            min(19, os.getpriority(os.PRIO_PROCESS, tid) + BUILD_NICE))
 
 
-def _die_with_parent(parent: int) -> None:
-    """Be killed when the daemon dies, even mid-build: a build holds this process's GIL
-    for seconds, and the shard's lock with it, which a restarted daemon needs at once."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before the call above
-        os._exit(1)
-
-
 def main() -> int:
     """Entry point: frames on stdin/stdout; stray prints of libraries go to stderr.
 
-    ``argv[1]``: the parent's pid (see ``_die_with_parent``)."""
+    ``argv[1]``: the parent's pid (see :func:`repd.process.die_with_parent`)."""
     if len(sys.argv) > 1:
-        _die_with_parent(int(sys.argv[1]))
+        die_with_parent(int(sys.argv[1]))
     # The daemon alone decides when this process ends (end of input, or its death):
     # Ctrl-C or a closed terminal signals the whole process group, and systemd's stop
     # sends SIGTERM to the whole unit; dying then would lose writes the daemon is still
