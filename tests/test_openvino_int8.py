@@ -207,6 +207,69 @@ def test_a_damaged_variant_is_made_again(
     assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []  # no leftovers
 
 
+# A daemon's load of a variant (export_apart), in a fresh process that reports what it
+# imported: the making of the variant, with NNCF and torch, happens in its child.
+_CHILD_APART = """
+import json, sys
+from repd.adapters.embedder import Embedder
+texts = json.loads(sys.argv[2])
+emb = Embedder.load(sys.argv[1], device="cpu", calibration=lambda: texts, export_apart=True)
+print(json.dumps({"model_id": emb.model_id, "vectors": emb.embed(json.loads(sys.argv[3])).tolist(),
+                  "imported": sorted(m for m in ("torch", "transformers", "sentence_transformers",
+                                                 "optimum.intel", "nncf") if m in sys.modules)}))
+"""
+
+
+@needs_openvino
+def test_a_daemon_has_the_variant_made_by_a_child_and_never_imports_torch(
+        base: Path, exports: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NNCF imports torch: a daemon that made a variant in its own process kept ~510 MiB
+    for its life against ~230 MiB. With ``export_apart`` (the daemon's loads) a child
+    makes the base's export and the variant from the same chunk texts, the same model."""
+    env = {**os.environ, CACHE_ENV: str(exports), "REPD_LOG_LEVEL": "warning"}
+    done = subprocess.run([sys.executable, "-c", _CHILD_APART, f"{base}{SUFFIX}",
+                           json.dumps(_CHUNKS), json.dumps(_TEXTS)],
+                          env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    child = json.loads(done.stdout.strip().splitlines()[-1])
+    assert child["imported"] == []
+    assert [p.name for p in exports.iterdir() if p.name.startswith(".")] == []
+    # The same model as one made in-process from the same texts (NNCF is deterministic).
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports-here"))
+    here = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=Calibration(_CHUNKS))
+    assert child["model_id"] == here.model_id
+    assert float(_cos(child["vectors"], here.embed(_TEXTS)).min()) >= 0.9999
+
+
+@needs_openvino
+def test_when_the_child_cannot_make_the_variant_this_process_does_from_the_same_texts(
+        base: Path, exports: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from repd.adapters import openvino_apart
+
+    given: list[list[str]] = []
+
+    def failing(model: str, cache_dir: Path | None, precision: str,
+                calibration: list[str] | None = None) -> str:
+        given.append(list(calibration or []))
+        return "exit status 9: boom"
+
+    monkeypatch.setattr(openvino_apart, "export_apart", failing)
+    calibration = Calibration(_CHUNKS)
+    emb = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration,
+                        export_apart=True)
+    assert given == [_CHUNKS]  # the texts went to the child
+    assert calibration.calls == 1  # and were not asked of the index a second time
+    out = capsys.readouterr().out
+    assert "openvino_export_apart_failed" in out and "boom" in out
+    assert emb.model_id.startswith(f"{emb.model_id.partition(SUFFIX)[0]}{SUFFIX}:")
+    assert emb.precision.startswith("int8+")
+    # Made now: the next load neither asks for texts nor starts a child.
+    again = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration,
+                          export_apart=True)
+    assert again.model_id == emb.model_id and calibration.calls == 1 and len(given) == 1
+
+
 def _watch_loading(d: DaemonProc, seen: list[str], stop: threading.Event) -> None:
     """Collect the migration messages of the ``loading`` state until ``stop``."""
     client = ApiClient(d.socket, timeout=30)

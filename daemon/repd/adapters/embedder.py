@@ -160,7 +160,7 @@ class Embedder:
         base, int8 = split_variant(model)
         if int8:
             return cls._load_int8(model, base, device, token_budget, cache_dir, backend,
-                                  openvino_precision, calibration)
+                                  openvino_precision, calibration, export_apart)
         resolved = choose_device(device)
         source, short_name = _resolve_source(model)
         if resolved == "cpu" and backend.strip().lower() in ("auto", "openvino"):
@@ -255,10 +255,12 @@ class Embedder:
     @classmethod
     def _load_int8(cls, model: str, base: str, device: str, token_budget: int | None,
                    cache_dir: Path | None, backend: str, precision: str,
-                   calibration: Callable[[], Sequence[str]] | None) -> Embedder:
-        """``base``'s int8 variant, on OpenVINO with no torch (made first if needed)."""
-        from repd.adapters.openvino_export import export_folder
-        from repd.adapters.openvino_int8 import load_variant
+                   calibration: Callable[[], Sequence[str]] | None,
+                   export_apart: bool) -> Embedder:
+        """``base``'s int8 variant, on OpenVINO with no torch (made first if needed: with
+        ``export_apart``, by a child process, see :func:`_make_variant_apart`)."""
+        from repd.adapters.openvino_export import MARKER, export_folder
+        from repd.adapters.openvino_int8 import SUFFIX, load_variant
 
         # ``auto`` picks the CPU here even beside a GPU: the variant is a CPU model, and
         # naming it is asking for it. A device named outright is not overruled.
@@ -281,6 +283,9 @@ class Embedder:
         def ensure_base() -> None:  # the base export and its runtime spec
             cls.load(base, device="cpu", token_budget=token_budget, cache_dir=cache_dir,
                      backend="openvino", openvino_precision="f32")
+
+        if export_apart and not (export_folder(base_id + SUFFIX) / MARKER).is_file():
+            calibration = _make_variant_apart(model, cache_dir, precision, calibration)
 
         model_id, runner = load_variant(base_id, export_folder(base_id), ensure_base,
                                         calibration, wanted,
@@ -513,6 +518,33 @@ def _record_runtime_spec(st_model: Any, runner: Any, folder: Path, model_id: str
     marker, _ = read_marker(folder, model_id)
     if spec is not None and marker is not None:
         record_spec(folder, marker.get("created"), spec)
+
+
+def _make_variant_apart(model: str, cache_dir: Path | None, precision: str,
+                        calibration: Callable[[], Sequence[str]] | None,
+                        ) -> Callable[[], Sequence[str]] | None:
+    """Have a child process make the int8 variant ``model`` (and its base's export) from
+    ``calibration``'s texts, so that NNCF and torch are never imported here; the texts
+    as a callable for ``load_variant``, which finds the variant made, or, when the child
+    failed (a warning), makes it in this process from the same texts, raising its own
+    message."""
+    from repd.adapters.openvino_apart import export_apart
+    from repd.adapters.openvino_int8 import CALIBRATION_TEXTS
+
+    if calibration is None:
+        return None
+    texts = [t for t in calibration() if t.strip()][:CALIBRATION_TEXTS]
+    if texts:
+        log.info("openvino_exporting_apart", model=model, calibration_texts=len(texts))
+        started = time.perf_counter()
+        problem = export_apart(model, cache_dir, precision, texts)
+        if problem is None:
+            log.info("openvino_exported_apart", model=model,
+                     seconds=round(time.perf_counter() - started, 1))
+        else:
+            log.warning("openvino_export_apart_failed", model=model, error=problem,
+                        using="this process")
+    return lambda: texts
 
 
 def _one_line(exc: BaseException) -> str:
