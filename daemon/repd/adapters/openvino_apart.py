@@ -7,7 +7,7 @@ export with no torch at all (:mod:`repd.adapters.openvino_runtime`). So a long-l
 process has the export made, verified and given its runtime spec by a child, which
 exits, and then loads it the torch-free way. If the child fails, the caller goes on in
 its own process as before, where the same failure is raised with its own message. An
-int8 variant (``NAME+int8``) is made there too, from chunk texts passed in a file: NNCF
+int8 variant (``NAME+int8``) is made there too, from chunk texts sent on its stdin: NNCF
 imports torch, and a daemon that made one in-process held ~510 MiB against ~230.
 """
 
@@ -18,7 +18,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,28 +33,23 @@ def export_apart(model: str, cache_dir: Path | None, precision: str,
     ``backend="openvino"``; None when it succeeded, else what it said last.
 
     ``calibration``: for an int8 variant (``NAME+int8``), the chunk texts it is made
-    from; the child makes the base's export and the variant (NNCF imports torch too).
+    from, sent on the child's standard input (no file holding the user's text is left
+    behind by a kill); the child makes the base's export and the variant (NNCF imports
+    torch too).
     """
-    if calibration is not None:
-        with tempfile.TemporaryDirectory(prefix="repd-calibration-") as tmp:
-            texts = Path(tmp) / "texts.json"
-            texts.write_text(json.dumps(list(calibration)), encoding="utf-8")
-            return _run_child(model, cache_dir, precision, ["--calibration", str(texts)])
-    return _run_child(model, cache_dir, precision, [])
-
-
-def _run_child(model: str, cache_dir: Path | None, precision: str,
-               extra: list[str]) -> str | None:
     # The child dies with this process (a daemon killed mid-export leaves no export
     # running on; the next start removes its half-made folder): started by the thread
     # that waits for it, so the parent-death signal cannot fire early.
     argv = [sys.executable, "-m", "repd.adapters.openvino_apart", model,
-            "--precision", precision, "--parent", str(os.getpid()), *extra]
+            "--precision", precision, "--parent", str(os.getpid())]
+    if calibration is not None:
+        argv.append("--calibration-stdin")
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
     try:
-        done = subprocess.run(argv, env=child_env(), stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, errors="replace", check=False)
+        done = subprocess.run(
+            argv, env=child_env(), capture_output=True, text=True, errors="replace",
+            check=False, input="" if calibration is None else json.dumps(list(calibration)))
     except OSError as exc:
         return f"cannot start {sys.executable}: {exc}"
     if done.returncode == 0:
@@ -72,16 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--parent", type=int, default=None,
                     help="die with this process (the daemon that waits for the export)")
-    ap.add_argument("--calibration", type=Path, default=None,
-                    help="a JSON list of chunk texts an int8 variant (NAME+int8) is made from")
+    ap.add_argument("--calibration-stdin", action="store_true",
+                    help="read a JSON list of chunk texts on standard input: what an int8 "
+                    "variant (NAME+int8) is made from")
     args = ap.parse_args(argv)
     if args.parent is not None:
         die_with_parent(args.parent)
     from repd.adapters.embedder import Embedder, EmbedderError
 
     texts: list[str] | None = None
-    if args.calibration is not None:
-        texts = json.loads(args.calibration.read_text(encoding="utf-8"))
+    if args.calibration_stdin:
+        texts = json.loads(sys.stdin.read())
     try:
         Embedder.load(args.model, device="cpu", backend="openvino",
                       openvino_precision=args.precision, cache_dir=args.cache_dir,
