@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -30,6 +32,46 @@ if TEST_ONE_COPY:
     StoreSettings.model_fields["replicas"].default = False
     StoreSettings.model_rebuild(force=True)
     Settings.model_rebuild(force=True)
+
+
+#: Where a native crash of this test process leaves every thread's stack. Code under
+#: test points faulthandler at ``sys.__stderr__`` (``repd.process.fatal_errors_to_stderr``),
+#: fd 2, which pytest's capture swaps for a temporary file during each test, a file that
+#: dies with the process: a CI run once ended in "Segmentation fault" and nothing else.
+#: So for the run ``sys.__stderr__`` (which nothing else in repd writes to) is this file,
+#: and each test re-arms faulthandler on it after a line naming the test; .ci/run prints
+#: it when the run dies of a signal.
+FATAL_LOG = os.environ.get("REPD_TEST_FATAL_LOG") or os.path.join(
+    tempfile.gettempdir(), f"repd-tests-fatal-{os.getuid()}.log")
+_fatal: IO[str] | None = None
+_STDERR = sys.__stderr__
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Open (and empty) :data:`FATAL_LOG` for this run."""
+    global _fatal
+    _fatal = open(FATAL_LOG, "w", encoding="utf-8")  # noqa: SIM115 (held for the run)
+    sys.__stderr__ = _fatal  # type: ignore[misc]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Name the test about to run in :data:`FATAL_LOG` and send fatal errors there."""
+    if _fatal is None:
+        return
+    _fatal.seek(0)
+    _fatal.truncate()
+    _fatal.write(f"running {item.nodeid}\n")
+    _fatal.flush()
+    faulthandler.enable(file=_fatal, all_threads=True)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A run that ends normally leaves no file."""
+    if _fatal is not None:
+        sys.__stderr__ = _STDERR  # type: ignore[misc]
+        faulthandler.disable()
+        _fatal.close()
+        os.unlink(FATAL_LOG)
 
 
 @pytest.fixture(scope="session", autouse=True)

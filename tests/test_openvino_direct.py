@@ -163,6 +163,49 @@ def test_a_child_export_that_fails_leaves_the_load_to_this_process(
     assert (_export_dir(tmp_path / "exports") / RUNTIME_SPEC).is_file()
 
 
+def _python_that_dies(folder: Path, times: int, python: str) -> tuple[Path, Path]:
+    """A stand-in for ``python`` that dies of SIGSEGV on its first ``times`` starts (as
+    a crash in native code would), then runs it; and the file that counts its starts."""
+    folder.mkdir()
+    starts = folder / "starts"
+    wrapper = folder / "python"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f"echo start >> '{starts}'\n"
+        f"if [ \"$(wc -l < '{starts}')\" -le {times} ]; then kill -SEGV $$; fi\n"
+        f"exec '{python}' \"$@\"\n")
+    wrapper.chmod(0o755)
+    return wrapper, starts
+
+
+@needs_openvino
+def test_an_export_child_killed_by_a_signal_is_followed_by_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A child that dies of a signal (the conversion has crashed in native code, rarely)
+    costs one more child, not an export in the daemon's own process; one that keeps
+    dying is given up after ``CHILD_ATTEMPTS``, and says how it died."""
+    from repd.adapters import openvino_apart
+
+    exports = tmp_path / "exports"
+    monkeypatch.setenv(CACHE_ENV, str(exports))
+    python = sys.executable
+    always, starts = _python_that_dies(tmp_path / "always", 99, python)
+    monkeypatch.setattr(sys, "executable", str(always))
+    problem = openvino_apart.export_apart(MODEL, None, "auto")
+    assert problem is not None and problem.startswith("exit status -11")
+    assert len(starts.read_text().splitlines()) == openvino_apart.CHILD_ATTEMPTS == 2
+    out = capsys.readouterr().out
+    assert out.count("openvino_export_child_killed") == 2 and "signal=11" in out
+
+    once, starts = _python_that_dies(tmp_path / "once", 1, python)
+    monkeypatch.setattr(sys, "executable", str(once))
+    assert openvino_apart.export_apart(MODEL, None, "auto") is None
+    assert len(starts.read_text().splitlines()) == 2
+    assert (_export_dir(exports) / RUNTIME_SPEC).is_file()  # made by the second child
+    assert capsys.readouterr().out.count("openvino_export_child_killed") == 1
+
+
 @needs_openvino
 def test_cls_pooling_and_a_model_without_normalize_run_directly_too(tmp_path: Path) -> None:
     """The two other shapes the direct runtime takes, each against its own torch vectors."""

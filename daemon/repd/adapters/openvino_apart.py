@@ -21,16 +21,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from repd.process import child_env, die_with_parent
+from repd.log import get_logger
+from repd.process import child_env, die_with_parent, fatal_errors_to_stderr
+
+log = get_logger("openvino_apart")
 
 #: The child's output kept for a failure's message (its last lines).
 _TAIL_CHARS = 2000
+#: Children started for one export when each dies of a signal (see :func:`export_apart`).
+CHILD_ATTEMPTS = 2
 
 
 def export_apart(model: str, cache_dir: Path | None, precision: str,
                  calibration: Sequence[str] | None = None) -> str | None:
     """Export ``model`` for the CPU in a child process, as ``Embedder.load`` would with
-    ``backend="openvino"``; None when it succeeded, else what it said last.
+    ``backend="openvino"``; None when it succeeded, else what it said last. A child
+    killed by a signal is followed by another, up to ``CHILD_ATTEMPTS`` in all.
 
     ``calibration``: for an int8 variant (``NAME+int8``), the chunk texts it is made
     from, sent on the child's standard input (no file holding the user's text is left
@@ -46,16 +52,27 @@ def export_apart(model: str, cache_dir: Path | None, precision: str,
         argv.append("--calibration-stdin")
     if cache_dir is not None:
         argv += ["--cache-dir", str(cache_dir)]
-    try:
-        done = subprocess.run(
-            argv, env=child_env(), capture_output=True, text=True, errors="replace",
-            check=False, input="" if calibration is None else json.dumps(list(calibration)))
-    except OSError as exc:
-        return f"cannot start {sys.executable}: {exc}"
-    if done.returncode == 0:
-        return None
-    said = (done.stderr.strip() or done.stdout.strip())[-_TAIL_CHARS:]
-    return f"exit status {done.returncode}: {said or 'no output'}"
+    stdin = "" if calibration is None else json.dumps(list(calibration))
+    problem = ""
+    for attempt in range(1, CHILD_ATTEMPTS + 1):
+        try:
+            done = subprocess.run(argv, env=child_env(), capture_output=True, text=True,
+                                  errors="replace", check=False, input=stdin)
+        except OSError as exc:
+            return f"cannot start {sys.executable}: {exc}"
+        if done.returncode == 0:
+            return None
+        said = (done.stderr.strip() or done.stdout.strip())[-_TAIL_CHARS:]
+        problem = f"exit status {done.returncode}: {said or 'no output'}"
+        if done.returncode > 0:
+            return problem  # the child's own verdict (no such model, a mismatch): final
+        # Killed by a signal: a crash in native code (the torch-to-OpenVINO conversion
+        # has died of SIGSEGV, rarely and not again on the same input), or a kill. Another
+        # child is cheap against the alternative, the same conversion in the caller's
+        # own process, where such a crash would take a daemon down.
+        log.warning("openvino_export_child_killed", signal=-done.returncode,
+                    attempt=attempt, of=CHILD_ATTEMPTS, said=said[-300:])
+    return problem
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="read a JSON list of chunk texts on standard input: what an int8 "
                     "variant (NAME+int8) is made from")
     args = ap.parse_args(argv)
+    # A crash in native code prints every thread's stack: the parent quotes its tail.
+    fatal_errors_to_stderr()
     if args.parent is not None:
         die_with_parent(args.parent)
     from repd.adapters.embedder import Embedder, EmbedderError
