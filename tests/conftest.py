@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import subprocess
@@ -42,7 +43,7 @@ if TEST_ONE_COPY:
 #: and each test re-arms faulthandler on it after a line naming the test; .ci/run prints
 #: it when the run dies of a signal.
 FATAL_LOG = os.environ.get("REPD_TEST_FATAL_LOG") or os.path.join(
-    tempfile.gettempdir(), f"repd-tests-fatal-{os.getuid()}.log")
+    tempfile.gettempdir(), f"repd-tests-fatal-{os.getpid()}.log")
 _fatal: IO[str] | None = None
 _STDERR = sys.__stderr__
 
@@ -71,7 +72,8 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         sys.__stderr__ = _STDERR  # type: ignore[misc]
         faulthandler.disable()
         _fatal.close()
-        os.unlink(FATAL_LOG)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(FATAL_LOG)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -143,6 +143,24 @@ def test_a_real_daemon_that_exports_at_its_first_start_holds_no_torch(tmp_path: 
 
 
 @needs_openvino
+def test_a_one_shot_index_has_its_first_export_made_by_a_child(tmp_path: Path) -> None:
+    """``repd index`` exports the way the daemon does: a crash in the conversion's native
+    code then costs a second child, not the command (see openvino_apart.export_apart)."""
+    from tests.helpers import cli_env, run_cli
+
+    root = tmp_path / "notes"
+    root.mkdir()
+    (root / "a.md").write_text("# Backups\n\nThe nightly job rotates the keys.\n")
+    exports = tmp_path / "exports"  # empty: this command must export
+    env = cli_env(tmp_path / "home", REPD_OPENVINO_CACHE=str(exports), REPD_LOG_LEVEL="info")
+    done = run_cli(["index", str(root), "--json"], env, timeout=600)
+    assert json.loads(done.stdout)["indexed"] == 1
+    said = done.stdout + done.stderr
+    assert "openvino_exporting_apart" in said and "openvino_exported_apart" in said
+    assert (_export_dir(exports) / RUNTIME_SPEC).is_file()
+
+
+@needs_openvino
 def test_a_child_export_that_fails_leaves_the_load_to_this_process(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:

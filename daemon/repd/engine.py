@@ -89,9 +89,8 @@ class Engine:
         #: Folders (or single files) an int8 variant is calibrated from while nothing is
         #: indexed yet (the configured roots when empty; ``repd index`` sets its targets).
         self.calibration_roots: list[Path] = []
-        #: Models loaded from now on compile copies for short queries, at once, and a
-        #: first OpenVINO export is made in a child process (a long-lived process, the
-        #: daemon; see ``Embedder.use_query_widths`` and ``repd.adapters.openvino_apart``).
+        #: Models loaded from now on compile copies for short queries, at once (a
+        #: long-lived process, the daemon; see ``Embedder.use_query_widths``).
         self.query_widths = False
         #: Called when an int8 variant is about to be made (its calibration texts are
         #: asked for only then): a one-shot command says why it waits a minute.
@@ -235,7 +234,13 @@ class Engine:
                                 cache_dir=paths.cache_dir(), backend=self.settings.backend,
                                 openvino_precision=self.settings.openvino_precision,
                                 calibration=self.calibration_texts,
-                                export_apart=self.query_widths)
+                                # Every command's first OpenVINO export (and int8 variant) is
+                                # made by a child (repd.adapters.openvino_apart): the daemon
+                                # then holds no torch, and a crash in the conversion's native
+                                # code costs a second child, not the command. A one-shot
+                                # `repd index` is no slower for it (16.7/17.5 s against
+                                # 21.4/18.2 s in-process, first loads of MiniLM).
+                                export_apart=True)
         except EmbedderError as exc:
             raise EngineError(str(exc)) from None
         if self.query_widths:
