@@ -456,3 +456,39 @@ def test_deleting_the_root_asks_for_a_root_scan(h: Harness) -> None:
     shutil.rmtree(h.root)
     h.changes_until(lambda got: scan(h, "") in got)
     assert h.watcher.status() == {h.root: "error: root vanished"}
+
+
+def test_a_watchdog_release_the_inotify_code_does_not_know_is_polled_loudly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """watchdog 7.1.1 rewrote the inotify internals _WatchGroup overrides, and a daemon on
+    it saw no change at all. Any release other than the one it was written for is polled,
+    with an error that names the release to install."""
+    from repd.pipeline import watcher as watcher_mod
+
+    assert watcher_mod.WATCHDOG_VERSION in watcher_mod.INOTIFY_WATCHDOG_VERSIONS  # the pin
+    monkeypatch.setattr(watcher_mod, "WATCHDOG_VERSION", "7.1.1")
+    h = Harness(tmp_path, poll_interval=0.1)
+    h.watcher.start()
+    try:
+        assert h.watcher.status() == {h.root: "polling"}
+        (h.root / "p.md").write_text("x")
+        assert h.changes_until_sentinel() == [path(h, "p.md")]
+    finally:
+        h.watcher.stop(5.0)
+    out = capsys.readouterr().out
+    assert out.count("watchdog_version_unsupported") == 1 and "watchdog==7.1.0" in out
+
+
+def test_doctor_warns_of_a_watchdog_release_the_watcher_does_not_know(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from repd import doctor
+    from repd.pipeline import watcher as watcher_mod
+    from repd.settings import Settings
+
+    settings = Settings(roots=[tmp_path], store={"path": tmp_path / "data"})
+    assert doctor.check_inotify(settings).level == "ok"
+    monkeypatch.setattr(watcher_mod, "WATCHDOG_VERSION", "7.1.1")
+    check = doctor.check_inotify(settings)
+    assert check.level == "warn" and "watchdog 7.1.1" in check.message
+    assert "polled" in check.message and "watchdog==7.1.0" in check.message

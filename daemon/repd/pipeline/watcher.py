@@ -51,6 +51,7 @@ from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 from watchdog.observers.polling import PollingEmitter
 from watchdog.utils.dirsnapshot import DirectorySnapshot
+from watchdog.version import VERSION_STRING
 
 from repd.core.ignore import IgnoreRules, is_rule_file
 from repd.log import get_logger
@@ -58,6 +59,14 @@ from repd.pipeline.changes import ChangeQueue
 from repd.settings import WatchSettings
 
 log = get_logger("watcher")
+
+#: The watchdog releases whose inotify internals :class:`_WatchGroup` was written against
+#: and tested with (it overrides private methods and state). 7.1.1 replaced that state
+#: with a tree of nodes, and a daemon on it received no event at all: silent. pyproject
+#: pins the release; one installed by hand beside it is watched by polling, loudly.
+INOTIFY_WATCHDOG_VERSIONS = frozenset({"7.1.0"})
+#: The installed watchdog release.
+WATCHDOG_VERSION: str = VERSION_STRING
 
 _LIMIT_ERRNOS = frozenset({errno.ENOSPC, errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 # No opened/closed-without-write events: the indexer reading a file must not look like a change.
@@ -456,6 +465,7 @@ class Watcher:
         self._check_interval = check_interval
         self._handler_errors = 0
         self._last_error: str | None = None
+        self._told_unsupported = False
         self._lock = threading.RLock()
         self._roots: dict[Path, _Root] = {}
         self._by_text: dict[str, _Root] = {}
@@ -701,7 +711,7 @@ class Watcher:
             root.mode = mode
             return
         root.ident = (st.st_dev, st.st_ino)
-        if not self._settings.force_polling:
+        if not self._settings.force_polling and self._inotify_usable():
             try:
                 if self._inotify is None:
                     self._inotify = _InotifyObserver(self._hooks_for)
@@ -716,6 +726,18 @@ class Watcher:
                 log.warning("inotify limit reached; polling this root instead",
                             root=root.text, error=str(exc))
         self._schedule_polling(root)
+
+    def _inotify_usable(self) -> bool:
+        """Whether the installed watchdog is one this watcher's inotify code knows; an
+        error (once per watcher) where it is not, and the roots are polled."""
+        if WATCHDOG_VERSION in INOTIFY_WATCHDOG_VERSIONS:
+            return True
+        if not self._told_unsupported:
+            self._told_unsupported = True
+            log.error("watchdog_version_unsupported", version=WATCHDOG_VERSION,
+                      supported=sorted(INOTIFY_WATCHDOG_VERSIONS), action="polling every root",
+                      fix="pip install 'watchdog==7.1.0' (the release repd pins)")
+        return False
 
     def _schedule(self, root: _Root, observer: BaseObserver, mode: str) -> None:
         root.watch = observer.schedule(_Handler(root, self._queue), root.text, recursive=True,
