@@ -100,6 +100,42 @@ def _openvino_export_ready() -> None:
     Embedder.load("sentence-transformers/all-MiniLM-L6-v2", device="cpu", backend="auto")
 
 
+#: Conversions to OpenVINO made in this process by the test running (see the fixture below).
+_CONVERSIONS_HERE: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Count every torch-to-OpenVINO conversion made in this test process."""
+    from repd.adapters import openvino_export
+
+    real = openvino_export._export
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        _CONVERSIONS_HERE.append(str(args[0]))
+        return real(*args, **kwargs)
+
+    openvino_export._export = counted  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True)
+def _no_conversion_in_the_test_process() -> Iterator[None]:
+    """Fail a test that converted a model to OpenVINO in the test process itself.
+
+    The conversion has crashed in native code (SIGSEGV, rarely, not again on the same
+    input): in a child (``Embedder.load``'s default) that costs one more child; in this
+    process it ends the whole run with no result (two CI runs did). A test that needs a
+    load in this process the full way seeds the export instead (see
+    tests/test_openvino_direct.py ``_seeded``).
+    """
+    _CONVERSIONS_HERE.clear()
+    yield
+    if _CONVERSIONS_HERE:
+        made = sorted(set(_CONVERSIONS_HERE))
+        _CONVERSIONS_HERE.clear()
+        pytest.fail(f"converted to OpenVINO in the test process: {made}; let a child make "
+                    "the export (Embedder.load's export_apart) or seed it", pytrace=False)
+
+
 @pytest.fixture(scope="session")
 def embedder() -> Any:
     """The real default model, loaded once for the session."""

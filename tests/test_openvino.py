@@ -369,28 +369,25 @@ def test_a_width_copy_whose_outputs_move_with_the_padding_is_refused(
 
 @needs_openvino
 def test_export_is_made_once_reused_and_redone_when_damaged(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pair: tuple[Embedder, Embedder]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pair: tuple[Embedder, Embedder],
+        capsys: pytest.CaptureFixture[str]) -> None:
     torch_emb, _ = pair
-    monkeypatch.setenv(openvino_export.CACHE_ENV, str(tmp_path / "exports"))
-    calls: list[str] = []
-    real_export = openvino_export._export
-
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(str(args[1]))
-        return real_export(*args, **kwargs)
-
-    monkeypatch.setattr(openvino_export, "_export", counted)
+    exports = tmp_path / "exports"
+    monkeypatch.setenv(openvino_export.CACHE_ENV, str(exports))
     texts = _texts()[:10]
 
+    def exports_made() -> int:  # each made by a child process (Embedder.load's default)
+        return capsys.readouterr().out.count("openvino_exported_apart")
+
+    capsys.readouterr()
     first = Embedder.load(MODEL, device="cpu", backend="openvino")
-    assert len(calls) == 1
-    folder = Path(calls[0])
-    assert folder.parent == tmp_path / "exports" and (folder / MARKER).is_file()
-    assert not [p for p in folder.parent.iterdir() if p != folder]  # no temp folder left
+    assert exports_made() == 1
+    [folder] = exports.iterdir()  # no temp folder left beside it
+    assert (folder / MARKER).is_file()
     marker_mtime = (folder / MARKER).stat().st_mtime_ns
 
     second = Embedder.load(MODEL, device="cpu", backend="openvino")
-    assert len(calls) == 1  # loaded from the saved export, not exported again
+    assert exports_made() == 0  # loaded from the saved export, not exported again
     assert (folder / MARKER).stat().st_mtime_ns == marker_mtime
     assert second.model_id == first.model_id == torch_emb.model_id
 
@@ -401,13 +398,14 @@ def test_export_is_made_once_reused_and_redone_when_damaged(
     data[half:] = b"\x7f" * (len(data) - half)  # every weight there becomes ~3e38
     weights.write_bytes(bytes(data))
     third = Embedder.load(MODEL, device="cpu", backend="openvino")
-    assert len(calls) == 2  # set aside and exported again
+    assert exports_made() == 1  # set aside and exported again
+    assert (folder / MARKER).stat().st_mtime_ns != marker_mtime
     assert float(_cos(third.embed(texts), torch_emb.embed(texts)).min()) >= 0.9999
 
     (folder / MARKER).unlink()  # an export interrupted before its marker
     Embedder.load(MODEL, device="cpu", backend="openvino")
-    assert len(calls) == 3
-    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]
+    assert exports_made() == 1
+    assert sorted(p.name for p in exports.iterdir()) == [folder.name]
 
 
 @needs_openvino

@@ -22,7 +22,7 @@ import pytest
 
 from repd.adapters import device, openvino_runtime
 from repd.adapters.device import cpu_only_torch_build
-from repd.adapters.embedder import Embedder
+from repd.adapters.embedder import Embedder, EmbedderError
 from repd.adapters.openvino_export import CACHE_ENV, MARKER, RUNTIME_SPEC, openvino_available
 from tests.conftest_models import build_cls_minilm, build_tiny_model
 
@@ -73,6 +73,22 @@ def _export_dir(exports: Path) -> Path:
     return folder
 
 
+#: The run's export folder (tests/conftest.py made MiniLM's there before any test).
+_RUN_EXPORTS = Path(os.environ[CACHE_ENV])
+
+
+def _seeded(exports: Path) -> Path:
+    """``exports`` holding a copy of MiniLM's export without its runtime spec, as an
+    export made before specs existed: a load must take the full path, in its own process,
+    with no conversion (a conversion in the test process could crash it, see
+    repd.adapters.openvino_apart)."""
+    import shutil
+
+    (made,) = _RUN_EXPORTS.glob("sentence-transformers_all-MiniLM-L6-v2_*")
+    shutil.copytree(made, exports / made.name, ignore=shutil.ignore_patterns(RUNTIME_SPEC))
+    return exports
+
+
 @pytest.fixture(scope="module")
 def torch_minilm() -> Embedder:
     return Embedder.load(MODEL, device="cpu", backend="torch")
@@ -81,8 +97,8 @@ def torch_minilm() -> Embedder:
 @needs_openvino
 def test_a_second_start_runs_the_export_without_torch_and_gives_torchs_vectors(
         tmp_path: Path, torch_minilm: Embedder) -> None:
-    exports = tmp_path / "exports"
-    first = _load_in_child(MODEL, exports)  # exports, verifies, records the spec
+    exports = _seeded(tmp_path / "exports")
+    first = _load_in_child(MODEL, exports)  # the full way: verifies, records the spec
     assert first["runner"] == "OpenVinoBackend" and "torch" in first["imported"]
     assert first["runtime"] == "full"
     assert (_export_dir(exports) / RUNTIME_SPEC).is_file()
@@ -161,7 +177,7 @@ def test_a_one_shot_index_has_its_first_export_made_by_a_child(tmp_path: Path) -
 
 
 @needs_openvino
-def test_a_child_export_that_fails_leaves_the_load_to_this_process(
+def test_a_child_that_fails_is_final_and_one_never_started_leaves_the_load_here(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     from repd.adapters import openvino_apart
@@ -169,15 +185,30 @@ def test_a_child_export_that_fails_leaves_the_load_to_this_process(
     # A real child that fails says why, from its own output.
     problem = openvino_apart.export_apart(str(tmp_path / "no-such-model"), None, "auto")
     assert problem is not None and problem.startswith("exit status 1")
-    assert "no-such-model" in problem
-    # Then the load goes on here, as without the child (and says so).
+    assert "no-such-model" in problem and not openvino_apart.not_started(problem)
+
+    # Its verdict is final: no conversion here. openvino asked for by name fails with the
+    # child's words; auto runs torch, saying why.
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
-    monkeypatch.setattr(openvino_apart, "export_apart", lambda *args: "exit status 9: boom")
+    monkeypatch.setattr(openvino_apart, "export_apart", lambda *args: "exit status 1: boom")
+    with pytest.raises(EmbedderError, match=r"in a child process.*boom"):
+        Embedder.load(MODEL, device="cpu", backend="openvino")
     capsys.readouterr()
-    emb = Embedder.load(MODEL, device="cpu", backend="openvino", export_apart=True)
-    assert type(emb._backend).__name__ == "OpenVinoBackend"  # exported here, the full way
+    emb = Embedder.load(MODEL, device="cpu", backend="auto")
+    assert type(emb._backend).__name__ == "_SentenceTransformerBackend"
+    assert "openvino_unusable" in capsys.readouterr().out
+    assert not (tmp_path / "exports").exists()  # nothing exported here
+
+    # No child could be started at all: the load goes on here (an export already made,
+    # without its spec: the full way, which records it), and says so.
+    _seeded(tmp_path / "exports")
+    not_started = f"cannot start {tmp_path / 'python'}: [Errno 2] No such file"
+    assert openvino_apart.not_started(not_started)
+    monkeypatch.setattr(openvino_apart, "export_apart", lambda *args: not_started)
+    emb = Embedder.load(MODEL, device="cpu", backend="openvino")
+    assert type(emb._backend).__name__ == "OpenVinoBackend"  # here, the full way
     out = capsys.readouterr().out
-    assert "openvino_export_apart_failed" in out and "boom" in out
+    assert "openvino_export_apart_failed" in out and "No such file" in out
     assert (_export_dir(tmp_path / "exports") / RUNTIME_SPEC).is_file()
 
 
@@ -231,7 +262,7 @@ def test_cls_pooling_and_a_model_without_normalize_run_directly_too(tmp_path: Pa
               "tiny": build_tiny_model(tmp_path / "tiny", dim=32, seed=4)}  # no Normalize
     for name, path in models.items():
         exports = tmp_path / f"exports-{name}"
-        _load_in_child(path, exports)
+        _load_in_child(path, exports, apart=True)
         direct = _load_in_child(path, exports)
         assert direct["runner"] == "DirectBackend", name
         want = Embedder.load(str(path), device="cpu", backend="torch")
@@ -244,7 +275,13 @@ def test_a_stale_foreign_or_wrong_spec_sends_the_load_the_full_way(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
         torch_minilm: Embedder) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "exports"))
-    Embedder.load(MODEL, device="cpu", backend="openvino")  # export + spec
+    Embedder.load(MODEL, device="cpu", backend="openvino")  # export + spec, by a child
+
+    def here(backend: str = "auto") -> Embedder:
+        # With no child to record a spec anew: the full way, in this process (the export
+        # itself is whole, so no conversion).
+        return Embedder.load(MODEL, device="cpu", backend=backend, export_apart=False)
+
     spec_file = _export_dir(tmp_path / "exports") / RUNTIME_SPEC
     assert type(Embedder.load(MODEL, device="cpu")._backend).__name__ == "DirectBackend"
     want = torch_minilm.embed(_TEXTS)
@@ -253,7 +290,7 @@ def test_a_stale_foreign_or_wrong_spec_sends_the_load_the_full_way(
         body = json.loads(spec_file.read_text())
         edit(body)
         spec_file.write_text(json.dumps(body))
-        return Embedder.load(MODEL, device="cpu", backend="auto")
+        return here()
 
     # Another version of a library that shaped the spec: the full path, which records anew.
     emb = load_after(lambda b: b["libraries"].update(tokenizers="0.0.1"))
@@ -271,11 +308,11 @@ def test_a_stale_foreign_or_wrong_spec_sends_the_load_the_full_way(
 
     # Garbage, or a spec of an earlier export of the same identity: the full path.
     spec_file.write_text("{not json")
-    assert type(Embedder.load(MODEL, device="cpu")._backend).__name__ == "OpenVinoBackend"
+    assert type(here()._backend).__name__ == "OpenVinoBackend"
     emb = load_after(lambda b: b.update(marker_created=1.0))
     assert type(emb._backend).__name__ == "OpenVinoBackend"
     # torch asked for by name is torch, spec or not.
-    assert type(Embedder.load(MODEL, device="cpu", backend="torch")._backend).__name__ == (
+    assert type(here("torch")._backend).__name__ == (
         "_SentenceTransformerBackend")
 
 

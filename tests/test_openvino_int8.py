@@ -242,31 +242,42 @@ def test_a_daemon_has_the_variant_made_by_a_child_and_never_imports_torch(
 
 
 @needs_openvino
-def test_when_the_child_cannot_make_the_variant_this_process_does_from_the_same_texts(
+def test_a_child_that_fails_is_final_and_one_never_started_leaves_the_variant_here(
         base: Path, exports: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     from repd.adapters import openvino_apart
 
+    real = openvino_apart.export_apart
     given: list[list[str]] = []
+    answer = ["exit status 1: boom"]
 
     def failing(model: str, cache_dir: Path | None, precision: str,
-                calibration: list[str] | None = None) -> str:
-        given.append(list(calibration or []))
-        return "exit status 9: boom"
+                calibration: list[str] | None = None) -> str | None:
+        if calibration is None:  # the base's export: a real child
+            return real(model, cache_dir, precision)
+        given.append(list(calibration))
+        return answer[0]
 
     monkeypatch.setattr(openvino_apart, "export_apart", failing)
+    # A child that ran and failed: its words, and nothing made here.
+    with pytest.raises(EmbedderError, match=r"in a child process.*boom"):
+        Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=Calibration(_CHUNKS))
+    assert not any(p.name.endswith("_int8") for p in exports.glob("*"))
+
+    # No child could be started: this process makes it, from the same texts.
+    answer[0] = f"cannot start {sys.executable}-gone: [Errno 2] No such file"
+    given.clear()
     calibration = Calibration(_CHUNKS)
-    emb = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration,
-                        export_apart=True)
+    capsys.readouterr()
+    emb = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration)
     assert given == [_CHUNKS]  # the texts went to the child
     assert calibration.calls == 1  # and were not asked of the index a second time
     out = capsys.readouterr().out
-    assert "openvino_export_apart_failed" in out and "boom" in out
+    assert "openvino_export_apart_failed" in out and "No such file" in out
     assert emb.model_id.startswith(f"{emb.model_id.partition(SUFFIX)[0]}{SUFFIX}:")
     assert emb.precision.startswith("int8+")
     # Made now: the next load neither asks for texts nor starts a child.
-    again = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration,
-                          export_apart=True)
+    again = Embedder.load(f"{base}{SUFFIX}", device="cpu", calibration=calibration)
     assert again.model_id == emb.model_id and calibration.calls == 1 and len(given) == 1
 
 

@@ -136,7 +136,7 @@ class Embedder:
              cache_dir: Path | None = None, backend: str = "auto",
              openvino_precision: str = "auto",
              calibration: Callable[[], Sequence[str]] | None = None,
-             export_apart: bool = False) -> Embedder:
+             export_apart: bool = True) -> Embedder:
         """Load ``model`` (a Hugging Face name or a local directory) onto ``device``.
 
         ``sentence-transformers/all-MiniLM-L6-v2`` (or ``all-MiniLM-L6-v2``) loads from
@@ -149,9 +149,11 @@ class Embedder:
         is kept only when its vectors stay those of f32 (cosine >= 0.9999), so it is the
         same representation too. ``NAME+int8`` is NAME's int8 variant, its own model
         (see :mod:`repd.adapters.openvino_int8`), made on first use from the chunk texts
-        ``calibration`` gives. ``export_apart``: a first OpenVINO export is made in a
-        child process (:mod:`repd.adapters.openvino_apart`), so that this one never
-        imports torch for it (a long-lived process). Every failure is raised as
+        ``calibration`` gives. ``export_apart`` (the default): a first OpenVINO export is
+        made by a child process (:mod:`repd.adapters.openvino_apart`), so that this one
+        never imports torch for it and a crash in the conversion's native code costs a
+        child, not the caller; a child's own verdict is final (``auto`` then runs torch).
+        Only the child itself passes False. Every failure is raised as
         :class:`EmbedderError`.
         """
         from repd.adapters.openvino_export import openvino_available
@@ -168,8 +170,16 @@ class Embedder:
             direct = cls._load_openvino_direct(model, source, short_name, cache_dir,
                                                token_budget, openvino_precision)
             if direct is None and export_apart:
-                direct = cls._export_apart(model, source, short_name, cache_dir,
-                                           token_budget, openvino_precision)
+                try:
+                    direct = cls._export_apart(model, source, short_name, cache_dir,
+                                               token_budget, openvino_precision)
+                except EmbedderError as exc:
+                    if backend.strip().lower() == "openvino":
+                        raise
+                    # auto: the child could not export it (or not faithfully); torch can.
+                    log.warning("openvino_unusable", model=model, error=str(exc),
+                                using="torch")
+                    backend = "torch"
             if direct is not None:
                 return direct
         kind = choose_backend(backend, resolved, openvino_available)
@@ -233,11 +243,17 @@ class Embedder:
     @classmethod
     def _export_apart(cls, model: str, source: str, short_name: str, cache_dir: Path | None,
                       token_budget: int | None, precision: str) -> Embedder | None:
-        """The export made by a child process, then loaded with no torch; None (after a
-        warning when the child failed) sends :meth:`load` the usual way."""
+        """The export made by a child process, then loaded with no torch.
+
+        None sends :meth:`load` the usual way, in this process: for a model the child
+        cannot see (its identity needs the weights here), or when no child could be
+        started (a warning). A child that ran and failed, by its own verdict or killed
+        by signals again and again, raises its words as :class:`EmbedderError`: doing
+        the same conversion here would repeat the failure, or the crash, in the caller.
+        """
         if not _visible(source) or importlib.util.find_spec("optimum.intel") is None:
             return None  # the in-process path decides (torch, or its own error)
-        from repd.adapters.openvino_apart import export_apart
+        from repd.adapters.openvino_apart import export_apart, not_started
 
         log.info("openvino_exporting_apart", model=model)
         started = time.perf_counter()
@@ -245,10 +261,13 @@ class Embedder:
         if problem is None:
             log.info("openvino_exported_apart", model=model,
                      seconds=round(time.perf_counter() - started, 1))
-        else:
+        elif not_started(problem):
             log.warning("openvino_export_apart_failed", model=model, error=problem,
                         using="this process")
             return None
+        else:
+            raise EmbedderError(f"cannot export {model} to OpenVINO (in a child process): "
+                                f"{problem}")
         return cls._load_openvino_direct(model, source, short_name, cache_dir, token_budget,
                                          precision)
 
@@ -282,7 +301,7 @@ class Embedder:
 
         def ensure_base() -> None:  # the base export and its runtime spec
             cls.load(base, device="cpu", token_budget=token_budget, cache_dir=cache_dir,
-                     backend="openvino", openvino_precision="f32")
+                     backend="openvino", openvino_precision="f32", export_apart=export_apart)
 
         if export_apart and not (export_folder(base_id + SUFFIX) / MARKER).is_file():
             calibration = _make_variant_apart(model, cache_dir, precision, calibration)
@@ -525,10 +544,11 @@ def _make_variant_apart(model: str, cache_dir: Path | None, precision: str,
                         ) -> Callable[[], Sequence[str]] | None:
     """Have a child process make the int8 variant ``model`` (and its base's export) from
     ``calibration``'s texts, so that NNCF and torch are never imported here; the texts
-    as a callable for ``load_variant``, which finds the variant made, or, when the child
-    failed (a warning), makes it in this process from the same texts, raising its own
-    message."""
-    from repd.adapters.openvino_apart import export_apart
+    as a callable for ``load_variant``, which finds the variant made, or, when no child
+    could be started (a warning), makes it in this process from the same texts. A child
+    that ran and failed raises its words as :class:`EmbedderError` (see
+    :meth:`Embedder._export_apart`)."""
+    from repd.adapters.openvino_apart import export_apart, not_started
     from repd.adapters.openvino_int8 import CALIBRATION_TEXTS
 
     if calibration is None:
@@ -541,9 +561,11 @@ def _make_variant_apart(model: str, cache_dir: Path | None, precision: str,
         if problem is None:
             log.info("openvino_exported_apart", model=model,
                      seconds=round(time.perf_counter() - started, 1))
-        else:
+        elif not_started(problem):
             log.warning("openvino_export_apart_failed", model=model, error=problem,
                         using="this process")
+        else:
+            raise EmbedderError(f"cannot make {model} (in a child process): {problem}")
     return lambda: texts
 
 

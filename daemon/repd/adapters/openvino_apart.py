@@ -5,8 +5,12 @@ process that imported them keeps them: a daemon whose first start exported MiniL
 ~880 MiB for its whole life, against ~410 MiB for every later start, which runs the
 export with no torch at all (:mod:`repd.adapters.openvino_runtime`). So a long-lived
 process has the export made, verified and given its runtime spec by a child, which
-exits, and then loads it the torch-free way. If the child fails, the caller goes on in
-its own process as before, where the same failure is raised with its own message. An
+exits, and then loads it the torch-free way; so does every caller of ``Embedder.load``
+by default, one-shot commands and the test suite included: the torch-to-OpenVINO
+conversion has crashed in native code (SIGSEGV, rarely, not again on the same input),
+and a crash in a child costs another child, not the caller. A child that ran and failed
+is final (its words are the caller's error); only a child that could not be started at
+all leaves the export to the caller's own process. An
 int8 variant (``NAME+int8``) is made there too, from chunk texts sent on its stdin: NNCF
 imports torch, and a daemon that made one in-process held ~510 MiB against ~230.
 """
@@ -30,6 +34,14 @@ log = get_logger("openvino_apart")
 _TAIL_CHARS = 2000
 #: Children started for one export when each dies of a signal (see :func:`export_apart`).
 CHILD_ATTEMPTS = 2
+#: How :func:`export_apart`'s answer begins when no child could be started at all.
+_NOT_STARTED = "cannot start "
+
+
+def not_started(problem: str) -> bool:
+    """Whether :func:`export_apart`'s ``problem`` is that no child could be started (so
+    the export is the caller's to make), not a child's failure (final)."""
+    return problem.startswith(_NOT_STARTED)
 
 
 def export_apart(model: str, cache_dir: Path | None, precision: str,
@@ -59,7 +71,7 @@ def export_apart(model: str, cache_dir: Path | None, precision: str,
             done = subprocess.run(argv, env=child_env(), capture_output=True, text=True,
                                   errors="replace", check=False, input=stdin)
         except OSError as exc:
-            return f"cannot start {sys.executable}: {exc}"
+            return f"{_NOT_STARTED}{sys.executable}: {exc}"
         if done.returncode == 0:
             return None
         said = (done.stderr.strip() or done.stdout.strip())[-_TAIL_CHARS:]
@@ -97,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.calibration_stdin:
         texts = json.loads(sys.stdin.read())
     try:
-        Embedder.load(args.model, device="cpu", backend="openvino",
+        Embedder.load(args.model, device="cpu", backend="openvino", export_apart=False,
                       openvino_precision=args.precision, cache_dir=args.cache_dir,
                       calibration=None if texts is None else (lambda: texts or []))
     except EmbedderError as exc:
