@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -162,7 +163,7 @@ def edge_stamps(out: Path) -> list[tuple[float, float]]:
     return [(s, e) for s, e in max(files, key=len, default=[])]
 
 
-def report(out: Path) -> None:
+def report(out: Path, passes: str, per_pass: int) -> None:
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     edges = edge_stamps(out)
     # A query's Edge search is the one that started while the daemon waited for it (the
@@ -172,15 +173,30 @@ def report(out: Path) -> None:
         i = bisect.bisect_left(starts, row.get("store_s", float("inf")))
         if i < len(edges) and edges[i][0] <= row["store_e"]:
             row["edge_s"], row["edge_e"] = edges[i]
-    print(f"\n{len(rows)} queries; p50 of each part in ms")
+    # One row a query, in the order asked: pass i is rows[i*per_pass:(i+1)*per_pass]. A
+    # question set seen before is a repeat ("A2"): what a first-time question costs more
+    # shows as the difference between the two columns of one set.
+    groups: list[tuple[str, list[dict[str, float]]]] = [("all", rows)]
+    if len(rows) == len(passes) * per_pass:
+        seen: dict[str, int] = {}
+        for i, name in enumerate(passes):
+            seen[name] = seen.get(name, 0) + 1
+            label = name if seen[name] == 1 else f"{name}{seen[name]}"
+            groups.append((label, rows[i * per_pass:(i + 1) * per_pass]))
+    print(f"\n{len(rows)} queries; p50 of each part in ms, over all and per pass")
     width = max(len(label) for label, _, _ in PARTS)
+    print(f"  {'':<{width}}" + "".join(f"  {g:>7}" for g, _ in groups))
+
+    def line(label: str, value: Any) -> None:
+        cells = []
+        for _, group in groups:
+            spans = [v for v in map(value, group) if v is not None]
+            cells.append(f"  {statistics.median(spans):7.3f}" if spans else f"  {'-':>7}")
+        print(f"  {label:<{width}}" + "".join(cells))
+
     for label, a, b in PARTS:
-        spans = [(r[b] - r[a]) * 1000 for r in rows if a in r and b in r]
-        if spans:
-            print(f"  {label:<{width}}  {statistics.median(spans):7.3f}")
-    snippets = [r["snippets"] * 1000 for r in rows if "snippets" in r]
-    if snippets:
-        print(f"  {'  of which ten snippets':<{width}}  {statistics.median(snippets):7.3f}")
+        line(label, lambda r, a=a, b=b: (r[b] - r[a]) * 1000 if a in r and b in r else None)
+    line("  of which ten snippets", lambda r: r["snippets"] * 1000 if "snippets" in r else None)
 
 
 def main() -> None:
@@ -214,7 +230,7 @@ def main() -> None:
                       f"took_ms p50 {statistics.median(took):.2f}", flush=True)
         finally:
             d.stop()
-        report(out)
+        report(out, args.passes, len(sets["A"]))
 
 
 if __name__ == "__main__":
