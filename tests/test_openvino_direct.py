@@ -23,7 +23,13 @@ import pytest
 from repd.adapters import device, openvino_runtime
 from repd.adapters.device import cpu_only_torch_build
 from repd.adapters.embedder import Embedder, EmbedderError
-from repd.adapters.openvino_export import CACHE_ENV, MARKER, RUNTIME_SPEC, openvino_available
+from repd.adapters.openvino_export import (
+    CACHE_ENV,
+    MARKER,
+    RUNTIME_SPEC,
+    export_folder,
+    openvino_available,
+)
 from tests.conftest_models import build_cls_minilm, build_tiny_model
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -77,14 +83,14 @@ def _export_dir(exports: Path) -> Path:
 _RUN_EXPORTS = Path(os.environ[CACHE_ENV])
 
 
-def _seeded(exports: Path) -> Path:
-    """``exports`` holding a copy of MiniLM's export without its runtime spec, as an
-    export made before specs existed: a load must take the full path, in its own process,
-    with no conversion (a conversion in the test process could crash it, see
-    repd.adapters.openvino_apart)."""
+def _seeded(exports: Path, model_id: str) -> Path:
+    """``exports`` holding a copy of the run's export of ``model_id`` (MiniLM's) without
+    its runtime spec, as an export made before specs existed: a load must take the full
+    path, in its own process, with no conversion (a conversion in the test process could
+    crash it, see repd.adapters.openvino_apart)."""
     import shutil
 
-    (made,) = _RUN_EXPORTS.glob("sentence-transformers_all-MiniLM-L6-v2_*")
+    made = export_folder(model_id, _RUN_EXPORTS)
     shutil.copytree(made, exports / made.name, ignore=shutil.ignore_patterns(RUNTIME_SPEC))
     return exports
 
@@ -97,7 +103,7 @@ def torch_minilm() -> Embedder:
 @needs_openvino
 def test_a_second_start_runs_the_export_without_torch_and_gives_torchs_vectors(
         tmp_path: Path, torch_minilm: Embedder) -> None:
-    exports = _seeded(tmp_path / "exports")
+    exports = _seeded(tmp_path / "exports", torch_minilm.model_id)
     first = _load_in_child(MODEL, exports)  # the full way: verifies, records the spec
     assert first["runner"] == "OpenVinoBackend" and "torch" in first["imported"]
     assert first["runtime"] == "full"
@@ -178,8 +184,8 @@ def test_a_one_shot_index_has_its_first_export_made_by_a_child(tmp_path: Path) -
 
 @needs_openvino
 def test_a_child_that_fails_is_final_and_one_never_started_leaves_the_load_here(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        torch_minilm: Embedder) -> None:
     from repd.adapters import openvino_apart
 
     # A real child that fails says why, from its own output.
@@ -201,7 +207,7 @@ def test_a_child_that_fails_is_final_and_one_never_started_leaves_the_load_here(
 
     # No child could be started at all: the load goes on here (an export already made,
     # without its spec: the full way, which records it), and says so.
-    _seeded(tmp_path / "exports")
+    _seeded(tmp_path / "exports", torch_minilm.model_id)
     not_started = f"cannot start {tmp_path / 'python'}: [Errno 2] No such file"
     assert openvino_apart.not_started(not_started)
     monkeypatch.setattr(openvino_apart, "export_apart", lambda *args: not_started)
