@@ -233,14 +233,7 @@ class Engine:
                                 token_budget=self.settings.batch_tokens,
                                 cache_dir=paths.cache_dir(), backend=self.settings.backend,
                                 openvino_precision=self.settings.openvino_precision,
-                                calibration=self.calibration_texts,
-                                # Every command's first OpenVINO export (and int8 variant) is
-                                # made by a child (repd.adapters.openvino_apart): the daemon
-                                # then holds no torch, and a crash in the conversion's native
-                                # code costs a second child, not the command. A one-shot
-                                # `repd index` is no slower for it (16.7/17.5 s against
-                                # 21.4/18.2 s in-process, first loads of MiniLM).
-                                export_apart=True)
+                                calibration=self.calibration_texts)
         except EmbedderError as exc:
             raise EngineError(str(exc)) from None
         if self.query_widths:

@@ -243,31 +243,17 @@ class Embedder:
     @classmethod
     def _export_apart(cls, model: str, source: str, short_name: str, cache_dir: Path | None,
                       token_budget: int | None, precision: str) -> Embedder | None:
-        """The export made by a child process, then loaded with no torch.
+        """The export made by a child process (:func:`_made_by_child`, which raises
+        when one ran and failed), then loaded with no torch.
 
         None sends :meth:`load` the usual way, in this process: for a model the child
         cannot see (its identity needs the weights here), or when no child could be
-        started (a warning). A child that ran and failed, by its own verdict or killed
-        by signals again and again, raises its words as :class:`EmbedderError`: doing
-        the same conversion here would repeat the failure, or the crash, in the caller.
+        started (a warning).
         """
         if not _visible(source) or importlib.util.find_spec("optimum.intel") is None:
             return None  # the in-process path decides (torch, or its own error)
-        from repd.adapters.openvino_apart import export_apart, not_started
-
-        log.info("openvino_exporting_apart", model=model)
-        started = time.perf_counter()
-        problem = export_apart(model, cache_dir, precision)
-        if problem is None:
-            log.info("openvino_exported_apart", model=model,
-                     seconds=round(time.perf_counter() - started, 1))
-        elif not_started(problem):
-            log.warning("openvino_export_apart_failed", model=model, error=problem,
-                        using="this process")
+        if not _made_by_child(model, cache_dir, precision, f"cannot export {model} to OpenVINO"):
             return None
-        else:
-            raise EmbedderError(f"cannot export {model} to OpenVINO (in a child process): "
-                                f"{problem}")
         return cls._load_openvino_direct(model, source, short_name, cache_dir, token_budget,
                                          precision)
 
@@ -547,26 +533,40 @@ def _make_variant_apart(model: str, cache_dir: Path | None, precision: str,
     as a callable for ``load_variant``, which finds the variant made, or, when no child
     could be started (a warning), makes it in this process from the same texts. A child
     that ran and failed raises its words as :class:`EmbedderError` (see
-    :meth:`Embedder._export_apart`)."""
-    from repd.adapters.openvino_apart import export_apart, not_started
+    :func:`_made_by_child`)."""
     from repd.adapters.openvino_int8 import CALIBRATION_TEXTS
 
     if calibration is None:
         return None
     texts = [t for t in calibration() if t.strip()][:CALIBRATION_TEXTS]
     if texts:
-        log.info("openvino_exporting_apart", model=model, calibration_texts=len(texts))
-        started = time.perf_counter()
-        problem = export_apart(model, cache_dir, precision, texts)
-        if problem is None:
-            log.info("openvino_exported_apart", model=model,
-                     seconds=round(time.perf_counter() - started, 1))
-        elif not_started(problem):
-            log.warning("openvino_export_apart_failed", model=model, error=problem,
-                        using="this process")
-        else:
-            raise EmbedderError(f"cannot make {model} (in a child process): {problem}")
+        _made_by_child(model, cache_dir, precision, f"cannot make {model}", texts)
     return lambda: texts
+
+
+def _made_by_child(model: str, cache_dir: Path | None, precision: str, failure: str,
+                   calibration: Sequence[str] | None = None) -> bool:
+    """Have :mod:`repd.adapters.openvino_apart`'s child make ``model``'s export (an int8
+    variant from ``calibration``'s texts); True when it did, False (a warning) when no
+    child could be started, leaving it to this process. A child that ran and failed, by
+    its own verdict or killed by signals again and again, raises ``failure`` with its
+    words as :class:`EmbedderError`: doing the same here would repeat the failure, or
+    the crash, in the caller."""
+    from repd.adapters.openvino_apart import export_apart, not_started
+
+    extra = {} if calibration is None else {"calibration_texts": len(calibration)}
+    log.info("openvino_exporting_apart", model=model, **extra)
+    started = time.perf_counter()
+    problem = export_apart(model, cache_dir, precision, calibration)
+    if problem is None:
+        log.info("openvino_exported_apart", model=model,
+                 seconds=round(time.perf_counter() - started, 1))
+        return True
+    if not_started(problem):
+        log.warning("openvino_export_apart_failed", model=model, error=problem,
+                    using="this process")
+        return False
+    raise EmbedderError(f"{failure} (in a child process): {problem}")
 
 
 def _one_line(exc: BaseException) -> str:
