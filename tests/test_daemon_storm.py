@@ -40,6 +40,9 @@ def test_storm_of_5000_changes_memory_bounded(tmp_path: Path) -> None:
     (root / "seed.md").write_text("A seed file so the first scan has something.")
     d = DaemonProc(tmp_path / "home", [root], {"REPD_WATCH__MAX_PENDING": "1000"}).start()
     try:
+        # Live changes through inotify, not the polling fallback (an unknown watchdog
+        # release is polled, and a storm would converge that way too).
+        assert [r["watch"] for r in d.status()["roots"]] == ["inotify"]
         base_rss, _ = d.rss_kb()
         t0 = time.monotonic()
         storm(root, 5000, seed=1)

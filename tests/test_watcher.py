@@ -147,7 +147,7 @@ def test_directories_created_moved_and_deleted_become_scans(h: Harness) -> None:
     assert h.changes_until_sentinel() == [scan(h, "renamed")]
     group = h.watcher._roots[h.root].group
     assert group is not None
-    assert not [p for p in group._active_callbacks_by_path if b"renamed" in p], "watch dropped"
+    assert not [p for p in group.watched_paths() if b"renamed" in p], "watch dropped"
     (h.outside / "gone" / "ignored-now.md").write_text("x")
     (h.outside / "incoming" / "deep").mkdir(parents=True)
     (h.outside / "incoming" / "deep" / "x.md").write_text("x")
@@ -308,7 +308,7 @@ def test_ignored_directories_get_no_inotify_watch(tmp_path: Path) -> None:
     try:
         group = h.watcher._roots[h.root].group
         assert group is not None
-        watched = {os.fsdecode(p) for p in group._active_callbacks_by_path}
+        watched = {os.fsdecode(p) for p in group.watched_paths()}
         assert watched == {str(h.root), str(h.root / "docs")}
     finally:
         h.watcher.stop(5.0)
@@ -330,9 +330,9 @@ def test_unignored_directory_gets_watched_after_rules_change(tmp_path: Path) -> 
         group = h.watcher._roots[h.root].group
         assert group is not None
         data = os.fsencode(h.root / "sub" / "data")
-        assert data not in group._active_callbacks_by_path
+        assert data not in group.watched_paths()
         (h.root / "sub" / ".gitignore").write_text("")
-        wait_for(lambda: data in group._active_callbacks_by_path)
+        wait_for(lambda: data in group.watched_paths())
         assert set(h.changes_until_sentinel()) == {scan(h, "sub")}
         (h.root / "sub" / "data" / "now-seen.md").write_text("x")
         assert h.changes_until_sentinel() == [path(h, "sub/data/now-seen.md")]
@@ -458,16 +458,28 @@ def test_deleting_the_root_asks_for_a_root_scan(h: Harness) -> None:
     assert h.watcher.status() == {h.root: "error: root vanished"}
 
 
+def test_the_watchdog_release_asked_for_is_the_one_imported() -> None:
+    """``.ci/run`` runs the watcher's tests again on each release it knows, shadowed in by
+    PYTHONPATH: the run proves something only if that release is the one imported."""
+    from repd.pipeline import watcher as watcher_mod
+
+    wanted = os.environ.get("REPD_TEST_WATCHDOG") or watcher_mod.WATCHDOG_VERSION
+    assert wanted == watcher_mod.WATCHDOG_VERSION
+    assert wanted in watcher_mod.INOTIFY_WATCHDOG_VERSIONS
+    # 7.1.0 keeps the watches in two dicts, 7.1.1 in a tree: the layout the code takes.
+    assert watcher_mod._WATCH_TREE is (wanted != "7.1.0")
+
+
 def test_a_watchdog_release_the_inotify_code_does_not_know_is_polled_loudly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
     """watchdog 7.1.1 rewrote the inotify internals _WatchGroup overrides, and a daemon on
-    it saw no change at all. Any release other than the one it was written for is polled,
-    with an error that names the release to install."""
+    it saw no change at all until the watcher learnt that layout too. Any release other
+    than those it was written for is polled, with an error that names the one to install."""
     from repd.pipeline import watcher as watcher_mod
 
-    assert watcher_mod.WATCHDOG_VERSION in watcher_mod.INOTIFY_WATCHDOG_VERSIONS  # the pin
-    monkeypatch.setattr(watcher_mod, "WATCHDOG_VERSION", "7.1.1")
+    assert watcher_mod.WATCHDOG_VERSION in watcher_mod.INOTIFY_WATCHDOG_VERSIONS  # pyproject's
+    monkeypatch.setattr(watcher_mod, "WATCHDOG_VERSION", "7.2.0")
     h = Harness(tmp_path, poll_interval=0.1)
     h.watcher.start()
     try:
@@ -477,7 +489,7 @@ def test_a_watchdog_release_the_inotify_code_does_not_know_is_polled_loudly(
     finally:
         h.watcher.stop(5.0)
     out = capsys.readouterr().out
-    assert out.count("watchdog_version_unsupported") == 1 and "watchdog==7.1.0" in out
+    assert out.count("watchdog_version_unsupported") == 1 and "watchdog==7.1.1" in out
 
 
 def test_doctor_warns_of_a_watchdog_release_the_watcher_does_not_know(
@@ -488,7 +500,7 @@ def test_doctor_warns_of_a_watchdog_release_the_watcher_does_not_know(
 
     settings = Settings(roots=[tmp_path], store={"path": tmp_path / "data"})
     assert doctor.check_inotify(settings).level == "ok"
-    monkeypatch.setattr(watcher_mod, "WATCHDOG_VERSION", "7.1.1")
+    monkeypatch.setattr(watcher_mod, "WATCHDOG_VERSION", "7.2.0")
     check = doctor.check_inotify(settings)
-    assert check.level == "warn" and "watchdog 7.1.1" in check.message
-    assert "polled" in check.message and "watchdog==7.1.0" in check.message
+    assert check.level == "warn" and "watchdog 7.2.0" in check.message
+    assert "polled" in check.message and "watchdog==7.1.1" in check.message

@@ -55,13 +55,17 @@ def count_dirs(root: Path, settings: Settings) -> int:
 def check_inotify(settings: Settings, roots: list[Path] | None = None) -> Check:
     """Enough inotify watches for every folder under the roots, and a watchdog release
     the inotify watcher knows (another one polls every root)?"""
-    from repd.pipeline.watcher import INOTIFY_WATCHDOG_VERSIONS, WATCHDOG_VERSION
+    from repd.pipeline.watcher import (
+        INOTIFY_WATCHDOG_VERSIONS,
+        NEWEST_KNOWN_WATCHDOG,
+        WATCHDOG_VERSION,
+    )
 
     if WATCHDOG_VERSION not in INOTIFY_WATCHDOG_VERSIONS:
         known = ", ".join(sorted(INOTIFY_WATCHDOG_VERSIONS))
         return Check("inotify", "warn", f"watchdog {WATCHDOG_VERSION} is installed and repd's "
                      f"inotify watcher is written for {known}: roots will be polled; pip "
-                     f"install 'watchdog=={max(INOTIFY_WATCHDOG_VERSIONS)}'")
+                     f"install 'watchdog=={NEWEST_KNOWN_WATCHDOG}'")
     roots = settings.roots if roots is None else roots
     limit = _read_int("/proc/sys/fs/inotify/max_user_watches")
     if limit is None:

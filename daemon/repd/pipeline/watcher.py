@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -47,7 +48,7 @@ from watchdog.events import (
 )
 from watchdog.observers.api import DEFAULT_EMITTER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.inotify import InotifyFullEmitter, InotifyWatchGroup
-from watchdog.observers.inotify_c import InotifyEvent, InotifyFD
+from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, WatchDescriptor
 from watchdog.observers.inotify_move_event_grouper import GroupedInotifyEvent, PathedInotifyEvent
 from watchdog.observers.polling import PollingEmitter
 from watchdog.utils.dirsnapshot import DirectorySnapshot
@@ -61,10 +62,18 @@ from repd.settings import WatchSettings
 log = get_logger("watcher")
 
 #: The watchdog releases whose inotify internals :class:`_WatchGroup` was written against
-#: and tested with (it overrides private methods and state). 7.1.1 replaced that state
-#: with a tree of nodes, and a daemon on it received no event at all: silent. pyproject
-#: pins the release; one installed by hand beside it is watched by polling, loudly.
-INOTIFY_WATCHDOG_VERSIONS = frozenset({"7.1.0"})
+#: and tested with (it overrides private methods and state): 7.1.0 keeps a group's watches
+#: in two dicts, 7.1.1 in a tree of nodes (where the code for 7.1.0 alone received no
+#: event at all: silent). pyproject pins one; another release installed beside it is
+#: watched by polling, loudly, and ``.ci/run`` runs the watcher's tests on both.
+INOTIFY_WATCHDOG_VERSIONS = frozenset({"7.1.0", "7.1.1"})
+#: The newest of them: the one to install where another is found.
+NEWEST_KNOWN_WATCHDOG = max(INOTIFY_WATCHDOG_VERSIONS,
+                            key=lambda v: tuple(int(part) for part in v.split(".")))
+#: watchdog 7.1.1's layout: a tree of ``DirNode`` (``_insert_node`` and friends).
+_WATCH_TREE = hasattr(InotifyWatchGroup, "_insert_node")
+#: What 7.1.1 marks a tree node without a watch of its own with.
+_INVALID_WD = -1
 #: The installed watchdog release.
 WATCHDOG_VERSION: str = VERSION_STRING
 
@@ -171,7 +180,7 @@ class _WatchGroup(InotifyWatchGroup):
         try:
             super().__post_init__()
         except OSError:
-            self._remove_callbacks(list(self._active_callbacks_by_watch))  # no half-watched root
+            self._remove_callbacks(self._watch_descriptors())  # no half-watched root
             raise
         finally:
             self._activating = False
@@ -217,8 +226,38 @@ class _WatchGroup(InotifyWatchGroup):
                 self._add_callback(full)
                 stack.append(full)
 
+    # -- watchdog's bookkeeping of the watches, in either release's layout ------------------
+    # ``tree`` is this group typed loosely: the attributes of 7.1.1's layout do not exist
+    # in 7.1.0's type stubs, and the checker runs against whichever release is installed.
+
+    def _watch_descriptors(self) -> list[WatchDescriptor]:
+        """Every watch descriptor the group holds."""
+        tree: Any = self
+        return list(tree._nodes_by_wd if _WATCH_TREE else tree._active_callbacks_by_watch)
+
+    def _is_watched(self, path: bytes) -> bool:
+        tree: Any = self
+        if _WATCH_TREE:
+            node = tree._find_node_by_path(path)
+            return node is not None and node.wd != _INVALID_WD
+        return path in tree._active_callbacks_by_path
+
+    def _remember(self, path: bytes, wd: WatchDescriptor) -> None:
+        tree: Any = self
+        if _WATCH_TREE:
+            if tree._insert_node(path, wd) is None:
+                # outside the root (cannot happen from our walks): not kept, not watched
+                self._inotify_fd.remove_callbacks([(wd, self._id)])
+            return
+        tree._active_callbacks_by_path[path] = wd
+        tree._active_callbacks_by_watch[wd] = path
+
+    def watched_paths(self) -> set[bytes]:
+        """The directories watched now (for checks; not a fast path on 7.1.1)."""
+        return set(self._active_callbacks_by_path)
+
     def _add_callback(self, path: bytes) -> None:
-        if path in self._active_callbacks_by_path:
+        if self._is_watched(path):
             return  # already watched (a re-arm walks watched directories again)
         try:
             wd = self._inotify_fd.add_callback(path, self.event_mask, self._callback, self._id)
@@ -231,8 +270,7 @@ class _WatchGroup(InotifyWatchGroup):
             elif path == self.path:
                 raise
             return  # a subdirectory that vanished or is unreadable, as watchdog does
-        self._active_callbacks_by_path[path] = wd
-        self._active_callbacks_by_watch[wd] = path
+        self._remember(path, wd)
 
     def _recursive_simulate(self, src_path: bytes) -> list[InotifyEvent]:
         # watchdog walks a new or moved-in directory to invent "created" events for what
@@ -270,7 +308,14 @@ class _WatchGroup(InotifyWatchGroup):
                 self._add_all_callbacks(path)
 
     def drop_subtree(self, path: bytes) -> None:
-        """Stop watching a directory moved out of the root (watchdog keeps those watches)."""
+        """Stop watching a directory moved out of the root (watchdog 7.1.0 keeps those
+        watches; 7.1.1 drops them in the emitter step this module replaces)."""
+        if _WATCH_TREE:
+            # It takes the group's lock itself (not reentrant), and keeps a watch whose
+            # path a newer event already created again.
+            tree: Any = self
+            tree.remove_watched_directory(path)
+            return
         with self._lock:
             if not self.is_active:
                 return
@@ -736,7 +781,8 @@ class Watcher:
             self._told_unsupported = True
             log.error("watchdog_version_unsupported", version=WATCHDOG_VERSION,
                       supported=sorted(INOTIFY_WATCHDOG_VERSIONS), action="polling every root",
-                      fix="pip install 'watchdog==7.1.0' (the release repd pins)")
+                      fix=f"pip install 'watchdog=={NEWEST_KNOWN_WATCHDOG}'"
+                          " (the newest release repd knows)")
         return False
 
     def _schedule(self, root: _Root, observer: BaseObserver, mode: str) -> None:
