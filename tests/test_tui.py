@@ -451,6 +451,28 @@ def test_query_fills_results_and_selecting_shows_the_chunk() -> None:
     run(body)
 
 
+def test_the_query_box_says_how_to_reach_it_and_how_to_leave_it() -> None:
+    """Keys act on the dashboard until ``/``: the box must not invite typing before (a
+    question typed straight away paused the daemon with its "p")."""
+    from repd_tui.app import QUERY_HINT_AWAY, QUERY_HINT_TYPING
+
+    fake = FakeClient()
+
+    async def body() -> None:
+        app = make_app(fake)
+        async with app.run_test(size=SIZE) as pilot:
+            box = app.query_one("#query", Input)
+            assert app.focused is not box and box.placeholder == QUERY_HINT_AWAY
+            assert "/" in QUERY_HINT_AWAY
+            await pilot.press("slash")
+            assert app.focused is box and box.placeholder == QUERY_HINT_TYPING
+            await pilot.press("escape")
+            assert app.focused is not box and box.placeholder == QUERY_HINT_AWAY
+            assert not [c for c in fake.calls if c[0] in ("pause", "resume")]
+
+    run(body)
+
+
 def test_errors_from_calls_are_notifications_not_crashes() -> None:
     fake = FakeClient()
     notes: list[Notification] = []

@@ -338,6 +338,13 @@ def gate_text(gate: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+#: What the query box says while the keys act on the dashboard: typing a question there
+#: straight away ran the keys instead (its "p" paused the daemon).
+QUERY_HINT_AWAY = "press / to search"
+#: What it says once focused, where letters are typed.
+QUERY_HINT_TYPING = "type a question, then Enter (Esc: back to the results and the keys)"
+
+
 class RepdApp(App[int]):
     """The dashboard. Build it with :func:`create_app`."""
 
@@ -457,7 +464,7 @@ class RepdApp(App[int]):
                     yield Static("", id="migration-hint", markup=False)
                 yield FitTable(ROOT_COLUMNS, id="roots", cursor_type="row", zebra_stripes=True)
                 with Vertical(id="search"):
-                    yield Input(placeholder="search the index: type, then Enter", id="query")
+                    yield Input(placeholder=QUERY_HINT_AWAY, id="query")
                     with Container(id="results-row"):
                         yield FitTable(RESULT_COLUMNS, id="results", cursor_type="row")
                         with VerticalScroll(id="snippet-box"):
@@ -498,6 +505,13 @@ class RepdApp(App[int]):
         """Focus in the search (Tab, a click, a key): show all of it, not just that widget."""
         if self.query_one("#search") in event.widget.ancestors_with_self:
             self._reveal_search()
+        if event.widget.id == "query":
+            self.query_one("#query", Input).placeholder = QUERY_HINT_TYPING
+
+    def on_descendant_blur(self, event: events.DescendantBlur) -> None:
+        """The query box left: it says again how to come back to it."""
+        if event.widget.id == "query":
+            self.query_one("#query", Input).placeholder = QUERY_HINT_AWAY
 
     # -- status polling
 
