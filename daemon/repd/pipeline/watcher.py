@@ -46,6 +46,7 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
+from watchdog.observers import inotify as watchdog_inotify
 from watchdog.observers.api import DEFAULT_EMITTER_TIMEOUT, BaseObserver, EventQueue, ObservedWatch
 from watchdog.observers.inotify import InotifyFullEmitter, InotifyWatchGroup
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, WatchDescriptor
@@ -72,8 +73,9 @@ NEWEST_KNOWN_WATCHDOG = max(INOTIFY_WATCHDOG_VERSIONS,
                             key=lambda v: tuple(int(part) for part in v.split(".")))
 #: watchdog 7.1.1's layout: a tree of ``DirNode`` (``_insert_node`` and friends).
 _WATCH_TREE = hasattr(InotifyWatchGroup, "_insert_node")
-#: What 7.1.1 marks a tree node without a watch of its own with.
-_INVALID_WD = -1
+#: What 7.1.1 marks a tree node without a watch of its own with (its own constant; 7.1.0,
+#: which has no tree, has none).
+_INVALID_WD = getattr(watchdog_inotify, "_INVALID_WD", None)
 #: The installed watchdog release.
 WATCHDOG_VERSION: str = VERSION_STRING
 
