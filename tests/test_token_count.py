@@ -130,6 +130,55 @@ def test_an_added_token_with_a_space_turns_remembering_off() -> None:
     assert TokenCounter(tok)(["in new york now"]) == _plain(tok, ["in new york now"])
 
 
+class _Spy:
+    """A tokenizer that counts its batch calls (and can report no offsets)."""
+
+    def __init__(self, tok: Any, offsets: bool = True) -> None:
+        self.tok, self.offsets, self.batches = tok, offsets, 0
+
+    def to_str(self) -> str:
+        return str(self.tok.to_str())
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> Any:
+        self.batches += 1
+        return self.tok.encode_batch(texts, add_special_tokens=add_special_tokens)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> Any:
+        enc = self.tok.encode(text, add_special_tokens=add_special_tokens)
+        if self.offsets:
+            return enc
+        return type("Enc", (), {"ids": enc.ids, "offsets": [(0, 0)] * len(enc.ids)})()
+
+
+def test_a_few_new_words_are_read_in_one_call_with_the_same_ids() -> None:
+    """A question's dozen new words: one tokenizer call over them joined, not a batch
+    (the batch's thread pool cost a query ~0.2 ms), split back by the tokens' offsets."""
+    spy = _Spy(_minilm())
+    counter = TokenCounter(spy)
+    assert counter._one_call
+    rng = random.Random(5)
+    texts = [t for t in _random_texts(rng, 300) if len(t.split()) <= token_count.ONE_CALL_PARTS]
+    spy.batches = 0
+    for text in texts:  # one at a time, as queries come: each new part read once
+        assert counter.ids([text]) == [list(spy.tok.encode(text, add_special_tokens=False).ids)]
+    assert spy.batches == 0
+    # Many new parts at once (an indexing batch) still go to the batch call.
+    words = [f"fresh{i}word" for i in range(token_count.ONE_CALL_PARTS + 1)]
+    assert counter([" ".join(words)]) == _plain(spy.tok, [" ".join(words)])
+    assert spy.batches == 1
+
+
+def test_a_tokenizer_whose_offsets_do_not_split_keeps_the_batch() -> None:
+    """Checked at start, not assumed: offsets that place every token in the first part
+    turn the one call off, and the ids are still the tokenizer's."""
+    spy = _Spy(_minilm(), offsets=False)
+    counter = TokenCounter(spy)
+    assert counter.remembers and not counter._one_call
+    text = "rotate the backup keys (every 90 days)"
+    assert counter.ids([text]) == [list(spy.tok.encode(text, add_special_tokens=False).ids)]
+    assert spy.batches > 0
+
+
 def test_not_a_tokenizer_is_not_additive() -> None:
     assert not additive(object())
 
